@@ -1,0 +1,56 @@
+# loadproof: every entry point. The first run of any target sets up what it needs
+# (system packages via .ci/system-deps, Python packages into .venv from requirements.txt).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STACK ?= dev
+PROFILE ?= demo
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: help deps system-deps serve demo compare bench test lint typecheck manifests clean
+
+help:
+	@echo "make demo      - the whole proof on this machine (local stack, k6, measured report)"
+	@echo "make test      - every test (real Postgres, Redis, Prometheus, k6)"
+	@echo "make serve     - run the service locally on 127.0.0.1:8080 until Ctrl-C"
+	@echo "make compare   - baseline vs optimized, same workload, one run"
+	@echo "make bench     - highest sustainable arrival rate vs a bare reference endpoint"
+	@echo "make manifests - render and validate the Kubernetes manifests offline (STACK=$(STACK))"
+	@echo "make lint      - ruff and pyright"
+
+system-deps:
+	@./.ci/system-deps
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	@touch $@
+
+deps: system-deps $(VENV)/.installed
+
+serve: deps
+	$(PY) -m service.devstack
+
+demo: deps
+	$(PY) -m loadtest.demo --stack $(STACK) --profile $(PROFILE)
+
+compare: deps
+	$(PY) -m loadtest.compare --stack $(STACK) --profile $(PROFILE)
+
+bench: deps
+	$(PY) -m loadtest.bench --stack $(STACK)
+
+manifests: deps
+	$(PY) -m infra.render --stack $(STACK)
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pyright
+
+test: deps lint
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf build reports .pytest_cache

@@ -1,0 +1,366 @@
+"""The one typed configuration object, read from ``Pulumi.<stack>.yaml``.
+
+Config flows one way: stack YAML -> :class:`StackConfig` -> components (cluster) or local processes
+(``make demo``). This module imports no Pulumi so the demo, the report Job and the tests can load a
+stack file with pyyaml alone. Every section mirrors one component ("role"); every field's default
+is documented, and an unknown key is an error naming it (``extra="forbid"``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+PROJECT = "loadproof"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Section(BaseModel):
+    """camelCase keys in YAML (Pulumi's convention), snake_case in Python; unknown keys rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class Resources(Section):
+    """Kubernetes requests/limits for one container."""
+
+    cpu_request: str = Field("100m", description="CPU request.")
+    cpu_limit: str = Field("1", description="CPU limit.")
+    memory_request: str = Field("128Mi", description="Memory request.")
+    memory_limit: str = Field("512Mi", description="Memory limit.")
+
+
+class BaselineConfig(Section):
+    """Namespace-wide guard rails."""
+
+    quota_cpu: str = Field("16", description="ResourceQuota: total CPU requests in the namespace.")
+    quota_memory: str = Field("32Gi", description="ResourceQuota: total memory requests.")
+    quota_pods: int = Field(60, description="ResourceQuota: pods.")
+    ingress_controller: bool = Field(
+        False, description="Install ingress-nginx (helm) when the cluster has no ingress controller."
+    )
+    ingress_namespace: str = Field(
+        "ingress-nginx", description="Namespace of the ingress controller allowed to reach Grafana."
+    )
+
+
+class PostgresConfig(Section):
+    """The task store."""
+
+    mode: Literal["internal", "external"] = Field(
+        "internal", description="`internal`: a StatefulSet; `external`: secret `loadproof:databaseUrl`."
+    )
+    image: str = Field("postgres:15-alpine", description="Postgres image (internal mode).")
+    storage: str = Field("2Gi", description="PVC size (internal mode).")
+    max_connections: int = Field(300, description="Server max_connections; must exceed all pools.")
+    resources: Resources = Field(
+        default_factory=lambda: Resources(cpu_request="250m", cpu_limit="2", memory_request="256Mi",
+                                          memory_limit="1Gi"),
+        description="Container resources.",
+    )
+
+
+class RedisConfig(Section):
+    """Cache and durable queue."""
+
+    mode: Literal["internal", "external"] = Field(
+        "internal", description="`internal`: a Deployment; `external`: secret `loadproof:redisUrl`."
+    )
+    image: str = Field("redis:7-alpine", description="Redis image (internal mode).")
+    maxmemory: str = Field("256mb", description="Redis maxmemory.")
+    maxmemory_policy: str = Field(
+        "volatile-lru",
+        description="Evict only keys with a TTL (cached posts), never the queue stream, which has none.",
+    )
+    appendonly: bool = Field(True, description="AOF persistence so queued tasks survive a restart.")
+    resources: Resources = Field(default_factory=Resources, description="Container resources.")
+
+
+class SimulatorConfig(Section):
+    """The built-in OpenAI-compatible simulator (defaults near gpt-4o-mini's public measurements)."""
+
+    ttft_ms: float = Field(350.0, description="Median time to first token.")
+    itl_ms: float = Field(16.0, description="Inter-token latency (~60 output tokens/s).")
+    jitter: float = Field(0.2, description="Bounded relative jitter.")
+    output_tokens: int = Field(60, description="Output tokens per post.")
+    concurrency_knee: int = Field(64, description="Concurrent calls beyond which latency grows.")
+    rate429: float = Field(0.0, description="Injected 429 rate.")
+    rate500: float = Field(0.0, description="Injected 500 rate.")
+    rate_timeout: float = Field(0.0, description="Injected timeout rate.")
+    replicas: int = Field(1, description="Simulator pods.")
+    resources: Resources = Field(default_factory=Resources, description="Container resources.")
+
+
+class LlmConfig(Section):
+    """The LLM backend and its prices."""
+
+    mode: Literal["simulator", "external"] = Field(
+        "simulator", description="`external`: `baseUrl` with secret `loadproof:llmApiKey`."
+    )
+    base_url: str = Field("", description="OpenAI-compatible base URL (external mode), e.g. .../v1.")
+    model: str = Field("gpt-4o-mini", description="Model name, also the price-table key.")
+    max_tokens: int = Field(400, description="Output token cap per item.")
+    timeout_s: float = Field(30.0, description="Timeout of one call.")
+    max_retries: int = Field(4, description="Retries within the deadline.")
+    prices: dict[str, str] = Field(
+        default_factory=dict,
+        description="Price overrides: model -> `input/output` USD per 1M tokens (e.g. `0.15/0.60`).",
+    )
+    simulator: SimulatorConfig = Field(default_factory=SimulatorConfig, description="Simulator settings.")
+
+
+class AutoscaleConfig(Section):
+    """HorizontalPodAutoscaler (autoscaling/v2) on CPU."""
+
+    min_replicas: int = Field(2, description="HPA floor.")
+    max_replicas: int = Field(6, description="HPA ceiling.")
+    cpu_utilization: int = Field(70, description="Target average CPU utilization, percent.")
+
+
+class OrchestratorConfig(Section):
+    """The FastAPI service: pooling, cache, coalescing, admission control."""
+
+    replicas: int = Field(2, description="API pods (HPA takes over from here).")
+    processes: int = Field(1, description="uvicorn workers per pod / local API processes.")
+    max_inflight: int = Field(512, description="In-flight requests per process before 503.")
+    max_body_bytes: int = Field(8192, description="Largest request body before 413.")
+    db_pool_mode: Literal["queue", "null"] = Field("queue", description="`null` = no pooling (baseline).")
+    db_pool_size: int = Field(20, description="Pooled connections per process.")
+    db_max_overflow: int = Field(40, description="Overflow connections per process.")
+    db_pool_timeout_s: float = Field(5.0, description="Connection acquire timeout.")
+    db_pool_recycle_s: int = Field(3600, description="Connection max age.")
+    cache_enabled: bool = Field(True, description="Redis response cache (off = baseline).")
+    cache_ttl_s: int = Field(3600, description="Cached post lifetime.")
+    coalesce_enabled: bool = Field(True, description="Join identical in-flight requests (off = baseline).")
+    prompt_version: str = Field("v1", description="Cache-key version.")
+    shutdown_timeout_s: float = Field(20.0, description="Drain bound; the pod grace period exceeds it.")
+    autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig, description="HPA.")
+    resources: Resources = Field(
+        default_factory=lambda: Resources(cpu_request="500m", cpu_limit="2", memory_request="256Mi",
+                                          memory_limit="1Gi"),
+        description="Container resources.",
+    )
+
+
+class WorkersConfig(Section):
+    """The persona runtime: batched LLM workers."""
+
+    replicas: int = Field(2, description="Worker pods.")
+    processes: int = Field(1, description="Local worker processes (demo).")
+    concurrency: int = Field(8, description="Concurrent LLM calls per worker process.")
+    batch_size: int = Field(5, description="Tasks per LLM call; 1 = no batching (baseline).")
+    batch_wait_ms: int = Field(100, description="Longest wait to fill a batch.")
+    max_attempts: int = Field(3, description="Deliveries before dead-lettering.")
+    claim_idle_ms: int = Field(30000, description="Reclaim entries idle this long from dead consumers.")
+    resources: Resources = Field(default_factory=Resources, description="Container resources.")
+
+
+class GrafanaConfig(Section):
+    """Grafana, its Ingress and hardening."""
+
+    image: str = Field("grafana/grafana:11.6.0", description="Grafana image.")
+    host: str = Field("grafana.loadproof.local", description="Ingress host of the public URL.")
+    ingress_class: str = Field("nginx", description="IngressClass name.")
+    tls: bool = Field(False, description="Serve TLS (secure cookies on).")
+    cert_issuer: str = Field("", description="cert-manager ClusterIssuer; empty = bring your own secret.")
+    anonymous_viewing: bool = Field(True, description="Public read-only (Viewer) dashboards.")
+
+
+class PrometheusConfig(Section):
+    """Prometheus: scrapes the service, receives k6 remote write."""
+
+    image: str = Field("prom/prometheus:v2.53.0", description="Prometheus image.")
+    retention: str = Field("7d", description="TSDB retention.")
+    storage: str = Field("5Gi", description="PVC size.")
+    scrape_interval_s: int = Field(5, description="Scrape interval, seconds.")
+    port: int = Field(9090, description="Port (local demo binds it on 127.0.0.1).")
+
+
+class MonitoringConfig(Section):
+    """Observability stack."""
+
+    prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig, description="Prometheus.")
+    grafana: GrafanaConfig = Field(default_factory=GrafanaConfig, description="Grafana.")
+
+
+class Stage(Section):
+    """One ramping-arrival-rate stage."""
+
+    duration: str = Field(description="k6 duration, e.g. `30s`, `2m`.")
+    target: int = Field(description="Arrival rate (requests/s) reached at the end of the stage.")
+
+
+class ProfileConfig(Section):
+    """One load profile (open model)."""
+
+    start_rate: int = Field(10, description="Arrival rate at t=0.")
+    warmup_s: int = Field(10, description="Seconds at the start excluded from the measured window.")
+    stages: list[Stage] = Field(description="Ramp stages.")
+    pre_allocated_vus: int = Field(200, description="VUs k6 allocates up front.")
+    max_vus: int = Field(2000, description="VU ceiling; exceeding it drops iterations (reported).")
+
+
+class WorkloadConfig(Section):
+    """Key distribution of the generated requests."""
+
+    personas: int = Field(50, description="Distinct persona ids.")
+    topics: int = Field(5000, description="Distinct topics.")
+    zipf_s: float = Field(1.1, description="Zipf exponent for both draws (higher = hotter keys).")
+    seed: int = Field(42, description="PRNG seed so runs are comparable.")
+
+
+class ThresholdsConfig(Section):
+    """Pass/fail targets (the seed's)."""
+
+    p95_ms: float = Field(400.0, description="Client p95 latency target.")
+    error_rate: float = Field(0.01, description="Failed request fraction target.")
+    cost_per_1k_tokens_usd: float = Field(0.008, description="Effective LLM cost per 1k delivered tokens.")
+
+
+def _default_profiles() -> dict[str, ProfileConfig]:
+    return {
+        "smoke": ProfileConfig(start_rate=10, warmup_s=5, pre_allocated_vus=20, max_vus=200,
+                               stages=[Stage(duration="10s", target=50), Stage(duration="20s", target=50)]),
+        "demo": ProfileConfig(start_rate=20, warmup_s=15, stages=[
+            Stage(duration="20s", target=100), Stage(duration="30s", target=500),
+            Stage(duration="60s", target=1000), Stage(duration="20s", target=0)]),
+        "seed": ProfileConfig(start_rate=10, warmup_s=60, stages=[
+            Stage(duration="1m", target=100), Stage(duration="2m", target=500),
+            Stage(duration="5m", target=1000), Stage(duration="2m", target=0)]),
+    }
+
+
+class LoadtestConfig(Section):
+    """The k6 run and its measurement."""
+
+    image: str = Field("grafana/k6:1.1.0", description="k6 runner image (cluster).")
+    run_id: str = Field("1", description="Change to re-run the test on the next `pulumi up`.")
+    runners: int = Field(2, description="Parallel k6 pods (execution segments).")
+    profile: str = Field("demo", description="Profile used by `pulumi up` and `make demo`.")
+    profiles: dict[str, ProfileConfig] = Field(default_factory=_default_profiles, description="Profiles.")
+    workload: WorkloadConfig = Field(default_factory=WorkloadConfig, description="Key distribution.")
+    thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig, description="Targets.")
+    drain_s: int = Field(60, description="Longest wait after the run for queued tasks to finish.")
+    runner_resources: Resources = Field(
+        default_factory=lambda: Resources(cpu_request="500m", cpu_limit="2", memory_request="256Mi",
+                                          memory_limit="1Gi"),
+        description="Each k6 pod's resources.",
+    )
+
+    @model_validator(mode="after")
+    def _profile_exists(self) -> LoadtestConfig:
+        if self.profile not in self.profiles:
+            raise ValueError(f"loadtest.profile {self.profile!r} is not one of {sorted(self.profiles)}")
+        return self
+
+
+class StackConfig(Section):
+    """Everything under the `loadproof:` namespace of one stack file."""
+
+    namespace: str = Field("loadproof", description="Kubernetes namespace for everything.")
+    image: str = Field("loadproof:dev", description="Service image (orchestrator, workers, simulator, report).")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="Pull policy; `IfNotPresent` suits images loaded into kind/k3d."
+    )
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig, description="Cluster baseline.")
+    postgres: PostgresConfig = Field(default_factory=PostgresConfig, description="Postgres.")
+    redis: RedisConfig = Field(default_factory=RedisConfig, description="Redis.")
+    llm: LlmConfig = Field(default_factory=LlmConfig, description="LLM backend.")
+    orchestrator: OrchestratorConfig = Field(default_factory=OrchestratorConfig, description="API.")
+    workers: WorkersConfig = Field(default_factory=WorkersConfig, description="Workers.")
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig, description="Monitoring.")
+    loadtest: LoadtestConfig = Field(default_factory=LoadtestConfig, description="Load test.")
+
+    def service_env(self) -> dict[str, str]:
+        """``LOADPROOF_*`` variables for the service processes (see ``service/config.py``).
+
+        Connection URLs and secrets are not here: the caller knows where Postgres, Redis and the
+        LLM live (local ports or cluster Services and Secrets).
+        """
+        o, w, llm, sim = self.orchestrator, self.workers, self.llm, self.llm.simulator
+        env: dict[str, Any] = {
+            "PROCESSES": o.processes,
+            "MAX_INFLIGHT": o.max_inflight,
+            "MAX_BODY_BYTES": o.max_body_bytes,
+            "SHUTDOWN_TIMEOUT_S": o.shutdown_timeout_s,
+            "DB_POOL_MODE": o.db_pool_mode,
+            "DB_POOL_SIZE": o.db_pool_size,
+            "DB_MAX_OVERFLOW": o.db_max_overflow,
+            "DB_POOL_TIMEOUT_S": o.db_pool_timeout_s,
+            "DB_POOL_RECYCLE_S": o.db_pool_recycle_s,
+            "CACHE_ENABLED": o.cache_enabled,
+            "CACHE_TTL_S": o.cache_ttl_s,
+            "COALESCE_ENABLED": o.coalesce_enabled,
+            "PROMPT_VERSION": o.prompt_version,
+            "WORKER_CONCURRENCY": w.concurrency,
+            "BATCH_SIZE": w.batch_size,
+            "BATCH_WAIT_MS": w.batch_wait_ms,
+            "QUEUE_MAX_ATTEMPTS": w.max_attempts,
+            "QUEUE_CLAIM_IDLE_MS": w.claim_idle_ms,
+            "LLM_MODEL": llm.model,
+            "LLM_MAX_TOKENS": llm.max_tokens,
+            "LLM_TIMEOUT_S": llm.timeout_s,
+            "LLM_MAX_RETRIES": llm.max_retries,
+            "LLM_PRICES": ",".join(f"{m}={p}" for m, p in sorted(llm.prices.items())),
+        }
+        return {f"LOADPROOF_{k}": _env_str(v) for k, v in env.items()}
+
+    def simulator_env(self) -> dict[str, str]:
+        """``LOADPROOF_SIM_*`` variables for the simulator process."""
+        s = self.llm.simulator
+        env = {
+            "SIM_TTFT_MS": s.ttft_ms, "SIM_ITL_MS": s.itl_ms, "SIM_JITTER": s.jitter,
+            "SIM_OUTPUT_TOKENS": s.output_tokens, "SIM_CONCURRENCY_KNEE": s.concurrency_knee,
+            "SIM_RATE_429": s.rate429, "SIM_RATE_500": s.rate500, "SIM_RATE_TIMEOUT": s.rate_timeout,
+        }
+        return {f"LOADPROOF_{k}": _env_str(v) for k, v in env.items()}
+
+
+def _env_str(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+class StackConfigError(ValueError):
+    """A stack file that does not match the schema; the message names the offending key."""
+
+
+# Keys Pulumi itself or a secret provider owns: allowed in a stack file, not part of the schema.
+SECRET_KEYS = frozenset({"databaseUrl", "redisUrl", "llmApiKey"})
+
+
+def stack_file(stack: str, root: Path = REPO_ROOT) -> Path:
+    return root / f"Pulumi.{stack}.yaml"
+
+
+def parse(values: dict[str, Any]) -> StackConfig:
+    """Validate the ``loadproof:*`` values (prefix already stripped)."""
+    plain = {k: v for k, v in values.items() if k not in SECRET_KEYS}
+    try:
+        return StackConfig.model_validate(plain)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"loadproof:{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise StackConfigError(problems) from exc
+
+
+def load(stack: str = "dev", root: Path = REPO_ROOT) -> StackConfig:
+    """Read ``Pulumi.<stack>.yaml`` the way Pulumi would, without Pulumi."""
+    path = stack_file(stack, root)
+    doc = yaml.safe_load(path.read_text()) or {}
+    raw: dict[str, Any] = doc.get("config") or {}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        ns, _, name = key.partition(":")
+        if ns != PROJECT:
+            continue  # other providers' keys, e.g. kubernetes:context
+        values[name] = value
+    return parse(values)
