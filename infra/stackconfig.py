@@ -220,7 +220,7 @@ class ThresholdsConfig(Section):
 
     p95_ms: float = Field(400.0, description="Client p95 latency target.")
     error_rate: float = Field(0.01, description="Failed request fraction target.")
-    cost_per_1k_tokens_usd: float = Field(0.008, description="Effective LLM cost per 1k delivered tokens.")
+    cost_per_1k_tokens_usd: float = Field(0.008, alias="costPer1kTokensUsd", description="Effective LLM cost per 1k delivered tokens.")
 
 
 def _default_profiles() -> dict[str, ProfileConfig]:
@@ -283,7 +283,7 @@ class StackConfig(Section):
         Connection URLs and secrets are not here: the caller knows where Postgres, Redis and the
         LLM live (local ports or cluster Services and Secrets).
         """
-        o, w, llm, sim = self.orchestrator, self.workers, self.llm, self.llm.simulator
+        o, w, llm = self.orchestrator, self.workers, self.llm
         env: dict[str, Any] = {
             "PROCESSES": o.processes,
             "MAX_INFLIGHT": o.max_inflight,

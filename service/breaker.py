@@ -8,6 +8,7 @@ Single event loop per process, so no lock is needed.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -63,7 +64,5 @@ class CircuitBreaker:
 
     def _set_gauge(self, value: int) -> None:
         if self._gauge is not None:
-            try:
+            with contextlib.suppress(Exception):  # a metrics failure never fails a request
                 self._gauge.set(value)
-            except Exception:  # a metrics failure never fails a request
-                pass

@@ -1,0 +1,80 @@
+"""How the one k6 script (`loadtest/k6/task.js`) is parameterised, for the demo and the cluster alike.
+
+The script reads a single JSON document from ``LOADPROOF_K6_CONFIG`` so that local runs and the
+Kubernetes runner Jobs cannot drift: both build it here from the same :class:`StackConfig`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from fractions import Fraction
+from pathlib import Path
+
+from infra.stackconfig import REPO_ROOT, StackConfig
+
+SCRIPT = REPO_ROOT / "loadtest" / "k6" / "task.js"
+CONFIG_ENV = "LOADPROOF_K6_CONFIG"
+
+
+def k6_config(cfg: StackConfig, *, base_url: str, test_id: str, profile: str | None = None) -> dict[str, object]:
+    """The JSON document the script reads (camelCase, as in the stack file)."""
+    name = profile or cfg.loadtest.profile
+    prof = cfg.loadtest.profiles[name]
+    return {
+        "baseUrl": base_url.rstrip("/"),
+        "testId": test_id,
+        "profileName": name,
+        "profile": prof.model_dump(by_alias=True),
+        "workload": cfg.loadtest.workload.model_dump(by_alias=True),
+        "thresholds": cfg.loadtest.thresholds.model_dump(by_alias=True),
+    }
+
+
+def k6_env(
+    cfg: StackConfig,
+    *,
+    base_url: str,
+    test_id: str,
+    prometheus_rw_url: str | None,
+    profile: str | None = None,
+) -> dict[str, str]:
+    """Environment for one k6 process: script config plus Prometheus remote-write as native histograms."""
+    env = {CONFIG_ENV: json.dumps(k6_config(cfg, base_url=base_url, test_id=test_id, profile=profile))}
+    if prometheus_rw_url:
+        env.update(
+            {
+                "K6_PROMETHEUS_RW_SERVER_URL": prometheus_rw_url,
+                "K6_PROMETHEUS_RW_TREND_AS_NATIVE_HISTOGRAM": "true",
+                "K6_PROMETHEUS_RW_PUSH_INTERVAL": "5s",
+            }
+        )
+    return env
+
+
+def execution_segments(runners: int) -> list[str]:
+    """``--execution-segment`` values that tile [0,1] exactly once across ``runners`` pods.
+
+    Fractions, not floats, so the boundaries are exact and adjacent segments share endpoints.
+    """
+    if runners < 1:
+        raise ValueError("runners must be >= 1")
+    cuts = [Fraction(i, runners) for i in range(runners + 1)]
+    return [f"{_frac(a)}:{_frac(b)}" for a, b in itertools.pairwise(cuts)]
+
+
+def segment_sequence(runners: int) -> str:
+    """``--execution-segment-sequence`` so every runner partitions VUs/iterations identically."""
+    return ",".join(_frac(Fraction(i, runners)) for i in range(runners + 1))
+
+
+def _frac(value: Fraction) -> str:
+    if value == 0:
+        return "0"
+    if value == 1:
+        return "1"
+    return f"{value.numerator}/{value.denominator}"
+
+
+def script_text(path: Path = SCRIPT) -> str:
+    return path.read_text()
