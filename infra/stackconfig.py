@@ -22,9 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 class Section(BaseModel):
     """camelCase keys in YAML (Pulumi's convention), snake_case in Python; unknown keys rejected."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
 
 class Resources(Section):
@@ -60,8 +58,9 @@ class PostgresConfig(Section):
     storage: str = Field("2Gi", description="PVC size (internal mode).")
     max_connections: int = Field(300, description="Server max_connections; must exceed all pools.")
     resources: Resources = Field(
-        default_factory=lambda: Resources(cpu_request="250m", cpu_limit="2", memory_request="256Mi",
-                                          memory_limit="1Gi"),
+        default_factory=lambda: Resources(
+            cpu_request="250m", cpu_limit="2", memory_request="256Mi", memory_limit="1Gi"
+        ),
         description="Container resources.",
     )
 
@@ -142,8 +141,9 @@ class OrchestratorConfig(Section):
     shutdown_timeout_s: float = Field(20.0, description="Drain bound; the pod grace period exceeds it.")
     autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig, description="HPA.")
     resources: Resources = Field(
-        default_factory=lambda: Resources(cpu_request="500m", cpu_limit="2", memory_request="256Mi",
-                                          memory_limit="1Gi"),
+        default_factory=lambda: Resources(
+            cpu_request="500m", cpu_limit="2", memory_request="256Mi", memory_limit="1Gi"
+        ),
         description="Container resources.",
     )
 
@@ -220,19 +220,40 @@ class ThresholdsConfig(Section):
 
     p95_ms: float = Field(400.0, description="Client p95 latency target.")
     error_rate: float = Field(0.01, description="Failed request fraction target.")
-    cost_per_1k_tokens_usd: float = Field(0.008, alias="costPer1kTokensUsd", description="Effective LLM cost per 1k delivered tokens.")
+    cost_per_1k_tokens_usd: float = Field(
+        0.008, alias="costPer1kTokensUsd", description="Effective LLM cost per 1k delivered tokens."
+    )
 
 
 def _default_profiles() -> dict[str, ProfileConfig]:
     return {
-        "smoke": ProfileConfig(start_rate=10, warmup_s=5, pre_allocated_vus=20, max_vus=200,
-                               stages=[Stage(duration="10s", target=50), Stage(duration="20s", target=50)]),
-        "demo": ProfileConfig(start_rate=20, warmup_s=15, stages=[
-            Stage(duration="20s", target=100), Stage(duration="30s", target=500),
-            Stage(duration="60s", target=1000), Stage(duration="20s", target=0)]),
-        "seed": ProfileConfig(start_rate=10, warmup_s=60, stages=[
-            Stage(duration="1m", target=100), Stage(duration="2m", target=500),
-            Stage(duration="5m", target=1000), Stage(duration="2m", target=0)]),
+        "smoke": ProfileConfig(
+            start_rate=10,
+            warmup_s=5,
+            pre_allocated_vus=20,
+            max_vus=200,
+            stages=[Stage(duration="10s", target=50), Stage(duration="20s", target=50)],
+        ),
+        "demo": ProfileConfig(
+            start_rate=20,
+            warmup_s=15,
+            stages=[
+                Stage(duration="20s", target=100),
+                Stage(duration="30s", target=500),
+                Stage(duration="60s", target=1000),
+                Stage(duration="20s", target=0),
+            ],
+        ),
+        "seed": ProfileConfig(
+            start_rate=10,
+            warmup_s=60,
+            stages=[
+                Stage(duration="1m", target=100),
+                Stage(duration="2m", target=500),
+                Stage(duration="5m", target=1000),
+                Stage(duration="2m", target=0),
+            ],
+        ),
     }
 
 
@@ -248,8 +269,9 @@ class LoadtestConfig(Section):
     thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig, description="Targets.")
     drain_s: int = Field(60, description="Longest wait after the run for queued tasks to finish.")
     runner_resources: Resources = Field(
-        default_factory=lambda: Resources(cpu_request="500m", cpu_limit="2", memory_request="256Mi",
-                                          memory_limit="1Gi"),
+        default_factory=lambda: Resources(
+            cpu_request="500m", cpu_limit="2", memory_request="256Mi", memory_limit="1Gi"
+        ),
         description="Each k6 pod's resources.",
     )
 
@@ -315,9 +337,14 @@ class StackConfig(Section):
         """``LOADPROOF_SIM_*`` variables for the simulator process."""
         s = self.llm.simulator
         env = {
-            "SIM_TTFT_MS": s.ttft_ms, "SIM_ITL_MS": s.itl_ms, "SIM_JITTER": s.jitter,
-            "SIM_OUTPUT_TOKENS": s.output_tokens, "SIM_CONCURRENCY_KNEE": s.concurrency_knee,
-            "SIM_RATE_429": s.rate429, "SIM_RATE_500": s.rate500, "SIM_RATE_TIMEOUT": s.rate_timeout,
+            "SIM_TTFT_MS": s.ttft_ms,
+            "SIM_ITL_MS": s.itl_ms,
+            "SIM_JITTER": s.jitter,
+            "SIM_OUTPUT_TOKENS": s.output_tokens,
+            "SIM_CONCURRENCY_KNEE": s.concurrency_knee,
+            "SIM_RATE_429": s.rate429,
+            "SIM_RATE_500": s.rate500,
+            "SIM_RATE_TIMEOUT": s.rate_timeout,
         }
         return {f"LOADPROOF_{k}": _env_str(v) for k, v in env.items()}
 
@@ -346,9 +373,7 @@ def parse(values: dict[str, Any]) -> StackConfig:
     try:
         return StackConfig.model_validate(plain)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"loadproof:{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"loadproof:{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
         raise StackConfigError(problems) from exc
 
 

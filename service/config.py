@@ -77,9 +77,7 @@ class Settings(BaseSettings):
 
     # --- LLM ---
     llm_base_url: str = Field("http://127.0.0.1:8090/v1", description="OpenAI-compatible endpoint.")
-    llm_api_key: SecretStr = Field(
-        SecretStr("sk-simulator"), description="API key (from a Secret in the cluster)."
-    )
+    llm_api_key: SecretStr = Field(SecretStr("sk-simulator"), description="API key (from a Secret in the cluster).")
     llm_model: str = Field("gpt-4o-mini", description="Model name sent to the endpoint and priced.")
     llm_max_tokens: int = Field(400, ge=16, description="Output token cap per item.")
     llm_timeout_s: float = Field(30.0, gt=0, description="Timeout of one LLM HTTP call.")
@@ -100,9 +98,7 @@ class Settings(BaseSettings):
     sim_itl_ms: float = Field(16.0, ge=0, description="Inter-token latency (~60 output tokens/s).")
     sim_jitter: float = Field(0.2, ge=0, le=1, description="Bounded relative jitter on both latencies.")
     sim_output_tokens: int = Field(60, ge=1, description="Output tokens per generated post.")
-    sim_concurrency_knee: int = Field(
-        64, ge=1, description="Concurrent requests beyond which latency grows linearly."
-    )
+    sim_concurrency_knee: int = Field(64, ge=1, description="Concurrent requests beyond which latency grows linearly.")
     sim_rate_429: float = Field(0.0, ge=0, le=1, description="Fraction of calls answered 429 + Retry-After.")
     sim_rate_500: float = Field(0.0, ge=0, le=1, description="Fraction of calls answered 500.")
     sim_rate_timeout: float = Field(0.0, ge=0, le=1, description="Fraction of calls that hang past timeout.")

@@ -12,8 +12,34 @@ from prometheus_client import Counter, Gauge, Histogram
 
 # 1 ms .. 10 s, dense where the 400 ms target sits.
 HTTP_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2,
-    0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.25,
+    0.3,
+    0.35,
+    0.4,
+    0.45,
+    0.5,
+    0.6,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
 )
 # LLM calls and task completion take seconds, not milliseconds.
 SLOW_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
@@ -26,14 +52,12 @@ HTTP_REQUEST_DURATION = Histogram(
     ["route", "method", "status"],
     buckets=HTTP_BUCKETS,
 )
-HTTP_REQUESTS = Counter(
-    "loadproof_http_requests", "HTTP requests served.", ["route", "method", "status"]
-)
-HTTP_INFLIGHT = Gauge(
-    "loadproof_http_requests_inflight", "HTTP requests in flight.", multiprocess_mode="livesum"
-)
+HTTP_REQUESTS = Counter("loadproof_http_requests", "HTTP requests served.", ["route", "method", "status"])
+HTTP_INFLIGHT = Gauge("loadproof_http_requests_inflight", "HTTP requests in flight.", multiprocess_mode="livesum")
 HTTP_REJECTED = Counter(
-    "loadproof_http_rejected", "Requests refused before handling.", ["reason"]  # overload|too_large
+    "loadproof_http_rejected",
+    "Requests refused before handling.",
+    ["reason"],  # overload|too_large
 )
 
 # --- Cache ---
@@ -54,24 +78,14 @@ TASK_COMPLETION = Histogram(
     "Time from acceptance (202) to the stored result.",
     buckets=SLOW_BUCKETS,
 )
-QUEUE_DEPTH = Gauge(
-    "loadproof_queue_depth", "Entries in the task stream not yet delivered.", multiprocess_mode="max"
-)
-QUEUE_PENDING = Gauge(
-    "loadproof_queue_pending", "Entries delivered but not yet acknowledged.", multiprocess_mode="max"
-)
+QUEUE_DEPTH = Gauge("loadproof_queue_depth", "Entries in the task stream not yet delivered.", multiprocess_mode="max")
+QUEUE_PENDING = Gauge("loadproof_queue_pending", "Entries delivered but not yet acknowledged.", multiprocess_mode="max")
 
 # --- Database pool ---
 DB_POOL_IN_USE = Gauge("loadproof_db_pool_in_use", "Checked-out connections.", multiprocess_mode="livesum")
-DB_POOL_OVERFLOW = Gauge(
-    "loadproof_db_pool_overflow", "Connections open above pool_size.", multiprocess_mode="livesum"
-)
-DB_POOL_WAITERS = Gauge(
-    "loadproof_db_pool_waiters", "Callers waiting for a connection.", multiprocess_mode="livesum"
-)
-DB_POOL_WAIT = Histogram(
-    "loadproof_db_pool_wait_seconds", "Time spent acquiring a connection.", buckets=HTTP_BUCKETS
-)
+DB_POOL_OVERFLOW = Gauge("loadproof_db_pool_overflow", "Connections open above pool_size.", multiprocess_mode="livesum")
+DB_POOL_WAITERS = Gauge("loadproof_db_pool_waiters", "Callers waiting for a connection.", multiprocess_mode="livesum")
+DB_POOL_WAIT = Histogram("loadproof_db_pool_wait_seconds", "Time spent acquiring a connection.", buckets=HTTP_BUCKETS)
 
 # --- LLM ---
 LLM_REQUESTS = Counter(
