@@ -1,0 +1,615 @@
+"""An OpenAI-compatible LLM simulator: ``python -m service.simulator``.
+
+Why it exists: load tests of the service must not spend money or depend on a vendor, yet they must
+see what a real endpoint does — seconds of latency that grow under load, honest ``usage``, rate
+limits, server errors, hung calls and malformed JSON. The official ``openai`` client works against it
+unchanged (``base_url=http://host:port/v1``).
+
+Endpoints: ``POST /v1/chat/completions`` (plain and ``stream: true`` SSE with an optional usage
+chunk), ``GET /v1/models``, ``GET /healthz``, ``GET /stats`` (counters that tests and reports read),
+``POST /stats/reset`` and ``POST /control`` (change fault rates at run time or script the outcome
+of the next calls, so tests are deterministic).
+
+Latency model (all knobs are ``LOADPROOF_SIM_*`` settings)::
+
+    latency = (ttft * U(1-j, 1+j) + itl * U(1-j, 1+j) * completion_tokens) * max(1, inflight / knee)
+
+The defaults (ttft 350 ms, 16 ms/token ~ 60 tokens/s) approximate publicly reported gpt-4o-mini
+speeds; they are assumptions, not measurements of ours.
+
+Token counts are an APPROXIMATION used only here: ``ceil(characters / 4)`` per text plus a small
+per-message overhead for prompts. They are computed from the text actually received and returned,
+so ``usage`` is consistent with the content — the service bills exactly what this reports.
+
+It is a bare ASGI app (no framework) on one uvicorn process: latency is ``asyncio`` sleeping, so
+hundreds of concurrent calls cost almost no CPU; a client that disconnects ends its call at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import math
+import random
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.config import Settings, get_settings
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+CHARS_PER_TOKEN = 4  # approximation, simulator only (see module docstring)
+MESSAGE_OVERHEAD_TOKENS = 3  # role/separators per chat message
+REPLY_PRIMING_TOKENS = 3  # the assistant turn header
+MAX_BODY_BYTES = 4 * 1024 * 1024
+STREAM_CHUNK_TOKENS = 4  # tokens per SSE content chunk
+OUTCOMES = ("ok", "429", "500", "timeout", "malformed", "bad_json")
+MALFORMED_KINDS = ("missing", "empty", "not_a_string", "wrong_id")
+
+_WORD_TEXT = (
+    "today really honestly finally morning coffee team build ship learn small steps big ideas "
+    "simple clear bold quiet fast slow better every week plan notes share thanks friends people "
+    "work craft detail focus practice progress moment story question answer reason change future "
+    "past bright calm curious careful patient open honest kind sharp fresh new old good great tiny "
+    "huge local global city garden kitchen studio office road trail river mountain light rain sun "
+    "wind night music book film game code design data test launch idea draft sketch note list goal "
+    "habit"
+)
+_WORDS = tuple(_WORD_TEXT.split())
+
+
+def approx_tokens(text: str) -> int:
+    """Approximate token count of ``text`` (~4 characters per token)."""
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def _content_text(content: Any) -> str:
+    """Text of a message ``content``: a string or a list of ``{"type": "text", "text": ...}`` parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """Approximate prompt tokens of a chat request."""
+    body = sum(approx_tokens(_content_text(m.get("content"))) + MESSAGE_OVERHEAD_TOKENS for m in messages)
+    return body + REPLY_PRIMING_TOKENS
+
+
+def generate_post(seed_text: str, tokens: int, persona: str = "", topic: str = "") -> str:
+    """Deterministic pseudo-post of about ``tokens`` approximate tokens, seeded by ``seed_text``."""
+    rng = random.Random(int.from_bytes(hashlib.blake2b(seed_text.encode(), digest_size=8).digest(), "big"))
+    target = tokens * CHARS_PER_TOKEN
+    parts: list[str] = []
+    if persona or topic:
+        parts.append(f"{persona[:40] or 'Me'} on {topic[:60] or 'things'}:")
+    length = sum(len(p) + 1 for p in parts)
+    sentence_left = 0
+    while length < target:
+        word = rng.choice(_WORDS)
+        if sentence_left == 0:
+            word = word.capitalize()
+            sentence_left = rng.randint(6, 12)
+        sentence_left -= 1
+        if sentence_left == 0:
+            word += "."
+        parts.append(word)
+        length += len(word) + 1
+    text = " ".join(parts)
+    if len(text) > target:  # cut at a word boundary
+        text = text[: target + 1].rsplit(" ", 1)[0]
+    return text if text.endswith(".") else text.rstrip(".,:") + "."
+
+
+def _batch_items(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The items of a batched prompt (last user message is ``{"items": [{"id": ...}, ...]}``), else None."""
+    user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
+    if user is None:
+        return None
+    text = _content_text(user.get("content")).strip()
+    if not text.startswith("{"):
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    items = doc.get("items") if isinstance(doc, dict) else None
+    if not isinstance(items, list) or not items:
+        return None
+    if not all(isinstance(i, dict) and isinstance(i.get("id"), str | int) for i in items):
+        return None
+    return items
+
+
+@dataclass(slots=True)
+class Faults:
+    """Fault injection state; ``script`` outcomes are used first, then the random rates."""
+
+    rate_429: float
+    rate_500: float
+    rate_timeout: float
+    rate_malformed: float
+    retry_after_s: float
+    hang_s: float
+    script: deque[str] = field(default_factory=deque)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "rate_429": self.rate_429,
+            "rate_500": self.rate_500,
+            "rate_timeout": self.rate_timeout,
+            "rate_malformed": self.rate_malformed,
+            "retry_after_s": self.retry_after_s,
+            "hang_s": self.hang_s,
+            "script": list(self.script),
+        }
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters since start (or the last reset); ``GET /stats`` returns them."""
+
+    calls: int = 0  # chat completion requests received (valid ones)
+    completed: int = 0  # 200 responses fully sent
+    streams: int = 0
+    items: int = 0  # items over all calls (a non-batched call is one item)
+    batch_calls: int = 0  # calls whose prompt was a batch (even of one item)
+    items_per_call: Counter[int] = field(default_factory=Counter)
+    injected: Counter[str] = field(default_factory=Counter)  # 429|500|timeout|malformed_items|bad_json
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    bad_requests: int = 0
+    disconnects: int = 0
+    inflight: int = 0
+    max_inflight: int = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls,
+            "completed": self.completed,
+            "streams": self.streams,
+            "items": self.items,
+            "batch_calls": self.batch_calls,
+            "items_per_call": {str(k): v for k, v in sorted(self.items_per_call.items())},
+            "injected": dict(sorted(self.injected.items())),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "bad_requests": self.bad_requests,
+            "disconnects": self.disconnects,
+            "inflight": self.inflight,
+            "max_inflight": self.max_inflight,
+        }
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Simulator:
+    """The ASGI application."""
+
+    def __init__(self, settings: Settings, *, seed: int = 0, retry_after_s: float = 1.0, hang_s: float = 60.0) -> None:
+        self.settings = settings
+        self.rng = random.Random(seed)
+        self.faults = Faults(
+            rate_429=settings.sim_rate_429,
+            rate_500=settings.sim_rate_500,
+            rate_timeout=settings.sim_rate_timeout,
+            rate_malformed=settings.sim_rate_malformed,
+            retry_after_s=retry_after_s,
+            hang_s=hang_s,
+        )
+        self.stats = Stats()
+
+    # --- ASGI plumbing -------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"].rstrip("/") or "/"
+        try:
+            if path == "/v1/chat/completions" and method == "POST":
+                await self._chat(scope, receive, send)
+            elif path == "/healthz" and method == "GET":
+                await _json(send, 200, {"status": "ok"})
+            elif path == "/stats" and method == "GET":
+                await _json(send, 200, self.stats.snapshot())
+            elif path == "/stats/reset" and method == "POST":
+                self._reset_stats()
+                await _json(send, 200, self.stats.snapshot())
+            elif path == "/control" and method == "POST":
+                await self._control(receive, send)
+            elif path == "/v1/models" and method == "GET":
+                await _json(send, 200, self._models())
+            else:
+                await _error(send, 404, f"no route {method} {path}", "not_found_error")
+        except _BadRequest as exc:
+            self.stats.bad_requests += 1
+            await _error(send, exc.status, str(exc), "invalid_request_error")
+
+    @staticmethod
+    async def _lifespan(receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # --- control and introspection --------------------------------------------------------------
+    def _reset_stats(self) -> None:
+        inflight, self.stats = self.stats.inflight, Stats()
+        self.stats.inflight = inflight
+
+    def _models(self) -> dict[str, Any]:
+        from service.cost import DEFAULT_PRICES
+
+        names = sorted({self.settings.llm_model, *DEFAULT_PRICES})
+        return {
+            "object": "list",
+            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "loadproof-simulator"} for n in names],
+        }
+
+    async def _control(self, receive: Receive, send: Send) -> None:
+        body = await _read_json(receive)
+        if not isinstance(body, dict):
+            raise _BadRequest("control body must be a JSON object")
+        f = self.faults
+        for key in ("rate_429", "rate_500", "rate_timeout", "rate_malformed"):
+            if key in body:
+                value = body[key]
+                if not isinstance(value, int | float) or not 0 <= value <= 1:
+                    raise _BadRequest(f"{key} must be a number in [0, 1]")
+                setattr(f, key, float(value))
+        for key in ("retry_after_s", "hang_s"):
+            if key in body:
+                value = body[key]
+                if not isinstance(value, int | float) or not 0 <= value <= 3600:
+                    raise _BadRequest(f"{key} must be a number of seconds in [0, 3600]")
+                setattr(f, key, float(value))
+        if "script" in body:
+            script = body["script"]
+            if not isinstance(script, list) or any(s not in OUTCOMES for s in script):
+                raise _BadRequest(f"script must be a list of outcomes from {list(OUTCOMES)}")
+            f.script = deque(script)
+        if "seed" in body:
+            if not isinstance(body["seed"], int):
+                raise _BadRequest("seed must be an integer")
+            self.rng.seed(body["seed"])
+        if body.get("reset_stats"):
+            self._reset_stats()
+        await _json(send, 200, f.describe())
+
+    # --- chat completions -----------------------------------------------------------------------
+    def _decide(self) -> str:
+        """Outcome of this call: the next scripted one, else independent draws (rate 1.0 = always)."""
+        f = self.faults
+        if f.script:
+            return f.script.popleft()
+        if self.rng.random() < f.rate_429:
+            return "429"
+        if self.rng.random() < f.rate_500:
+            return "500"
+        if self.rng.random() < f.rate_timeout:
+            return "timeout"
+        return "ok"
+
+    def _jittered(self, value_ms: float) -> float:
+        j = self.settings.sim_jitter
+        return value_ms / 1000.0 * self.rng.uniform(1 - j, 1 + j)
+
+    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await _read_json(receive)
+        request = _validate_chat(body)
+        messages: list[dict[str, Any]] = request["messages"]
+        stats = self.stats
+        stats.calls += 1
+        items = _batch_items(messages)
+        n_items = len(items) if items is not None else 1
+        stats.items += n_items
+        stats.items_per_call[n_items] += 1
+        if items is not None:
+            stats.batch_calls += 1
+
+        outcome = self._decide()
+        stats.inflight += 1
+        stats.max_inflight = max(stats.max_inflight, stats.inflight)
+        try:
+            load = max(1.0, stats.inflight / self.settings.sim_concurrency_knee)
+            if outcome == "429":
+                stats.injected["429"] += 1
+                ra = self.faults.retry_after_s
+                headers = [
+                    (b"retry-after", str(math.ceil(ra)).encode()),
+                    (b"retry-after-ms", str(int(ra * 1000)).encode()),
+                ]
+                await _error(send, 429, "Rate limit reached (simulated).", "requests", "rate_limit_exceeded", headers)
+                return
+            if outcome == "500":
+                stats.injected["500"] += 1
+                if await _sleep_or_disconnect(receive, self._jittered(self.settings.sim_ttft_ms) * load):
+                    await _error(send, 500, "The server had an error (simulated).", "server_error")
+                else:
+                    stats.disconnects += 1
+                return
+            if outcome == "timeout":
+                stats.injected["timeout"] += 1
+                if await _sleep_or_disconnect(receive, self.faults.hang_s):
+                    await _error(send, 504, "Upstream timed out (simulated hang).", "server_error")
+                else:
+                    stats.disconnects += 1
+                return
+
+            content = self._content(request, items, outcome)
+            finish_reason = "stop"
+            cap = request.get("max_completion_tokens") or request.get("max_tokens")
+            if isinstance(cap, int) and approx_tokens(content) > cap:
+                content, finish_reason = content[: cap * CHARS_PER_TOKEN], "length"
+            usage = {
+                "prompt_tokens": prompt_tokens(messages),
+                "completion_tokens": approx_tokens(content),
+            }
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            model = str(request.get("model"))
+            if request.get("stream"):
+                stats.streams += 1
+                include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+                sent = await self._stream(receive, send, model, content, finish_reason, usage, include_usage, load)
+            else:
+                latency = self._jittered(self.settings.sim_ttft_ms)
+                latency += self._jittered(self.settings.sim_itl_ms) * usage["completion_tokens"]
+                sent = await _sleep_or_disconnect(receive, latency * load)
+                if sent:
+                    await _json(send, 200, _completion(model, content, finish_reason, usage))
+            if sent:
+                stats.completed += 1
+                stats.prompt_tokens += usage["prompt_tokens"]
+                stats.completion_tokens += usage["completion_tokens"]
+            else:
+                stats.disconnects += 1
+        finally:
+            stats.inflight -= 1
+
+    def _content(self, request: dict[str, Any], items: list[dict[str, Any]] | None, outcome: str) -> str:
+        tokens = self.settings.sim_output_tokens
+        if outcome == "bad_json":
+            self.stats.injected["bad_json"] += 1
+            return "Sure! Here are your posts: {items: [oops"
+        if items is None:
+            text = generate_post(json.dumps(request["messages"], sort_keys=True), tokens)
+            response_format = request.get("response_format") or {}
+            if response_format.get("type") == "json_object":
+                return json.dumps({"post": text}, ensure_ascii=False)
+            return text
+        out: list[dict[str, Any]] = []
+        for item in items:
+            persona, topic = str(item.get("persona", "")), str(item.get("topic", ""))
+            seed = json.dumps({k: v for k, v in item.items() if k != "id"}, sort_keys=True)
+            entry: dict[str, Any] = {"id": item["id"], "post": generate_post(seed, tokens, persona, topic)}
+            if outcome == "malformed" or self.rng.random() < self.faults.rate_malformed:
+                self.stats.injected["malformed_items"] += 1
+                kind = self.rng.choice(MALFORMED_KINDS)
+                if kind == "missing":
+                    continue
+                if kind == "empty":
+                    entry["post"] = ""
+                elif kind == "not_a_string":
+                    entry["post"] = 42
+                else:
+                    entry["id"] = f"{item['id']}-x"
+            out.append(entry)
+        return json.dumps({"items": out}, ensure_ascii=False)
+
+    async def _stream(
+        self,
+        receive: Receive,
+        send: Send,
+        model: str,
+        content: str,
+        finish_reason: str,
+        usage: dict[str, int],
+        include_usage: bool,
+        load: float,
+    ) -> bool:
+        """Server-sent events like the real API; False if the client went away."""
+        chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> bytes:
+            doc = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model}
+            doc.update(choices=choices, system_fingerprint="loadproof-sim", **(extra or {}))
+            return b"data: " + json.dumps(doc, ensure_ascii=False).encode() + b"\n\n"
+
+        if not await _sleep_or_disconnect(receive, self._jittered(self.settings.sim_ttft_ms) * load):
+            return False
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+            }
+        )
+        step = STREAM_CHUNK_TOKENS * CHARS_PER_TOKEN
+        try:
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": chunk([_delta({"role": "assistant", "content": ""})]),
+                    "more_body": True,
+                }
+            )
+            for start in range(0, len(content), step):
+                piece = content[start : start + step]
+                delay = self._jittered(self.settings.sim_itl_ms) * approx_tokens(piece) * load
+                if not await _sleep_or_disconnect(receive, delay):
+                    return False
+                await send(
+                    {"type": "http.response.body", "body": chunk([_delta({"content": piece})]), "more_body": True}
+                )
+            await send({"type": "http.response.body", "body": chunk([_delta({}, finish_reason)]), "more_body": True})
+            if include_usage:
+                await send({"type": "http.response.body", "body": chunk([], {"usage": usage}), "more_body": True})
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        except OSError:  # client disconnected mid-stream
+            return False
+        return True
+
+
+def _delta(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+def _completion(model: str, content: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": "loadproof-sim",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": usage,
+    }
+
+
+def _validate_chat(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise _BadRequest("request body must be a JSON object")
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise _BadRequest("'model' is required")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _BadRequest("'messages' must be a non-empty array")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _BadRequest(f"messages[{i}] must be an object with a 'role'")
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise _BadRequest(f"'{key}' must be a positive integer")
+    if body.get("n", 1) != 1:
+        raise _BadRequest("only n=1 is supported by the simulator")
+    return body
+
+
+async def _read_json(receive: Receive) -> Any:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _BadRequest("client disconnected", 499)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _BadRequest(f"request body larger than {MAX_BODY_BYTES} bytes", 413)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    try:
+        return json.loads(b"".join(chunks) or b"null")
+    except ValueError as exc:
+        raise _BadRequest(f"request body is not valid JSON: {exc}") from None
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _sleep_or_disconnect(receive: Receive, seconds: float) -> bool:
+    """Sleep ``seconds``; False as soon as the client disconnects (its call is over)."""
+    if seconds <= 0:
+        return True
+    watcher = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({watcher}, timeout=seconds)
+        return not done
+    finally:
+        if not watcher.done():
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+
+async def _json(send: Send, status: int, doc: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = json.dumps(doc, ensure_ascii=False).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            + (headers or []),
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _error(
+    send: Send,
+    status: int,
+    message: str,
+    kind: str,
+    code: str | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """OpenAI-style error body, so the client raises its usual exception types."""
+    with contextlib.suppress(OSError):
+        await _json(send, status, {"error": {"message": message, "type": kind, "param": None, "code": code}}, headers)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the simulator with uvicorn until SIGINT/SIGTERM."""
+    import uvicorn
+
+    settings = get_settings()
+    parser = argparse.ArgumentParser(prog="python -m service.simulator", description="OpenAI-compatible LLM simulator.")
+    parser.add_argument("--host", default=settings.sim_host)
+    parser.add_argument("--port", type=int, default=settings.sim_port)
+    parser.add_argument("--seed", type=int, default=0, help="seed of latency jitter and fault draws")
+    parser.add_argument("--retry-after-s", type=float, default=1.0, help="Retry-After of injected 429s")
+    parser.add_argument(
+        "--hang-s",
+        type=float,
+        default=min(600.0, max(10.0, 2 * settings.llm_timeout_s)),
+        help="how long an injected timeout hangs (default: 2x the client's timeout, 10..600 s)",
+    )
+    args = parser.parse_args(argv)
+    app = Simulator(settings, seed=args.seed, retry_after_s=args.retry_after_s, hang_s=args.hang_s)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        backlog=4096,
+        timeout_keep_alive=75,
+        timeout_graceful_shutdown=5,
+    )
+
+
+if __name__ == "__main__":
+    main()
