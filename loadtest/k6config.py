@@ -17,18 +17,41 @@ SCRIPT = REPO_ROOT / "loadtest" / "k6" / "task.js"
 CONFIG_ENV = "LOADPROOF_K6_CONFIG"
 
 
-def k6_config(cfg: StackConfig, *, base_url: str, test_id: str, profile: str | None = None) -> dict[str, object]:
-    """The JSON document the script reads (camelCase, as in the stack file)."""
+# Per-request timeout and the scenario's gracefulStop: bounded so a stalled service ends the run
+# (timed-out requests count as failed) instead of hanging it.
+REQUEST_TIMEOUT_S = 10
+GRACEFUL_STOP_S = 10
+
+
+def k6_config(
+    cfg: StackConfig,
+    *,
+    base_url: str,
+    test_id: str,
+    profile: str | None = None,
+    summary_path: str | None = None,
+    request_timeout_s: int = REQUEST_TIMEOUT_S,
+    graceful_stop_s: int = GRACEFUL_STOP_S,
+) -> dict[str, object]:
+    """The JSON document the script reads (camelCase, as in the stack file).
+
+    ``summary_path``: where ``handleSummary`` writes k6's end-of-test JSON (omitted: stdout only).
+    """
     name = profile or cfg.loadtest.profile
     prof = cfg.loadtest.profiles[name]
-    return {
+    doc: dict[str, object] = {
         "baseUrl": base_url.rstrip("/"),
         "testId": test_id,
         "profileName": name,
         "profile": prof.model_dump(by_alias=True),
         "workload": cfg.loadtest.workload.model_dump(by_alias=True),
         "thresholds": cfg.loadtest.thresholds.model_dump(by_alias=True),
+        "requestTimeoutS": request_timeout_s,
+        "gracefulStopS": graceful_stop_s,
     }
+    if summary_path:
+        doc["summaryPath"] = summary_path
+    return doc
 
 
 def k6_env(
@@ -38,15 +61,18 @@ def k6_env(
     test_id: str,
     prometheus_rw_url: str | None,
     profile: str | None = None,
+    summary_path: str | None = None,
+    push_interval_s: int = 5,
 ) -> dict[str, str]:
     """Environment for one k6 process: script config plus Prometheus remote-write as native histograms."""
-    env = {CONFIG_ENV: json.dumps(k6_config(cfg, base_url=base_url, test_id=test_id, profile=profile))}
+    doc = k6_config(cfg, base_url=base_url, test_id=test_id, profile=profile, summary_path=summary_path)
+    env = {CONFIG_ENV: json.dumps(doc)}
     if prometheus_rw_url:
         env.update(
             {
                 "K6_PROMETHEUS_RW_SERVER_URL": prometheus_rw_url,
                 "K6_PROMETHEUS_RW_TREND_AS_NATIVE_HISTOGRAM": "true",
-                "K6_PROMETHEUS_RW_PUSH_INTERVAL": "5s",
+                "K6_PROMETHEUS_RW_PUSH_INTERVAL": f"{push_interval_s}s",
             }
         )
     return env

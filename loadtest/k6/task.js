@@ -1,0 +1,188 @@
+// loadproof load test: POST /task under an OPEN model (arrivals do not wait for responses).
+//
+// One script for `make demo` (one local k6) and the cluster (N runner pods with
+// --execution-segment). Everything comes from one JSON document in LOADPROOF_K6_CONFIG, built by
+// loadtest/k6config.py from the stack file, so local and cluster runs cannot drift.
+//
+// Why an open model: a closed model (VUs looping with sleep) slows its own arrival rate down when
+// the service slows down, hiding exactly the latency we want to measure (coordinated omission).
+// ramping-arrival-rate starts iterations on a schedule; when no VU is free the iteration is
+// *dropped* and counted in `dropped_iterations`, which therefore must be 0 for a valid run.
+import http from 'k6/http';
+import { check } from 'k6';
+import exec from 'k6/execution';
+
+const CFG = JSON.parse(__ENV.LOADPROOF_K6_CONFIG || '{}');
+if (!CFG.baseUrl || !CFG.profile || !CFG.workload || !CFG.thresholds) {
+  throw new Error('LOADPROOF_K6_CONFIG must hold baseUrl, profile, workload and thresholds (see loadtest/k6config.py)');
+}
+const PROFILE = CFG.profile;
+const WORKLOAD = CFG.workload;
+const LIMITS = CFG.thresholds;
+const WARMUP_MS = PROFILE.warmupS * 1000;
+const URL = `${CFG.baseUrl}/task`;
+const REQUEST_TIMEOUT = `${CFG.requestTimeoutS || 10}s`;
+
+export const options = {
+  scenarios: {
+    task: {
+      executor: 'ramping-arrival-rate',
+      startRate: PROFILE.startRate,
+      timeUnit: '1s',
+      preAllocatedVUs: PROFILE.preAllocatedVus,
+      maxVUs: PROFILE.maxVus,
+      stages: PROFILE.stages.map((s) => ({ duration: s.duration, target: s.target })),
+      // In-flight requests may finish after the last stage for at most this long (then they are
+      // interrupted and show up as failed); bounded so a stalled service cannot stall the run.
+      gracefulStop: `${CFG.gracefulStopS || 10}s`,
+    },
+  },
+  // Thresholds judge only the MEASURED phase: warm-up (cold caches, connection set-up, JIT) is
+  // excluded on purpose and stated in every report. We deliberately do NOT also put thresholds on
+  // the plain `http_req_duration` / `http_req_failed`: they include the warm-up, so a threshold on
+  // them would judge something other than what the report claims. The plain metrics are still in
+  // the summary (and in the report) so nobody has to take the exclusion on trust. Dropped
+  // iterations are judged over the WHOLE run: load that was never offered (also during warm-up)
+  // makes every other number optimistic.
+  thresholds: {
+    'http_req_duration{phase:measured}': [`p(95)<${LIMITS.p95Ms}`],
+    'http_req_failed{phase:measured}': [`rate<${LIMITS.errorRate}`],
+    dropped_iterations: ['count==0'],
+    // Always-true thresholds: they only make k6 keep these sub-metrics in the summary, so the
+    // report can cross-check Prometheus against k6's own numbers per phase.
+    'http_reqs{phase:measured}': ['count>=0'],
+    'http_reqs{phase:warmup}': ['count>=0'],
+    'http_req_duration{phase:warmup}': ['max>=0'],
+    'http_req_failed{phase:warmup}': ['rate>=0'],
+    'checks{phase:measured}': ['rate>=0'],
+  },
+  summaryTrendStats: ['avg', 'min', 'med', 'p(90)', 'p(95)', 'p(99)', 'max', 'count'],
+  discardResponseBodies: true,
+};
+
+// ---------- deterministic workload ----------
+
+// 32-bit string hash (FNV-1a), to fold config strings into the seed.
+function fnv1a(text) {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < text.length; i++) {
+    h ^= text.charCodeAt(i);
+    h = Math.imul(h, 0x01000193) >>> 0;
+  }
+  return h >>> 0;
+}
+
+// mulberry32: small, fast, well-distributed 32-bit PRNG; returns floats in [0, 1).
+export function mulberry32(seed) {
+  let a = seed >>> 0;
+  return function next() {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+// Cumulative Zipf weights: P(rank k) ∝ 1 / k^s for k = 1..n, normalised so cdf[n-1] = 1.
+export function zipfCdf(n, s) {
+  if (!(n >= 1)) throw new Error(`zipf key space must be >= 1, got ${n}`);
+  const cdf = new Float64Array(n);
+  let total = 0;
+  for (let k = 1; k <= n; k++) {
+    total += 1 / Math.pow(k, s);
+    cdf[k - 1] = total;
+  }
+  for (let i = 0; i < n; i++) cdf[i] /= total;
+  cdf[n - 1] = 1;
+  return cdf;
+}
+
+// Inverse-CDF sampling: the smallest rank whose cumulative weight exceeds u (binary search).
+// Returns a 1-based rank; rank 1 is the hottest key.
+export function zipfSample(cdf, u) {
+  let lo = 0;
+  let hi = cdf.length - 1;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (u < cdf[mid]) hi = mid;
+    else lo = mid + 1;
+  }
+  return lo + 1;
+}
+
+const PERSONA_CDF = zipfCdf(WORKLOAD.personas, WORKLOAD.zipfS);
+const TOPIC_CDF = zipfCdf(WORKLOAD.topics, WORKLOAD.zipfS);
+const SEED = (WORKLOAD.seed >>> 0) ^ fnv1a('loadproof');
+
+// One PRNG stream per VU, seeded from (seed, VU id, execution segment), so that two runs draw the
+// same sequences of keys and two runners (segments) never share a stream.
+let vuRandom = null;
+function random() {
+  if (vuRandom === null) {
+    const segment = String(exec.test.options.executionSegment || '0:1');
+    vuRandom = mulberry32(SEED ^ Math.imul(exec.vu.idInInstance, 0x9e3779b1) ^ fnv1a(segment));
+  }
+  return vuRandom();
+}
+
+const HEADERS = { 'Content-Type': 'application/json' };
+
+export default function () {
+  const persona = zipfSample(PERSONA_CDF, random());
+  const topic = zipfSample(TOPIC_CDF, random());
+  const elapsed = Date.now() - exec.scenario.startTime;
+  const phase = elapsed < WARMUP_MS ? 'warmup' : 'measured';
+  const body = JSON.stringify({ persona_id: `persona-${persona}`, topic: `topic ${topic}` });
+  const res = http.post(URL, body, {
+    headers: HEADERS,
+    tags: { phase, name: 'POST /task' },
+    timeout: REQUEST_TIMEOUT,
+  });
+  // 200: served from the cache; 202: accepted (new or coalesced task).
+  check(res, { 'status is 200 or 202': (r) => r.status === 200 || r.status === 202 }, { phase });
+}
+
+// ---------- summary ----------
+
+function fmtMs(v) {
+  return v === undefined || v === null ? 'n/a' : `${v.toFixed(1)} ms`;
+}
+
+function metricLine(data, name, fields) {
+  const m = data.metrics[name];
+  if (!m) return `  ${name}: (no samples)`;
+  return `  ${name}: ${fields(m.values)}`;
+}
+
+function textSummary(data) {
+  const trend = (v) =>
+    `p50=${fmtMs(v.med)} p95=${fmtMs(v['p(95)'])} p99=${fmtMs(v['p(99)'])} max=${fmtMs(v.max)} n=${v.count}`;
+  const rate = (v) => `${(100 * (v.rate || 0)).toFixed(3)} % (${v.passes || 0} of ${(v.passes || 0) + (v.fails || 0)})`;
+  const count = (v) => `${v.count} (${(v.rate || 0).toFixed(1)}/s)`;
+  const lines = [
+    `loadproof k6 summary — test ${CFG.testId || '?'}, profile ${CFG.profileName || '?'}, warm-up ${PROFILE.warmupS}s excluded`,
+    metricLine(data, 'http_req_duration{phase:measured}', trend),
+    metricLine(data, 'http_req_failed{phase:measured}', rate),
+    metricLine(data, 'http_reqs{phase:measured}', count),
+    metricLine(data, 'http_req_duration{phase:warmup}', trend),
+    metricLine(data, 'http_reqs', count),
+    metricLine(data, 'iterations', count),
+    metricLine(data, 'dropped_iterations', count),
+    'thresholds:',
+  ];
+  for (const [name, m] of Object.entries(data.metrics)) {
+    if (!m.thresholds) continue;
+    for (const [expr, t] of Object.entries(m.thresholds)) {
+      if (expr.endsWith('>=0')) continue; // bookkeeping thresholds, always true
+      lines.push(`  ${t.ok ? 'PASS' : 'FAIL'} ${name}: ${expr}`);
+    }
+  }
+  return lines.join('\n') + '\n';
+}
+
+export function handleSummary(data) {
+  const out = { stdout: textSummary(data) };
+  if (CFG.summaryPath) out[CFG.summaryPath] = JSON.stringify(data, null, 2);
+  return out;
+}
