@@ -1,0 +1,197 @@
+"""The LLM simulator as a real process, driven by the official ``openai`` client and raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from service import prompts
+from service.llm import LLMItem
+from service.simulator import CHARS_PER_TOKEN, approx_tokens, generate_post, prompt_tokens
+from tests.simproc import SimProc, running_simulator
+
+MODEL = "gpt-4o-mini"
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimProc]:
+    with running_simulator() as proc:
+        yield proc
+
+
+@pytest.fixture(autouse=True)
+def clean(sim: SimProc) -> None:
+    sim.reset()
+
+
+def _client(sim: SimProc) -> openai.OpenAI:
+    return openai.OpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0, timeout=10)
+
+
+def _batch(n: int) -> list[dict[str, str]]:
+    items = [LLMItem(f"task-{i}", f"persona-{i % 3}", f"topic {i}") for i in range(n)]
+    return prompts.build_messages(items, "v1")
+
+
+def test_sync_client_returns_content_and_consistent_usage(sim: SimProc) -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    with _client(sim) as client:
+        r = client.chat.completions.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
+    content = r.choices[0].message.content
+    assert content and r.choices[0].finish_reason == "stop"
+    assert r.model == MODEL and r.usage is not None
+    assert r.usage.completion_tokens == math.ceil(len(content) / CHARS_PER_TOKEN)
+    assert r.usage.prompt_tokens == prompt_tokens(messages)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    stats = sim.stats()
+    assert stats["calls"] == 1 and stats["completed"] == 1 and stats["batch_calls"] == 0
+    assert stats["completion_tokens"] == r.usage.completion_tokens
+
+
+async def test_async_client_batched_prompt_returns_item_json(sim: SimProc) -> None:
+    messages = _batch(5)
+    async with openai.AsyncOpenAI(base_url=sim.base_url, api_key="sk-test", max_retries=0) as client:
+        r = await client.chat.completions.create(
+            model=MODEL,
+            messages=messages,  # type: ignore[arg-type]
+            response_format={"type": "json_object"},
+        )
+    content = r.choices[0].message.content or ""
+    doc = json.loads(content)
+    assert [i["id"] for i in doc["items"]] == [f"task-{i}" for i in range(5)]
+    assert all(isinstance(i["post"], str) and i["post"] for i in doc["items"])
+    assert r.usage is not None and r.usage.completion_tokens == approx_tokens(content)
+    stats = sim.stats()
+    assert stats["batch_calls"] == 1 and stats["items"] == 5 and stats["items_per_call"] == {"5": 1}
+
+
+def test_content_is_deterministic_per_prompt_and_sized(sim: SimProc) -> None:
+    with _client(sim) as client:
+        a = client.chat.completions.create(model=MODEL, messages=_batch(2))  # type: ignore[arg-type]
+        b = client.chat.completions.create(model=MODEL, messages=_batch(2))  # type: ignore[arg-type]
+    assert a.choices[0].message.content == b.choices[0].message.content
+    post = json.loads(a.choices[0].message.content or "")["items"][0]["post"]
+    assert abs(approx_tokens(post) - 60) <= 3  # sim_output_tokens
+    assert generate_post("x", 60) == generate_post("x", 60) != generate_post("y", 60)
+
+
+def test_stream_with_usage_chunk(sim: SimProc) -> None:
+    messages = [{"role": "user", "content": "stream please"}]
+    with _client(sim) as client:
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=messages,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        pieces: list[str] = []
+        usage = None
+        finish = None
+        for chunk in stream:
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+            if chunk.usage is not None:
+                usage = chunk.usage
+        plain = client.chat.completions.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
+    text = "".join(pieces)
+    assert text == plain.choices[0].message.content
+    assert finish == "stop"
+    assert usage is not None and usage.completion_tokens == approx_tokens(text)
+    assert sim.stats()["streams"] == 1
+
+
+def test_max_tokens_truncates_and_reports_length(sim: SimProc) -> None:
+    with _client(sim) as client:
+        r = client.chat.completions.create(
+            model=MODEL,
+            messages=_batch(3),  # type: ignore[arg-type]
+            max_completion_tokens=20,
+        )
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage is not None and r.usage.completion_tokens == 20
+    with pytest.raises(ValueError):
+        json.loads(r.choices[0].message.content or "")
+
+
+def test_injected_429_has_retry_after(sim: SimProc) -> None:
+    sim.control(rate_429=1.0, retry_after_s=2.5)
+    with _client(sim) as client, pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model=MODEL, messages=_batch(1))  # type: ignore[arg-type]
+    headers = info.value.response.headers
+    assert headers["retry-after"] == "3" and headers["retry-after-ms"] == "2500"
+    assert sim.stats()["injected"] == {"429": 1}
+
+
+def test_script_then_rates(sim: SimProc) -> None:
+    sim.control(script=["500", "ok"])
+    with _client(sim) as client:
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model=MODEL, messages=_batch(1))  # type: ignore[arg-type]
+        client.chat.completions.create(model=MODEL, messages=_batch(1))  # type: ignore[arg-type]
+        sim.control(rate_500=1.0)
+        for _ in range(3):
+            with pytest.raises(openai.InternalServerError):
+                client.chat.completions.create(model=MODEL, messages=_batch(1))  # type: ignore[arg-type]
+    stats = sim.stats()
+    assert stats["injected"] == {"500": 4} and stats["completed"] == 1 and stats["calls"] == 5
+
+
+def test_malformed_items_at_rate_one(sim: SimProc) -> None:
+    sim.control(rate_malformed=1.0)
+    with _client(sim) as client:
+        r = client.chat.completions.create(model=MODEL, messages=_batch(8))  # type: ignore[arg-type]
+    doc = json.loads(r.choices[0].message.content or "")
+    wanted = {f"task-{i}" for i in range(8)}
+    valid = [i for i in doc["items"] if i.get("id") in wanted and isinstance(i.get("post"), str) and i["post"]]
+    assert valid == []
+    assert sim.stats()["injected"] == {"malformed_items": 8}
+
+
+def test_hung_call_ends_when_client_gives_up(sim: SimProc) -> None:
+    sim.control(script=["timeout"], hang_s=30)
+    with _client(sim) as client, pytest.raises(openai.APITimeoutError):
+        client.chat.completions.create(model=MODEL, messages=_batch(1), timeout=0.5)  # type: ignore[arg-type]
+    deadline = time.monotonic() + 10
+    while sim.stats()["disconnects"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = sim.stats()
+    assert stats["injected"] == {"timeout": 1} and stats["disconnects"] == 1 and stats["inflight"] == 0
+
+
+def test_models_health_and_bad_requests(sim: SimProc) -> None:
+    with _client(sim) as client:
+        ids = {m.id for m in client.models.list()}
+        assert {"gpt-4o-mini", "gpt-4o"} <= ids
+        with pytest.raises(openai.BadRequestError, match="messages"):
+            client.chat.completions.create(model=MODEL, messages=[])
+    r = httpx.post(f"{sim.base_url}/chat/completions", content=b"{not json", timeout=5)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    assert httpx.get(f"{sim.url}/nope", timeout=5).status_code == 404
+    r = httpx.post(f"{sim.url}/control", json={"rate_429": 2}, timeout=5)
+    assert r.status_code == 400 and "rate_429" in r.json()["error"]["message"]
+    r = httpx.post(f"{sim.url}/control", json={"script": ["explode"]}, timeout=5)
+    assert r.status_code == 400
+    assert sim.stats()["bad_requests"] == 4
+
+
+async def test_handles_many_concurrent_calls(sim: SimProc) -> None:
+    """Hundreds of concurrent calls all complete (latency is asyncio sleeping, not CPU)."""
+    async with openai.AsyncOpenAI(base_url=sim.base_url, api_key="sk", max_retries=0, timeout=60) as client:
+        calls = [
+            client.chat.completions.create(model=MODEL, messages=_batch(1 + i % 5))  # type: ignore[arg-type]
+            for i in range(300)
+        ]
+        done = await asyncio.gather(*calls)
+    tokens = [r.usage.completion_tokens for r in done if r.usage is not None]
+    assert len(tokens) == 300 and all(t > 0 for t in tokens)
+    stats = sim.stats()
+    assert stats["completed"] == 300 and stats["completion_tokens"] == sum(tokens) and stats["inflight"] == 0
+    assert stats["max_inflight"] > 1
