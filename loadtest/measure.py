@@ -1,0 +1,576 @@
+"""Turn one load-test run into measured numbers: Prometheus (k6 remote write + service scrapes) and Postgres.
+
+Reusable on purpose: ``make demo`` calls :func:`measure` on this machine, the cluster's report Job
+imports the same function, so a number means the same thing everywhere. Every number is *queried*,
+never estimated; what cannot be measured is ``None`` and shown as "n/a".
+
+Definitions (also in the README):
+
+* **Client latency percentiles** (p50/p95/p99): ``histogram_quantile`` over the SUM of k6's native
+  histograms of ``http_req_duration`` for the run's requests tagged ``phase="measured"`` (the k6
+  script tags everything after the warm-up). Several k6 runners are merged by summing their
+  histograms, never by averaging percentiles. k6 histograms are cumulative per run, so the value
+  at the end of the run covers exactly the measured requests; an ``increase()`` over a time window
+  could not see a series' first push and would drop up to one push interval of requests.
+* **Server-side numbers** (server p95, cache hit ratio) come from the service's own metrics over the
+  measured time window ``[start + warm-up, end]`` via ``dashboards.queries`` (the single PromQL source).
+* **Cost numbers** cover ``[start, end of drain]``: LLM work for requests accepted during the run
+  happens partly after it, and leaving it out would flatter the cost.
+* **Tasks**: accepted/completed/failed come from the service counters over the run and drain;
+  with a database URL they are reconciled against the task rows (``tasks_lost`` = accepted but no
+  row). Tasks still queued when the bounded drain ends are reported, not hidden.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from dashboards import queries as q
+from infra.stackconfig import ProfileConfig, ThresholdsConfig
+
+# Every outputs.json key a consumer may rely on (tests check all of them).
+OUTPUT_KEYS = (
+    "p50_latency_ms",
+    "p95_latency_ms",
+    "p99_latency_ms",
+    "server_p95_latency_ms",
+    "achieved_qps",
+    "target_qps",
+    "error_rate",
+    "dropped_iterations",
+    "cache_hit_ratio",
+    "llm_calls",
+    "llm_tokens",
+    "llm_cost_usd",
+    "llm_cost_per_1k_tokens_usd",
+    "billed_cost_per_1k_tokens_usd",
+    "cost_per_request_usd",
+    "completion_p95_ms",
+    "tasks_accepted",
+    "tasks_completed",
+    "tasks_failed",
+    "tasks_lost",
+    "tasks_pending_after_drain",
+    "thresholds_passed",
+    "test_id",
+    "profile",
+    "started_at",
+    "duration_s",
+    "warmup_s",
+    "measured_window_s",
+    "requests",
+    "machine",
+    "grafana_url",
+    "k6_cross_check",
+)
+
+# A k6 series is "measured" when the script tagged it so (see loadtest/k6/task.js).
+MEASURED = {"phase": "measured"}
+# Prometheus's default lookback: an instant selector sees a sample at most this old.
+LOOKBACK_S = 300
+
+
+class MeasureError(RuntimeError):
+    """Prometheus could not be queried, or the run left no k6 data to measure."""
+
+
+# ---------------------------------------------------------------- Prometheus access
+
+
+class Prometheus:
+    """Minimal Prometheus HTTP API client (instant and range queries)."""
+
+    def __init__(self, base_url: str, *, timeout_s: float = 30.0, client: httpx.Client | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._client = client or httpx.Client(timeout=timeout_s)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _get(self, path: str, params: Mapping[str, str]) -> Any:
+        try:
+            resp = self._client.get(f"{self.base_url}/api/v1/{path}", params=params)
+        except httpx.HTTPError as exc:
+            raise MeasureError(f"Prometheus at {self.base_url} unreachable: {exc}") from exc
+        try:
+            body = resp.json()
+        except ValueError as exc:
+            raise MeasureError(f"Prometheus answered {resp.status_code} with non-JSON: {resp.text[:200]}") from exc
+        if body.get("status") != "success":
+            raise MeasureError(f"query failed ({body.get('errorType')}): {body.get('error')} -- {params.get('query')}")
+        return body["data"]
+
+    def vector(self, query: str, at: float) -> list[tuple[dict[str, str], float]]:
+        """Instant query at time ``at`` (epoch seconds): ``[(labels, value)]``."""
+        data = self._get("query", {"query": query, "time": f"{at:.3f}"})
+        if data["resultType"] == "scalar":
+            return [({}, float(data["result"][1]))]
+        return [(r["metric"], float(r["value"][1])) for r in data["result"]]
+
+    def scalar(self, query: str, at: float) -> float | None:
+        """Single-valued instant query; ``None`` for no data or NaN (e.g. 0/0)."""
+        result = self.vector(query, at)
+        if not result:
+            return None
+        value = result[0][1]
+        return None if math.isnan(value) or math.isinf(value) else value
+
+    def series(self, query: str, start: float, end: float, step: float) -> list[tuple[float, float]]:
+        """Range query summed to one series: ``[(t, value)]`` (NaN points dropped)."""
+        data = self._get(
+            "query_range", {"query": query, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}"}
+        )
+        if not data["result"]:
+            return []
+        points = data["result"][0]["values"]
+        return [(float(t), float(v)) for t, v in points if not math.isnan(float(v)) and not math.isinf(float(v))]
+
+
+# ---------------------------------------------------------------- queries this module adds
+# (k6 "measured phase" selections and whole-run totals; everything else comes from dashboards.queries)
+
+
+def measured_latency_quantile(quantile: float, test_id: str) -> str:
+    """Quantile (ms) of the merged k6 native histogram of measured requests; evaluate at the run's end."""
+    sel = q.k6_selector(q.K6_HTTP_REQ_DURATION, test_id, MEASURED)
+    return f"histogram_quantile({quantile}, sum({sel})) * 1000"
+
+
+def measured_latency_count(test_id: str) -> str:
+    """Observations in the merged measured histogram (equals the measured request count)."""
+    return f"histogram_count(sum({q.k6_selector(q.K6_HTTP_REQ_DURATION, test_id, MEASURED)}))"
+
+
+def k6_run_total(metric: str, test_id: str, labels: Mapping[str, str] | None = None) -> str:
+    """A k6 counter's total for one run (cumulative per run; summed over runners and tag combinations)."""
+    return f"sum({q.k6_selector(metric, test_id, dict(labels or {}))}) or vector(0)"
+
+
+def service_counter(metric: str, labels: Mapping[str, str] | None = None) -> str:
+    """A service counter summed over processes; the caller subtracts its value at two instants."""
+    return f"sum({q.selector(metric, dict(labels or {}))}) or vector(0)"
+
+
+def llm_calls_window(window: str) -> str:
+    """LLM HTTP calls (every outcome) within the window."""
+    return f"sum(increase({q.LLM_REQUESTS}[{window}])) or vector(0)"
+
+
+def llm_tokens_window(window: str) -> str:
+    """Billed tokens (input + output) within the window."""
+    return f"sum(increase({q.LLM_TOKENS}[{window}])) or vector(0)"
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class RunWindow:
+    """When the run happened (epoch seconds) and how much of it is warm-up."""
+
+    started_at: float
+    ended_at: float
+    warmup_s: float
+    drained_at: float | None = None  # end of the post-run drain (defaults to ended_at)
+
+    @property
+    def measured_start(self) -> float:
+        return self.started_at + self.warmup_s
+
+    @property
+    def measured_s(self) -> float:
+        return self.ended_at - self.measured_start
+
+    @property
+    def drain_end(self) -> float:
+        return self.drained_at if self.drained_at is not None else self.ended_at
+
+
+@dataclass(frozen=True)
+class TaskRows:
+    """Task rows counted in Postgres for the run, by status."""
+
+    total: int
+    by_status: dict[str, int] = field(default_factory=dict)
+
+
+# The task table's status words (service/db.py); anything else counts as pending.
+DONE_STATUSES = ("done", "completed", "succeeded")
+FAILED_STATUSES = ("failed", "dead_lettered", "dead")
+
+
+def peak_arrival_rate(profile: ProfileConfig) -> int:
+    """The profile's highest configured arrival rate (requests/s): the QPS the run claims to offer."""
+    return max([profile.start_rate, *(s.target for s in profile.stages)])
+
+
+def duration_seconds(text: str) -> float:
+    """k6 duration (``1m30s``, ``20s``, ``500ms``, ``2h``) in seconds."""
+    total, number = 0.0, ""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch.isdigit() or ch == ".":
+            number += ch
+            i += 1
+            continue
+        unit = "ms" if text.startswith("ms", i) else ch
+        if unit not in units or not number:
+            raise ValueError(f"bad k6 duration {text!r}")
+        total += float(number) * units[unit]
+        number = ""
+        i += len(unit)
+    if number:
+        raise ValueError(f"k6 duration {text!r} lacks a unit")
+    return total
+
+
+def profile_duration_s(profile: ProfileConfig) -> float:
+    return sum(duration_seconds(s.duration) for s in profile.stages)
+
+
+def target_rate_at(profile: ProfileConfig, t: float) -> float:
+    """Configured arrival rate at ``t`` seconds into the run (linear ramps, as k6 does)."""
+    rate, elapsed = float(profile.start_rate), 0.0
+    for stage in profile.stages:
+        d = duration_seconds(stage.duration)
+        if t <= elapsed + d:
+            return rate + (stage.target - rate) * ((t - elapsed) / d if d else 1.0)
+        rate, elapsed = float(stage.target), elapsed + d
+    return 0.0
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the numbers were measured: cores, CPU model, memory, OS."""
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib: float | None = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cores": cores,
+        "cpu_model": model,
+        "memory_gib": mem_gib,
+        "os": f"{platform.system()} {platform.release()}",
+        "hostname": platform.node(),
+        "python": platform.python_version(),
+    }
+
+
+# ---------------------------------------------------------------- database reconciliation
+
+
+def _psycopg_url(database_url: str) -> str:
+    """SQLAlchemy URL (``postgresql+psycopg://``) -> libpq URL."""
+    scheme, sep, rest = database_url.partition("://")
+    return f"{scheme.split('+', 1)[0]}{sep}{rest}"
+
+
+def count_task_rows(database_url: str, since: float, until: float, *, table: str = "tasks") -> TaskRows:
+    """Task rows created in ``[since, until]``, by status (psycopg 3, read-only)."""
+    import psycopg  # local: the report Job may run without a database
+    from psycopg import sql as psql
+
+    query = psql.SQL(
+        "SELECT status::text, count(*) FROM {} "
+        "WHERE created_at >= to_timestamp(%s) AND created_at <= to_timestamp(%s) GROUP BY 1"
+    ).format(psql.Identifier(table))
+    with psycopg.connect(_psycopg_url(database_url), connect_timeout=10) as conn, conn.cursor() as cur:
+        cur.execute(query, (since, until))
+        by_status = {str(status): int(n) for status, n in cur.fetchall()}
+    return TaskRows(total=sum(by_status.values()), by_status=by_status)
+
+
+def pending_rows(rows: TaskRows) -> int:
+    return sum(n for s, n in rows.by_status.items() if s not in DONE_STATUSES + FAILED_STATUSES)
+
+
+def wait_for_drain(
+    database_url: str,
+    since: float,
+    timeout_s: float,
+    *,
+    poll_s: float = 1.0,
+    on_poll: Callable[[int], None] | None = None,
+) -> tuple[float, int]:
+    """Wait (bounded) until no task row created since ``since`` is still queued/running.
+
+    Returns ``(drained_at, still_pending)``; a timeout is not an error, the pending count is reported.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pending = pending_rows(count_task_rows(database_url, since, time.time() + 60))
+        if on_poll is not None:
+            on_poll(pending)
+        if pending == 0 or time.monotonic() >= deadline:
+            return time.time(), pending
+        time.sleep(poll_s)
+
+
+# ---------------------------------------------------------------- the measurement
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def k6_cross_check(summary: Mapping[str, Any] | None, prom_p95_ms: float | None, prom_requests: int) -> dict[str, Any]:
+    """k6's own end-of-test numbers next to Prometheus's, so a reader can see they agree."""
+    if not summary:
+        return {"available": False}
+    metrics = summary.get("metrics", {})
+    dur = metrics.get("http_req_duration{phase:measured}", {}).get("values", {})
+    reqs = metrics.get("http_reqs{phase:measured}", {}).get("values", {})
+    k6_p95 = dur.get("p(95)")
+    k6_count = reqs.get("count")
+    rel = None
+    if k6_p95 and prom_p95_ms is not None:
+        rel = abs(prom_p95_ms - k6_p95) / k6_p95
+    return {
+        "available": True,
+        "k6_p95_ms": _round(k6_p95, 2),
+        "prometheus_p95_ms": _round(prom_p95_ms, 2),
+        "p95_relative_difference": _round(rel, 4),
+        "k6_requests": k6_count,
+        "prometheus_requests": prom_requests,
+        "requests_match": k6_count == prom_requests,
+        "note": "Prometheus p95 is interpolated within a native-histogram bucket (~9% wide); k6's is exact.",
+    }
+
+
+def measure(
+    prometheus_url: str,
+    *,
+    test_id: str,
+    profile_name: str,
+    profile: ProfileConfig,
+    thresholds: ThresholdsConfig,
+    window: RunWindow,
+    database_url: str | None = None,
+    tasks_pending_after_drain: int | None = None,
+    k6_summary: Mapping[str, Any] | None = None,
+    grafana_url: str | None = None,
+    machine: Mapping[str, Any] | None = None,
+    settle_s: float = 0.0,
+) -> dict[str, Any]:
+    """Compute every headline number of one run (see the module docstring for definitions).
+
+    ``settle_s``: how long after the run k6's last push and the last scrape may land; client
+    totals are read at ``ended_at + settle_s`` (still "the end of the run": no later samples exist).
+    """
+    if window.measured_s < 1:
+        raise MeasureError(f"measured window is {window.measured_s:.1f}s: the run is not longer than its warm-up")
+    prom = Prometheus(prometheus_url)
+    try:
+        return _measure(
+            prom,
+            test_id=test_id,
+            profile_name=profile_name,
+            profile=profile,
+            thresholds=thresholds,
+            window=window,
+            database_url=database_url,
+            tasks_pending_after_drain=tasks_pending_after_drain,
+            k6_summary=k6_summary,
+            grafana_url=grafana_url,
+            machine=machine,
+            settle_s=settle_s,
+        )
+    finally:
+        prom.close()
+
+
+def _measure(
+    prom: Prometheus,
+    *,
+    test_id: str,
+    profile_name: str,
+    profile: ProfileConfig,
+    thresholds: ThresholdsConfig,
+    window: RunWindow,
+    database_url: str | None,
+    tasks_pending_after_drain: int | None,
+    k6_summary: Mapping[str, Any] | None,
+    grafana_url: str | None,
+    machine: Mapping[str, Any] | None,
+    settle_s: float,
+) -> dict[str, Any]:
+    end = window.ended_at + settle_s
+    # ---- client side (k6), exact per run
+    requests_all = int(prom.scalar(k6_run_total(q.K6_HTTP_REQS, test_id), end) or 0)
+    if requests_all == 0:
+        raise MeasureError(f"no k6 requests for testid={test_id!r} in Prometheus at {prom.base_url}")
+    requests = int(prom.scalar(k6_run_total(q.K6_HTTP_REQS, test_id, MEASURED), end) or 0)
+    failed = int(
+        prom.scalar(k6_run_total(q.K6_HTTP_REQS, test_id, {**MEASURED, "expected_response": "false"}), end) or 0
+    )
+    dropped = int(prom.scalar(k6_run_total(q.K6_DROPPED_ITERATIONS, test_id), end) or 0)
+    p50, p95, p99 = (prom.scalar(measured_latency_quantile(x, test_id), end) for x in (0.5, 0.95, 0.99))
+    measured_s = window.measured_s
+    achieved_qps = requests / measured_s
+    error_rate = failed / requests if requests else None
+    # Peak of the achieved rate (10 s rate windows) within the measured window: the ramp's top.
+    peak_points = prom.series(q.achieved_qps("10s", test_id), window.measured_start + 10, end, 2)
+    peak_qps = max((v for _, v in peak_points), default=None)
+
+    # ---- server side over the measured window
+    mw = q.window_range(measured_s)
+    server_p95 = prom.scalar(q.server_p95_latency_ms(mw), window.ended_at)
+    hit_ratio = prom.scalar(q.cache_hit_ratio(mw), window.ended_at)
+
+    # ---- cost and completion over run + drain
+    cost_end = max(window.drain_end, end)
+    cw = q.window_range(cost_end - window.started_at)
+    spend = prom.scalar(q.llm_spend_usd(cw), cost_end)
+    cost_per_1k = prom.scalar(q.llm_cost_per_1k_tokens_usd(cw), cost_end)
+    billed_per_1k = prom.scalar(q.billed_cost_per_1k_tokens_usd(cw), cost_end)
+    cost_per_request = prom.scalar(q.cost_per_request_usd(cw), cost_end)
+    llm_calls = prom.scalar(llm_calls_window(cw), cost_end)
+    llm_tokens = prom.scalar(llm_tokens_window(cw), cost_end)
+    completion_p95 = prom.scalar(q.completion_p95_ms(q.window_range(cost_end - window.measured_start)), cost_end)
+
+    # ---- tasks: service counters at two instants (exact, unlike increase()), then Postgres
+    def delta(event: str) -> int:
+        sel = service_counter(q.TASKS, {"event": event})
+        after = prom.scalar(sel, cost_end) or 0.0
+        before = prom.scalar(sel, window.started_at - 1) or 0.0
+        return max(0, round(after - before))
+
+    accepted, completed, failed_tasks = delta("accepted"), delta("completed"), delta("failed")
+    dead_lettered = delta("dead_lettered")
+    rows: TaskRows | None = None
+    if database_url:
+        rows = count_task_rows(database_url, window.started_at - 5, cost_end + 5)
+        completed = sum(rows.by_status.get(s, 0) for s in DONE_STATUSES)
+        failed_tasks = sum(rows.by_status.get(s, 0) for s in FAILED_STATUSES)
+        pending = pending_rows(rows)
+        lost = max(0, accepted - rows.total)
+    else:
+        pending = tasks_pending_after_drain
+        lost = None  # unknowable without the rows; never reported as 0
+    if tasks_pending_after_drain is not None and rows is None:
+        pending = tasks_pending_after_drain
+
+    target_qps = peak_arrival_rate(profile)
+    checks = {
+        "p95_latency_ms": p95 is not None and p95 < thresholds.p95_ms,
+        "error_rate": error_rate is not None and error_rate < thresholds.error_rate,
+        "dropped_iterations": dropped == 0,
+        "llm_cost_per_1k_tokens_usd": cost_per_1k is not None and cost_per_1k < thresholds.cost_per_1k_tokens_usd,
+        "tasks_lost": lost == 0,
+    }
+    return {
+        "test_id": test_id,
+        "profile": profile_name,
+        "started_at": datetime.fromtimestamp(window.started_at, UTC).isoformat(timespec="seconds"),
+        "duration_s": round(window.ended_at - window.started_at, 1),
+        "warmup_s": window.warmup_s,
+        "measured_window_s": round(measured_s, 1),
+        "drain_s": round(window.drain_end - window.ended_at, 1),
+        "p50_latency_ms": _round(p50, 2),
+        "p95_latency_ms": _round(p95, 2),
+        "p99_latency_ms": _round(p99, 2),
+        "server_p95_latency_ms": _round(server_p95, 2),
+        "requests": requests,
+        "requests_failed": failed,
+        "requests_including_warmup": requests_all,
+        "achieved_qps": round(achieved_qps, 2),
+        "peak_achieved_qps": _round(peak_qps, 1),
+        "target_qps": target_qps,
+        "error_rate": _round(error_rate, 6),
+        "dropped_iterations": dropped,
+        "cache_hit_ratio": _round(hit_ratio, 4),
+        "llm_calls": None if llm_calls is None else round(llm_calls),
+        "llm_tokens": None if llm_tokens is None else round(llm_tokens),
+        "llm_cost_usd": _round(spend, 6),
+        "llm_cost_per_1k_tokens_usd": _round(cost_per_1k, 6),
+        "billed_cost_per_1k_tokens_usd": _round(billed_per_1k, 6),
+        "cost_per_request_usd": _round(cost_per_request, 8),
+        "completion_p95_ms": _round(completion_p95, 1),
+        "tasks_accepted": accepted,
+        "tasks_completed": completed,
+        "tasks_failed": failed_tasks,
+        "tasks_dead_lettered": dead_lettered,
+        "tasks_lost": lost,
+        "tasks_pending_after_drain": pending,
+        "task_rows": None if rows is None else {"total": rows.total, **rows.by_status},
+        "thresholds": {
+            "p95_latency_ms": thresholds.p95_ms,
+            "error_rate": thresholds.error_rate,
+            "dropped_iterations": 0,
+            "llm_cost_per_1k_tokens_usd": thresholds.cost_per_1k_tokens_usd,
+            "tasks_lost": 0,
+        },
+        "threshold_results": checks,
+        # All five must hold; a number that could not be measured fails its check.
+        "thresholds_passed": all(checks.values()),
+        "k6_cross_check": k6_cross_check(k6_summary, p95, requests),
+        "machine": dict(machine) if machine is not None else machine_info(),
+        "grafana_url": grafana_url,
+    }
+
+
+# ---------------------------------------------------------------- time series for the report
+
+
+def timeseries(prometheus_url: str, *, test_id: str, window: RunWindow, step_s: float | None = None) -> dict[str, Any]:
+    """Range series for the report's plots, from run start to end of drain (seconds since start)."""
+    start, end = window.started_at, window.drain_end
+    span = max(end - start, 1.0)
+    step = step_s or max(1.0, round(span / 150))
+    rate_w = f"{max(10, int(4 * step))}s"
+    queries = {
+        "p50_latency_ms": q.latency_quantile_ms(0.5, rate_w, test_id),
+        "p95_latency_ms": q.p95_latency_ms(rate_w, test_id),
+        "p99_latency_ms": q.latency_quantile_ms(0.99, rate_w, test_id),
+        "server_p95_latency_ms": q.server_p95_latency_ms(rate_w),
+        "achieved_qps": q.achieved_qps(rate_w, test_id),
+        "error_rate": q.error_rate(rate_w, test_id),
+        "dropped_per_s": q.dropped_iterations_per_s(rate_w, test_id),
+        "cache_hit_ratio": q.cache_hit_ratio(rate_w),
+        "llm_spend_usd_cumulative": f"sum({q.LLM_COST})",
+        "queue_depth": q.queue_depth(),
+    }
+    prom = Prometheus(prometheus_url)
+    out: dict[str, Any] = {
+        "start": start,
+        "step_s": step,
+        "warmup_s": window.warmup_s,
+        "end_s": window.ended_at - start,
+    }
+    try:
+        for name, expr in queries.items():
+            try:
+                pts = prom.series(expr, start, end, step)
+            except MeasureError:
+                pts = []
+            out[name] = [(round(t - start, 1), v) for t, v in pts]
+    finally:
+        prom.close()
+    spend = out["llm_spend_usd_cumulative"]
+    if spend:  # cumulative since process start: show the run's own spend
+        base = spend[0][1]
+        out["llm_spend_usd_cumulative"] = [(t, v - base) for t, v in spend]
+    return out
