@@ -191,6 +191,42 @@ def dropped_iterations_total(window: str, testid: str) -> str:
     return f"({k6_window_total(K6_DROPPED_ITERATIONS, window, testid)}) or vector(0)"
 
 
+# Whole-run (or whole-phase) numbers from cumulative k6 series. k6 tags each request with
+# ``phase`` = warmup|measured (loadtest/k6/task.js), so the measured phase is a label selection, not
+# a time window: its series start at 0 when the phase starts, and their value at the run's end is the
+# phase's exact total. Evaluate at (or within Prometheus' 5 min lookback after) the run's last push.
+# No rate()/increase(): nothing is extrapolated and no first sample is lost. Native histograms are
+# summed as-is (last_over_time() of native histograms is broken in Prometheus 2.42).
+K6_PHASE_LABEL = "phase"
+MEASURED_PHASE = "measured"
+
+
+def _phase(phase: str | None, labels: Labels | None = None) -> Labels:
+    return {**(labels or {}), **({K6_PHASE_LABEL: phase} if phase else {})}
+
+
+def run_latency_quantile_ms(quantile: float, testid: str, phase: str | None = MEASURED_PHASE) -> str:
+    """Client latency quantile (ms) over every request of one run's phase, all runners merged."""
+    sel = k6_selector(K6_HTTP_REQ_DURATION, testid, _phase(phase))
+    return f"histogram_quantile({quantile}, sum({sel})) * 1000"
+
+
+def run_p95_latency_ms(testid: str, phase: str | None = MEASURED_PHASE) -> str:
+    """Client p95 (ms) of one run's measured phase: the number the k6 threshold judges."""
+    return run_latency_quantile_ms(0.95, testid, phase)
+
+
+def run_total(metric: str, testid: str, labels: Labels | None = None, phase: str | None = None) -> str:
+    """Exact total of a k6 counter for one run (optionally one phase); 0 when the series never appeared."""
+    return f"sum({k6_selector(metric, testid, _phase(phase, labels))}) or vector(0)"
+
+
+def run_error_rate(testid: str, phase: str | None = MEASURED_PHASE) -> str:
+    """Failed / all k6 requests of one run's phase, exact."""
+    failed = run_total(K6_HTTP_REQS, testid, {"expected_response": "false"}, phase)
+    return f"({failed}) / ({run_total(K6_HTTP_REQS, testid, phase=phase)})"
+
+
 # ===================== server side (scraped from the service) =====================
 
 
@@ -443,6 +479,9 @@ def all_queries(window: str, testid: str | None = None) -> dict[str, str]:
         }
     )
     if testid not in (None, TESTID_VARIABLE):
+        out["run_p95_latency_ms"] = run_p95_latency_ms(testid)
+        out["run_requests_total"] = run_total(K6_HTTP_REQS, testid, phase=MEASURED_PHASE)
+        out["run_error_rate"] = run_error_rate(testid)
         out["requests_total"] = requests_total(window, testid)
         out["failed_requests_total"] = failed_requests_total(window, testid)
         out["dropped_iterations_total"] = dropped_iterations_total(window, testid)

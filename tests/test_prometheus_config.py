@@ -197,6 +197,7 @@ class _SlowHandler(BaseHTTPRequestHandler):
 K6_SCRIPT = """
 import http from 'k6/http';
 import { sleep } from 'k6';
+import exec from 'k6/execution';
 
 export const options = {
   scenarios: {
@@ -205,12 +206,19 @@ export const options = {
     starved: { executor: 'constant-arrival-rate', rate: 20, timeUnit: '1s', duration: '3s',
                preAllocatedVUs: 1, maxVUs: 1, exec: 'starved' },
   },
+  // Keep the per-phase sub-metrics in the summary (as loadtest/k6/task.js does).
+  thresholds: {
+    'http_req_duration{phase:measured}': ['max>=0'],
+    'http_reqs{phase:measured}': ['count>=0'],
+    'http_req_failed{phase:measured}': ['rate>=0'],
+  },
 };
 
 export function load() {
   const fail = Math.random() < 0.05;
+  const phase = Date.now() - exec.scenario.startTime < 2000 ? 'warmup' : 'measured';
   http.post(`${__ENV.TARGET}/${fail ? 'fail' : 'task'}`, '{"x":1}',
-            { headers: { 'Content-Type': 'application/json' }, tags: { name: 'POST /task' } });
+            { headers: { 'Content-Type': 'application/json' }, tags: { name: 'POST /task', phase } });
 }
 
 export function starved() { sleep(0.5); }
@@ -327,6 +335,7 @@ def test_k6_p95_matches_k6_summary(live: Live) -> None:
     """The native-histogram p95 in Prometheus agrees with k6's exact p95 (bucket resolution only)."""
     k6_p95 = live.summary["metrics"]["http_req_duration"]["values"]["p(95)"]
     prom_p95 = _value(live, q.p95_latency_ms("10m", live.testid))
+    print(f"k6 summary p95 {k6_p95:.2f} ms, Prometheus native-histogram p95 {prom_p95:.2f} ms")
     assert 40 < k6_p95 < 200, k6_p95  # the target sleeps 10-60 ms: a sane p95 for this run
     assert prom_p95 == pytest.approx(k6_p95, rel=0.10, abs=2.0)
 
@@ -343,6 +352,29 @@ def test_k6_exact_totals_match_k6_summary(live: Live) -> None:
     # A window that ends before the run started holds nothing.
     before = live.k6_end - 3600
     assert instant_value(live.url, q.requests_total("10m", live.testid), at=before) in (None, 0.0)
+
+
+def test_k6_measured_phase_matches_k6_summary(live: Live) -> None:
+    """Phase-selected whole-run numbers (what the report uses) agree with k6's own sub-metrics."""
+    metrics = live.summary["metrics"]
+    k6_p95 = metrics["http_req_duration{phase:measured}"]["values"]["p(95)"]
+    reqs = metrics["http_reqs{phase:measured}"]["values"]["count"]
+    failed = metrics["http_req_failed{phase:measured}"]["values"]["passes"]
+    at = live.k6_end + 1
+    assert reqs < metrics["http_reqs"]["values"]["count"], "the warm-up must be excluded"
+    assert _value_at(live, q.run_p95_latency_ms(live.testid), at) == pytest.approx(k6_p95, rel=0.10, abs=2.0)
+    assert _value_at(live, q.run_total(q.K6_HTTP_REQS, live.testid, phase=q.MEASURED_PHASE), at) == reqs
+    assert _value_at(live, q.run_error_rate(live.testid), at) == pytest.approx(failed / reqs)
+    assert _value_at(live, q.run_total(q.K6_HTTP_REQS, live.testid), at) == metrics["http_reqs"]["values"]["count"]
+    assert _value_at(live, q.run_total(q.K6_DROPPED_ITERATIONS, live.testid), at) == (
+        metrics["dropped_iterations"]["values"]["count"]
+    )
+
+
+def _value_at(live: Live, expr: str, at: float) -> float:
+    value = instant_value(live.url, expr, at=at)
+    assert value is not None, f"no data for {expr}"
+    return value
 
 
 def test_k6_rate_queries_are_sane(live: Live) -> None:
