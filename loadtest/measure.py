@@ -74,8 +74,7 @@ OUTPUT_KEYS = (
     "k6_cross_check",
 )
 
-# A k6 series is "measured" when the script tagged it so (see loadtest/k6/task.js).
-MEASURED = {"phase": "measured"}
+MEASURED = q.MEASURED_PHASE  # k6 tags requests after the warm-up phase="measured" (loadtest/k6/task.js)
 # Prometheus's default lookback: an instant selector sees a sample at most this old.
 LOOKBACK_S = 300
 
@@ -137,23 +136,7 @@ class Prometheus:
 
 
 # ---------------------------------------------------------------- queries this module adds
-# (k6 "measured phase" selections and whole-run totals; everything else comes from dashboards.queries)
-
-
-def measured_latency_quantile(quantile: float, test_id: str) -> str:
-    """Quantile (ms) of the merged k6 native histogram of measured requests; evaluate at the run's end."""
-    sel = q.k6_selector(q.K6_HTTP_REQ_DURATION, test_id, MEASURED)
-    return f"histogram_quantile({quantile}, sum({sel})) * 1000"
-
-
-def measured_latency_count(test_id: str) -> str:
-    """Observations in the merged measured histogram (equals the measured request count)."""
-    return f"histogram_count(sum({q.k6_selector(q.K6_HTTP_REQ_DURATION, test_id, MEASURED)}))"
-
-
-def k6_run_total(metric: str, test_id: str, labels: Mapping[str, str] | None = None) -> str:
-    """A k6 counter's total for one run (cumulative per run; summed over runners and tag combinations)."""
-    return f"sum({q.k6_selector(metric, test_id, dict(labels or {}))}) or vector(0)"
+# (totals of service counters; every other expression comes from dashboards.queries)
 
 
 def service_counter(metric: str, labels: Mapping[str, str] | None = None) -> str:
@@ -204,9 +187,9 @@ class TaskRows:
     by_status: dict[str, int] = field(default_factory=dict)
 
 
-# The task table's status words (service/db.py); anything else counts as pending.
-DONE_STATUSES = ("done", "completed", "succeeded")
-FAILED_STATUSES = ("failed", "dead_lettered", "dead")
+# The task table's status words (service/db.py: queued|running|done|failed).
+DONE_STATUSES = ("done",)
+FAILED_STATUSES = ("failed",)
 
 
 def peak_arrival_rate(profile: ProfileConfig) -> int:
@@ -289,13 +272,17 @@ def _psycopg_url(database_url: str) -> str:
 
 
 def count_task_rows(database_url: str, since: float, until: float, *, table: str = "tasks") -> TaskRows:
-    """Task rows created in ``[since, until]``, by status (psycopg 3, read-only)."""
+    """Task rows accepted in ``[since, until]``, by status (psycopg 3, read-only).
+
+    Rows stored straight from the cache (``cached``: keyed requests answered 200) were never
+    accepted as work, so they are not counted against ``tasks_accepted``.
+    """
     import psycopg  # local: the report Job may run without a database
     from psycopg import sql as psql
 
     query = psql.SQL(
         "SELECT status::text, count(*) FROM {} "
-        "WHERE created_at >= to_timestamp(%s) AND created_at <= to_timestamp(%s) GROUP BY 1"
+        "WHERE accepted_at >= to_timestamp(%s) AND accepted_at <= to_timestamp(%s) AND NOT cached GROUP BY 1"
     ).format(psql.Identifier(table))
     with psycopg.connect(_psycopg_url(database_url), connect_timeout=10) as conn, conn.cursor() as cur:
         cur.execute(query, (since, until))
@@ -419,15 +406,14 @@ def _measure(
 ) -> dict[str, Any]:
     end = window.ended_at + settle_s
     # ---- client side (k6), exact per run
-    requests_all = int(prom.scalar(k6_run_total(q.K6_HTTP_REQS, test_id), end) or 0)
+    requests_all = int(prom.scalar(q.run_total(q.K6_HTTP_REQS, test_id), end) or 0)
     if requests_all == 0:
         raise MeasureError(f"no k6 requests for testid={test_id!r} in Prometheus at {prom.base_url}")
-    requests = int(prom.scalar(k6_run_total(q.K6_HTTP_REQS, test_id, MEASURED), end) or 0)
-    failed = int(
-        prom.scalar(k6_run_total(q.K6_HTTP_REQS, test_id, {**MEASURED, "expected_response": "false"}), end) or 0
-    )
-    dropped = int(prom.scalar(k6_run_total(q.K6_DROPPED_ITERATIONS, test_id), end) or 0)
-    p50, p95, p99 = (prom.scalar(measured_latency_quantile(x, test_id), end) for x in (0.5, 0.95, 0.99))
+    requests = int(prom.scalar(q.run_total(q.K6_HTTP_REQS, test_id, phase=MEASURED), end) or 0)
+    failed_q = q.run_total(q.K6_HTTP_REQS, test_id, {"expected_response": "false"}, phase=MEASURED)
+    failed = int(prom.scalar(failed_q, end) or 0)
+    dropped = int(prom.scalar(q.run_total(q.K6_DROPPED_ITERATIONS, test_id), end) or 0)
+    p50, p95, p99 = (prom.scalar(q.run_latency_quantile_ms(x, test_id, MEASURED), end) for x in (0.5, 0.95, 0.99))
     measured_s = window.measured_s
     achieved_qps = requests / measured_s
     error_rate = failed / requests if requests else None

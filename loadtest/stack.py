@@ -1,0 +1,363 @@
+"""The whole local proof stack: the service (`service.devstack.LocalStack`), Prometheus and, if present, Grafana.
+
+``make demo``, ``make compare`` and the end-to-end test start it from one :class:`StackConfig`
+(``Pulumi.<stack>.yaml``): service processes get ``service_env()``, the simulator ``simulator_env()``,
+Prometheus scrapes every service process and receives k6's remote write. Every process is started
+with a log file and stopped by PID (process group) in reverse order, also on Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from infra.prometheus_config import PROMETHEUS_FLAGS, local_config, promtool_check, render_yaml
+from infra.stackconfig import StackConfig
+from service.devstack import LocalStack, ManagedProcess, free_port, http_check, port_is_free
+
+Progress = Callable[[str, float], None]
+
+
+class StackStartError(RuntimeError):
+    """One part of the stack did not come up; ``part`` names it, ``log_tail`` shows why."""
+
+    def __init__(self, part: str, reason: str, log_tail: str = "") -> None:
+        super().__init__(f"{part} failed to start: {reason}")
+        self.part = part
+        self.reason = reason
+        self.log_tail = log_tail
+
+
+class PrometheusServer:
+    """Debian's Prometheus on 127.0.0.1 with a temp TSDB, remote-write receiver and native histograms."""
+
+    def __init__(
+        self,
+        scrape_targets: dict[str, list[str]],
+        *,
+        scrape_interval_s: int,
+        workdir: Path,
+        port: int | None = None,
+        preferred_port: int | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if port is None:
+            port = preferred_port if preferred_port and port_is_free(preferred_port) else free_port()
+        self.port = port
+        self.config_text = render_yaml(local_config(scrape_targets, scrape_interval_s))
+        self.process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def remote_write_url(self) -> str:
+        return f"{self.url}/api/v1/write"
+
+    def start(self, timeout: float = 60.0) -> float:
+        t0 = time.monotonic()
+        promtool_check(self.config_text)  # raises PromtoolError with promtool's own message
+        config = self.workdir / "prometheus.yml"
+        config.write_text(self.config_text)
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise FileNotFoundError("prometheus not on PATH (run `make system-deps`)")
+        self.process = ManagedProcess(
+            "prometheus",
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={self.workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--storage.tsdb.retention.time=1d",
+                *PROMETHEUS_FLAGS,
+            ],
+            cwd=self.workdir,
+            log_path=self.workdir / "prometheus.log",
+            ready=http_check(f"{self.url}/-/ready"),
+        )
+        self.process.start()
+        self.process.wait_ready(timeout)
+        return time.monotonic() - t0
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop(timeout=15)
+
+
+class GrafanaServer:
+    """``grafana-server`` with the project's provisioning and dashboards, if the binary exists."""
+
+    def __init__(self, cfg: StackConfig, prometheus_url: str, *, workdir: Path) -> None:
+        self.cfg = cfg
+        self.prometheus_url = prometheus_url
+        self.workdir = workdir
+        self.port = free_port()
+        self.process: ManagedProcess | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("grafana-server") is not None or shutil.which("grafana") is not None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90.0) -> float:
+        from dashboards.build import all_dashboards
+        from infra.grafana_config import dashboard_provider, datasource_provisioning, grafana_ini
+
+        t0 = time.monotonic()
+        prov = self.workdir / "provisioning"
+        dash_dir = self.workdir / "dashboards"
+        for sub in ("datasources", "dashboards", "plugins", "alerting"):
+            (prov / sub).mkdir(parents=True, exist_ok=True)
+        dash_dir.mkdir(parents=True, exist_ok=True)
+        interval = self.cfg.monitoring.prometheus.scrape_interval_s
+        (prov / "datasources" / "loadproof.yaml").write_text(
+            render_yaml(datasource_provisioning(self.prometheus_url, scrape_interval_s=interval))
+        )
+        (prov / "dashboards" / "loadproof.yaml").write_text(render_yaml(dashboard_provider(str(dash_dir))))
+        for name, doc in all_dashboards(self.cfg.loadtest.thresholds).items():
+            (dash_dir / name).write_text(json.dumps(doc))
+        ini = self.workdir / "grafana.ini"
+        ini.write_text(grafana_ini(self.cfg.monitoring.grafana, self.url + "/"))
+        server = shutil.which("grafana-server")
+        argv = [server] if server else [shutil.which("grafana") or "grafana", "server"]
+        home = next((p for p in ("/usr/share/grafana", "/opt/grafana") if Path(p).is_dir()), None)
+        if home:
+            argv.append(f"--homepath={home}")
+        argv += [
+            f"--config={ini}",
+            "cfg:server.http_addr=127.0.0.1",
+            f"cfg:server.http_port={self.port}",
+            f"cfg:paths.data={self.workdir / 'data'}",
+            f"cfg:paths.logs={self.workdir / 'logs'}",
+            f"cfg:paths.provisioning={prov}",
+        ]
+        import secrets
+
+        self.process = ManagedProcess(
+            "grafana",
+            argv,
+            env={**_base_env(), "GF_SECURITY_ADMIN_PASSWORD": secrets.token_urlsafe(18)},
+            cwd=self.workdir,
+            log_path=self.workdir / "grafana.log",
+            ready=http_check(f"{self.url}/api/health"),
+        )
+        self.process.start()
+        self.process.wait_ready(timeout)
+        return time.monotonic() - t0
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop(timeout=15)
+
+
+def _base_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith(("LOADPROOF_", "GF_"))}
+
+
+class ProofStack:
+    """Service + Prometheus (+ Grafana): one context manager, stopped in reverse order whatever happens."""
+
+    def __init__(
+        self,
+        cfg: StackConfig,
+        *,
+        progress: Progress | None = None,
+        workdir: Path | None = None,
+        grafana: bool = True,
+        scrape_interval_s: int | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="loadproof-demo-"))
+        self.want_grafana = grafana
+        self.scrape_interval_s = scrape_interval_s or cfg.monitoring.prometheus.scrape_interval_s
+        self.service: LocalStack | None = None
+        self.prometheus: PrometheusServer | None = None
+        self.grafana: GrafanaServer | None = None
+        self.grafana_skipped_reason: str | None = None
+        self._current = "service"
+        self._old_handlers: dict[int, Any] = {}
+
+    # ---- URLs
+    @property
+    def api_url(self) -> str:
+        assert self.service is not None
+        return self.service.orchestrator_url
+
+    @property
+    def database_url(self) -> str:
+        assert self.service is not None
+        return self.service.postgres.url
+
+    @property
+    def prometheus_url(self) -> str:
+        assert self.prometheus is not None
+        return self.prometheus.url
+
+    @property
+    def grafana_url(self) -> str | None:
+        return self.grafana.url if self.grafana is not None else None
+
+    def pids(self) -> dict[str, int]:
+        """PID of every process this stack started (for the no-leftovers check)."""
+        out: dict[str, int] = {}
+        procs: list[tuple[str, ManagedProcess | None]] = []
+        if self.service is not None:
+            s = self.service
+            procs += [("postgres", s.postgres.process), ("redis", s.redis.process), ("simulator", s.simulator.process)]
+            if s.orchestrator is not None:
+                procs.append(("orchestrator", s.orchestrator.process))
+            procs += [(w.name, w.process) for w in s.workers]
+        if self.prometheus is not None:
+            procs.append(("prometheus", self.prometheus.process))
+        if self.grafana is not None:
+            procs.append(("grafana", self.grafana.process))
+        for name, proc in procs:
+            if proc is not None and proc.pid is not None:
+                out[name] = proc.pid
+        return out
+
+    def check_alive(self) -> None:
+        """Raise :class:`StackStartError` naming the first service process that died."""
+        if self.service is None:
+            return
+        parts = [self.service.orchestrator, *self.service.workers]
+        for part in parts:
+            if part is not None and part.process is not None and not part.process.running:
+                raise StackStartError(part.name, f"exited with {part.process.returncode}", part.log_tail(40))
+
+    # ---- lifecycle
+    def _report(self, name: str, seconds: float) -> None:
+        if self.progress is not None:
+            self.progress(name, seconds)
+
+    def _service_progress(self, name: str, seconds: float) -> None:
+        order = ["postgres", "redis", "simulator", "orchestrator"]
+        self._report(name, seconds)
+        # the next part LocalStack will start (for "which part failed")
+        if name in order[:-1]:
+            self._current = order[order.index(name) + 1]
+        else:
+            self._current = "worker"
+
+    def start(self) -> ProofStack:
+        cfg = self.cfg
+        self._current = "postgres"
+        try:
+            self.service = LocalStack(
+                cfg.service_env(),
+                workers=max(1, cfg.workers.processes),
+                simulator_env=cfg.simulator_env(),
+                redis_appendonly=cfg.redis.appendonly,
+                redis_maxmemory=cfg.redis.maxmemory,
+                progress=self._service_progress,
+                workdir=self.workdir / "service",
+            )
+            self.service.start()
+        except BaseException as exc:
+            tail = self._tail_of(self._current)
+            self.stop()
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            raise StackStartError(self._current, str(exc).splitlines()[0] if str(exc) else repr(exc), tail) from exc
+        try:
+            self._current = "prometheus"
+            targets = {"orchestrator": [f"127.0.0.1:{self.service.orchestrator.port}"]}  # type: ignore[union-attr]
+            targets["workers"] = [f"127.0.0.1:{p}" for p in self.service.worker_metrics_ports]
+            self.prometheus = PrometheusServer(
+                targets,
+                scrape_interval_s=self.scrape_interval_s,
+                workdir=self.workdir / "prometheus",
+                preferred_port=cfg.monitoring.prometheus.port,
+            )
+            self._report("prometheus", self.prometheus.start())
+            if self.want_grafana and GrafanaServer.available():
+                self._current = "grafana"
+                self.grafana = GrafanaServer(cfg, self.prometheus.url, workdir=self.workdir / "grafana")
+                self._report("grafana", self.grafana.start())
+            elif self.want_grafana:
+                self.grafana_skipped_reason = (
+                    "grafana-server is not installed: no Grafana (the HTML report has the plots)"
+                )
+        except BaseException as exc:
+            tail = self._tail_of(self._current)
+            self.stop()
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            raise StackStartError(self._current, str(exc).splitlines()[0] if str(exc) else repr(exc), tail) from exc
+        return self
+
+    def _tail_of(self, part: str) -> str:
+        proc: ManagedProcess | None = None
+        s = self.service
+        if part == "prometheus" and self.prometheus is not None:
+            proc = self.prometheus.process
+        elif part == "grafana" and self.grafana is not None:
+            proc = self.grafana.process
+        elif s is not None:
+            if part == "postgres":
+                proc = s.postgres.process
+                if proc is None:  # initdb failed
+                    with contextlib.suppress(OSError):
+                        return "\n".join((s.postgres.dir / "initdb.log").read_text().splitlines()[-30:])
+            elif part == "redis":
+                proc = s.redis.process
+            elif part == "simulator":
+                proc = s.simulator.process
+            elif part == "orchestrator" and s.orchestrator is not None:
+                proc = s.orchestrator.process
+            elif part == "worker" and s.workers:
+                proc = s.workers[-1].process
+        return proc.log_tail(40) if proc is not None else ""
+
+    def stop(self) -> None:
+        """Grafana, Prometheus, then the service (LocalStack stops its parts in reverse order)."""
+        for part in (self.grafana, self.prometheus, self.service):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    part.stop()
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def __enter__(self) -> ProofStack:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        try:
+            return self.start()
+        except BaseException:
+            self._restore()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.cleanup()
+        finally:
+            self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers.clear()
