@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.config import Settings, get_settings
+from service.cost import DEFAULT_PRICES
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -259,8 +260,6 @@ class Simulator:
         self.stats.inflight = inflight
 
     def _models(self) -> dict[str, Any]:
-        from service.cost import DEFAULT_PRICES
-
         names = sorted({self.settings.llm_model, *DEFAULT_PRICES})
         return {
             "object": "list",
