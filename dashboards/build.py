@@ -34,6 +34,7 @@ TAGS = ["loadproof"]
 DATASOURCE = dm.DataSourceRef(type_val="prometheus", uid=DATASOURCE_UID)
 RANGE = "$__range"  # stat panels: the whole selected time range
 RATE = "$__rate_interval"  # time series: the smallest safe rate() window
+MEASURED = q.MEASURED_PHASE  # headline client stats: warm-up excluded, like the report
 
 GREEN, RED, NEUTRAL = "green", "red", "blue"
 
@@ -92,7 +93,7 @@ def _stat(
         .reduce_options(common.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
         .no_value("no data")
         .height(4)
-        .span(6)
+        .span(8)
     )
     if decimals is not None:
         panel = panel.decimals(decimals)
@@ -181,10 +182,11 @@ def overview(thresholds: ThresholdsConfig) -> dict[str, Any]:
         .with_panel(
             _stat(
                 ids,
-                "p95_latency_ms (client, k6)",
-                q.p95_latency_ms(RANGE, t),
+                "p95_latency_ms (client, k6, measured phase)",
+                q.p95_latency_ms(RANGE, t, MEASURED),
                 "ms",
-                f"p95 of every k6 request in the range, as the client saw it. Red at >= {p95_ms:g} ms.",
+                "p95 of the k6 requests of the measured phase (warm-up excluded) in the range, as the client "
+                f"saw them. Red at >= {p95_ms:g} ms.",
                 bad_at=p95_ms,
                 decimals=0,
             )
@@ -215,10 +217,22 @@ def overview(thresholds: ThresholdsConfig) -> dict[str, Any]:
         .with_panel(
             _stat(
                 ids,
-                "error_rate (client, k6)",
-                q.error_rate(RANGE, t),
+                "peak_qps (30 s average)",
+                q.peak_qps(RANGE, t),
+                "reqps",
+                "Highest 30-second average of k6 throughput inside the range: the sustained peak the "
+                "service delivered (compare with the profile's top arrival rate).",
+                decimals=0,
+            )
+        )
+        .with_panel(
+            _stat(
+                ids,
+                "error_rate (client, k6, measured phase)",
+                q.error_rate(RANGE, t, MEASURED),
                 "percentunit",
-                f"Failed k6 requests / all k6 requests (bad status, timeout, connection error). Red at >= {err:.2%}.",
+                "Failed / all k6 requests of the measured phase (bad status, timeout, connection error). "
+                f"Red at >= {err:.2%}.",
                 bad_at=err,
                 decimals=2,
             )

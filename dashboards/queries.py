@@ -41,6 +41,10 @@ K6_ITERATION_DURATION = "k6_iteration_duration_seconds"  # native histogram
 K6_VUS = "k6_vus"
 K6_VUS_MAX = "k6_vus_max"
 K6_TESTID_LABEL = "testid"
+# Tag that tells parallel k6 runners of one test apart (``--tag runner=<index>``). Without it their
+# identical series collide: Prometheus rejects one runner's samples as out of order (verified: two
+# runners of 241 requests each summed to 241, not 482).
+K6_RUNNER_LABEL = "runner"
 
 # Grafana template variable holding the selected test id(s).
 TESTID_VARIABLE = "$testid"
@@ -121,29 +125,44 @@ def _ratio(part: str, whole: str) -> str:
     return f"({part} or vector(0)) / {whole}"
 
 
+# loadtest/k6/task.js tags every request with phase=warmup|measured; the report and the headline
+# stat panels judge the measured phase only (warm-up excluded, as stated in every report).
+K6_PHASE_LABEL = "phase"
+MEASURED_PHASE = "measured"
+
+
+def _phase(phase: str | None, labels: Labels | None = None) -> Labels:
+    return {**(labels or {}), **({K6_PHASE_LABEL: phase} if phase else {})}
+
+
 # ===================== headline numbers (client side, from k6) =====================
 
 
-def latency_quantile_ms(quantile: float, window: str, testid: str | None = None) -> str:
-    """Client-observed latency quantile in ms from k6's native histogram (all requests of the run)."""
-    sel = k6_selector(K6_HTTP_REQ_DURATION, testid)
+def latency_quantile_ms(quantile: float, window: str, testid: str | None = None, phase: str | None = None) -> str:
+    """Client-observed latency quantile in ms from k6's native histogram (optionally one phase)."""
+    sel = k6_selector(K6_HTTP_REQ_DURATION, testid, _phase(phase))
     return f"histogram_quantile({quantile}, sum(rate({sel}[{window}]))) * 1000"
 
 
-def p95_latency_ms(window: str, testid: str | None = None) -> str:
+def p95_latency_ms(window: str, testid: str | None = None, phase: str | None = None) -> str:
     """Client p95 latency (ms) as k6 saw it: connect + send + wait + receive, queueing included."""
-    return latency_quantile_ms(0.95, window, testid)
+    return latency_quantile_ms(0.95, window, testid, phase)
 
 
-def achieved_qps(window: str, testid: str | None = None) -> str:
+def achieved_qps(window: str, testid: str | None = None, phase: str | None = None) -> str:
     """Requests per second k6 actually completed (not the configured arrival rate)."""
-    return f"sum(rate({k6_selector(K6_HTTP_REQS, testid)}[{window}]))"
+    return f"sum(rate({k6_selector(K6_HTTP_REQS, testid, _phase(phase))}[{window}]))"
 
 
-def error_rate(window: str, testid: str | None = None) -> str:
+def error_rate(window: str, testid: str | None = None, phase: str | None = None) -> str:
     """Fraction of k6 requests that failed (unexpected status, timeout or connection error)."""
-    failed = f"sum(rate({k6_selector(K6_HTTP_REQS, testid, {'expected_response': 'false'})}[{window}]))"
-    return _ratio(failed, achieved_qps(window, testid))
+    sel = k6_selector(K6_HTTP_REQS, testid, _phase(phase, {"expected_response": "false"}))
+    return _ratio(f"sum(rate({sel}[{window}]))", achieved_qps(window, testid, phase))
+
+
+def peak_qps(window: str, testid: str | None = None, smoothing: str = "30s", step: str = "5s") -> str:
+    """Highest ``smoothing``-averaged k6 throughput inside ``window``: the sustained peak, not a spike."""
+    return f"max_over_time(({achieved_qps(smoothing, testid)})[{window}:{step}])"
 
 
 def dropped_iterations(window: str, testid: str | None = None) -> str:
@@ -197,12 +216,6 @@ def dropped_iterations_total(window: str, testid: str) -> str:
 # phase's exact total. Evaluate at (or within Prometheus' 5 min lookback after) the run's last push.
 # No rate()/increase(): nothing is extrapolated and no first sample is lost. Native histograms are
 # summed as-is (last_over_time() of native histograms is broken in Prometheus 2.42).
-K6_PHASE_LABEL = "phase"
-MEASURED_PHASE = "measured"
-
-
-def _phase(phase: str | None, labels: Labels | None = None) -> Labels:
-    return {**(labels or {}), **({K6_PHASE_LABEL: phase} if phase else {})}
 
 
 def run_latency_quantile_ms(quantile: float, testid: str, phase: str | None = MEASURED_PHASE) -> str:
@@ -430,6 +443,7 @@ def headline(window: str, testid: str | None = None) -> dict[str, str]:
         "p95_latency_ms": p95_latency_ms(window, testid),
         "server_p95_latency_ms": server_p95_latency_ms(window),
         "achieved_qps": achieved_qps(window, testid),
+        "peak_qps": peak_qps(window, testid),
         "error_rate": error_rate(window, testid),
         "server_error_rate": server_error_rate(window),
         "cache_hit_ratio": cache_hit_ratio(window),
@@ -447,6 +461,9 @@ def all_queries(window: str, testid: str | None = None) -> dict[str, str]:
     out = headline(window, testid)
     out.update(
         {
+            "p95_latency_ms_measured": p95_latency_ms(window, testid, MEASURED_PHASE),
+            "error_rate_measured": error_rate(window, testid, MEASURED_PHASE),
+            "achieved_qps_measured": achieved_qps(window, testid, MEASURED_PHASE),
             "p50_latency_ms": latency_quantile_ms(0.5, window, testid),
             "p99_latency_ms": latency_quantile_ms(0.99, window, testid),
             "server_p99_latency_ms": server_latency_quantile_ms(0.99, window),

@@ -383,6 +383,8 @@ def test_k6_rate_queries_are_sane(live: Live) -> None:
     assert 0 < err < 0.2
     assert err == pytest.approx(expected, abs=0.03)
     assert _value(live, q.achieved_qps("10m", live.testid)) > 0
+    # 60 arrivals/s for 6 s: the best 30 s average lies between the run's mean and its arrival rate.
+    assert 5 < _value(live, q.peak_qps("10m", live.testid, smoothing="30s", step="1s")) <= 61
     assert _value(live, q.dropped_iterations("10m", live.testid)) > 0
     # Another run's id selects nothing.
     assert instant_value(live.url, q.achieved_qps("10m", "no-such-run")) is None
