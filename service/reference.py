@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -83,3 +83,35 @@ async def _respond(send: Send, status: int, body: bytes) -> None:
 
 
 app = ReferenceApp(os.environ.get("LOADPROOF_REDIS_URL", "redis://127.0.0.1:6379/0"))
+
+
+def uvicorn_options(processes: int) -> dict[str, Any]:
+    """The uvicorn settings bench compares under; the orchestrator's own, when it exports them.
+
+    ``service.orchestrator.uvicorn_options(processes)`` is preferred so the two servers cannot
+    drift; otherwise the settings the service documents (uvloop, httptools, no access log).
+    """
+    import importlib
+
+    try:
+        orchestrator = importlib.import_module("service.orchestrator")
+    except ImportError:
+        orchestrator = None
+    options: Any = getattr(orchestrator, "uvicorn_options", None)
+    if callable(options):
+        return cast(dict[str, Any], options(processes))
+    return {"workers": processes, "loop": "uvloop", "http": "httptools", "access_log": False, "log_level": "warning"}
+
+
+def main() -> None:
+    """``python -m service.reference``: host/port/processes from ``LOADPROOF_HOST/PORT/PROCESSES``."""
+    import uvicorn
+
+    host = os.environ.get("LOADPROOF_HOST", "127.0.0.1")
+    port = int(os.environ.get("LOADPROOF_PORT", "8081"))
+    processes = int(os.environ.get("LOADPROOF_PROCESSES", "1"))
+    uvicorn.run("service.reference:app", host=host, port=port, **uvicorn_options(processes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,296 @@
+"""``make bench``: the highest sustainable arrival rate of ``POST /task`` vs a bare reference app, same run.
+
+A benchmark, not a test. "Sustainable" = k6's own thresholds hold for a constant arrival rate held
+for one step: measured-phase p95 < the stack's p95 target (400 ms), errors < 1 %, no dropped
+iterations. The search doubles the rate until a step fails, then bisects between the last passing
+and the first failing rate, within a time budget per target. The reference (``service/reference.py``,
+one Redis GET, same uvicorn settings and process count) runs on the same machine right after, so the
+ratio service ÷ reference says how much of this machine's capacity the real request path costs.
+
+Caveats printed into ``bench.json``: k6 shares the 2 cores with the server; the service's queue
+backlog from one step carries into the next (workers keep calling the simulator), which is
+conservative for the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from infra.stackconfig import REPO_ROOT, ProfileConfig, StackConfig, StackConfigError, Stage, load
+from loadtest.demo import run_k6
+from loadtest.measure import machine_info
+from loadtest.stack import ProofStack, StackStartError
+from service.devstack import ROOT, ManagedProcess, RedisServer, free_port, http_check
+
+BENCH_DIR = REPO_ROOT / "reports" / "bench"
+BENCH_PROFILE = "bench-step"
+
+
+@dataclass
+class Step:
+    rate: int
+    passed: bool
+    p95_ms: float | None
+    error_rate: float | None
+    dropped: int
+    requests: int
+    seconds: float
+
+
+class ReferenceServer:
+    """Redis + ``python -m service.reference`` with the orchestrator's uvicorn settings, on free ports."""
+
+    def __init__(self, processes: int = 1, *, workdir: Path | None = None) -> None:
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="loadproof-reference-"))
+        self.redis = RedisServer(workdir=self.workdir / "redis")
+        self.port = free_port()
+        self.processes = processes
+        self.process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ReferenceServer:
+        self.redis.start()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LOADPROOF_")}
+        env.update(
+            {
+                "PYTHONPATH": str(ROOT),
+                "LOADPROOF_REDIS_URL": self.redis.url,
+                "LOADPROOF_PORT": str(self.port),
+                "LOADPROOF_PROCESSES": str(self.processes),
+            }
+        )
+        self.process = ManagedProcess(
+            "reference",
+            [sys.executable, "-m", "service.reference"],
+            env=env,
+            log_path=self.workdir / "reference.log",
+            ready=http_check(f"{self.url}/healthz"),
+        )
+        self.process.start()
+        self.process.wait_ready(30)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop(timeout=10)
+        self.redis.cleanup()
+
+    def __enter__(self) -> ReferenceServer:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def step_config(cfg: StackConfig, rate: int, step_s: int, warmup_s: int) -> StackConfig:
+    """The stack config with one extra profile: a constant arrival rate for ``step_s`` seconds."""
+    profile = ProfileConfig(
+        start_rate=rate,
+        warmup_s=warmup_s,
+        stages=[Stage(duration=f"{step_s}s", target=rate)],
+        pre_allocated_vus=max(10, min(rate // 2, 500)),
+        max_vus=max(100, min(rate * 2, 4000)),
+    )
+    profiles = {**cfg.loadtest.profiles, BENCH_PROFILE: profile}
+    return cfg.model_copy(update={"loadtest": cfg.loadtest.model_copy(update={"profiles": profiles})})
+
+
+def run_step(cfg: StackConfig, base_url: str, rate: int, *, step_s: int, warmup_s: int, workdir: Path) -> Step:
+    t0 = time.monotonic()
+    run_dir = workdir / f"step-{rate}-{int(time.time() * 1000)}"
+    result = run_k6(
+        step_config(cfg, rate, step_s, warmup_s),
+        profile=BENCH_PROFILE,
+        base_url=base_url,
+        test_id=run_dir.name,
+        run_dir=run_dir,
+        prometheus_rw_url=None,
+        web_dashboard=False,
+    )
+    metrics = (result.summary or {}).get("metrics", {})
+    dur = metrics.get("http_req_duration{phase:measured}", {}).get("values", {})
+    failed = metrics.get("http_req_failed{phase:measured}", {}).get("values", {})
+    dropped = int(metrics.get("dropped_iterations", {}).get("values", {}).get("count", 0))
+    reqs = int(metrics.get("http_reqs{phase:measured}", {}).get("values", {}).get("count", 0))
+    if result.returncode not in (0, 99):
+        raise RuntimeError(f"k6 failed ({result.returncode}) at {rate}/s: see {result.log_path}")
+    return Step(
+        rate=rate,
+        passed=result.returncode == 0,
+        p95_ms=dur.get("p(95)"),
+        error_rate=failed.get("rate"),
+        dropped=dropped,
+        requests=reqs,
+        seconds=round(time.monotonic() - t0, 1),
+    )
+
+
+def search(
+    cfg: StackConfig,
+    base_url: str,
+    *,
+    start_rate: int,
+    budget_s: float,
+    step_s: int,
+    warmup_s: int,
+    precision: float,
+    workdir: Path,
+    console: Console | None = None,
+    name: str = "",
+) -> tuple[int | None, list[Step]]:
+    """Highest passing rate: double until a step fails, then bisect; stops at ``precision`` or the budget."""
+    deadline = time.monotonic() + budget_s
+    steps: list[Step] = []
+    lo: int | None = None
+    hi: int | None = None
+    rate = start_rate
+    while time.monotonic() + step_s + 5 < deadline:
+        step = run_step(cfg, base_url, rate, step_s=step_s, warmup_s=warmup_s, workdir=workdir)
+        steps.append(step)
+        if console is not None:
+            verdict = "[green]pass[/]" if step.passed else "[red]fail[/]"
+            p95 = "n/a" if step.p95_ms is None else f"{step.p95_ms:.1f} ms"
+            err = "n/a" if step.error_rate is None else f"{100 * step.error_rate:.2f} %"
+            console.print(f"  {name} {rate:>6}/s: {verdict} p95 {p95}, errors {err}, dropped {step.dropped}")
+        if step.passed:
+            lo = rate
+        else:
+            hi = rate
+        if hi is None:
+            rate *= 2
+        elif lo is None:
+            if rate <= 1:
+                break
+            rate //= 2
+        else:
+            if hi / lo <= 1 + precision:
+                break
+            rate = (lo + hi) // 2
+    return lo, steps
+
+
+def run_bench(
+    cfg: StackConfig,
+    *,
+    out_dir: Path = BENCH_DIR,
+    budget_s: float = 180,
+    step_s: int = 12,
+    warmup_s: int = 2,
+    start_rate: int = 100,
+    precision: float = 0.1,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    say = console.print if console else (lambda *a, **k: None)
+    work = Path(tempfile.mkdtemp(prefix="loadproof-bench-"))
+    say("[bold]bench[/]: service POST /task (full stack, demo workload)")
+    with ProofStack(cfg, grafana=False) as stack:
+        service_rate, service_steps = search(
+            cfg,
+            stack.api_url,
+            start_rate=start_rate,
+            budget_s=budget_s,
+            step_s=step_s,
+            warmup_s=warmup_s,
+            precision=precision,
+            workdir=work,
+            console=console,
+            name="service",
+        )
+    say("[bold]bench[/]: reference (one Redis GET, same uvicorn settings)")
+    with ReferenceServer(cfg.orchestrator.processes) as ref:
+        ref_rate, ref_steps = search(
+            cfg,
+            ref.url,
+            start_rate=start_rate,
+            budget_s=budget_s,
+            step_s=step_s,
+            warmup_s=warmup_s,
+            precision=precision,
+            workdir=work,
+            console=console,
+            name="reference",
+        )
+    result = {
+        "criteria": {
+            "p95_latency_ms": f"< {cfg.loadtest.thresholds.p95_ms:g}",
+            "error_rate": f"< {cfg.loadtest.thresholds.error_rate:g}",
+            "dropped_iterations": "== 0",
+            "step_s": step_s,
+            "warmup_s": warmup_s,
+            "precision": precision,
+        },
+        "service_max_rate": service_rate,
+        "reference_max_rate": ref_rate,
+        "ratio_service_to_reference": (
+            round(service_rate / ref_rate, 3) if service_rate is not None and ref_rate else None
+        ),
+        "service_steps": [asdict(s) for s in service_steps],
+        "reference_steps": [asdict(s) for s in ref_steps],
+        "machine": machine_info(),
+        "workload": cfg.loadtest.workload.model_dump(by_alias=True),
+        "processes": cfg.orchestrator.processes,
+        "caveats": [
+            "k6 runs on the same machine and competes for the same cores as the server.",
+            "The service's queue backlog from one step carries into the next (conservative for the service).",
+            "A rate is 'max' within the search precision and time budget, not an exact capacity.",
+        ],
+    }
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Highest sustainable arrival rate: service vs reference.")
+    parser.add_argument("--stack", default=os.environ.get("STACK", "dev"))
+    parser.add_argument("--profile", default=None, help="ignored (the bench uses constant-rate steps)")
+    parser.add_argument("--budget", type=float, default=float(os.environ.get("BENCH_BUDGET_S", "180")))
+    parser.add_argument("--step", type=int, default=12)
+    parser.add_argument("--out", type=Path, default=BENCH_DIR)
+    args = parser.parse_args(argv)
+    console = Console()
+    try:
+        cfg = load(args.stack)
+    except StackConfigError as exc:
+        console.print(f"[red]Pulumi.{args.stack}.yaml is invalid:[/] {exc}")
+        return 2
+    try:
+        result = run_bench(cfg, out_dir=args.out, budget_s=args.budget, step_s=args.step, console=console)
+    except StackStartError as exc:
+        console.print(f"[red]✗ {exc.part} failed to start:[/] {exc.reason}")
+        console.print(exc.log_tail, markup=False, highlight=False)
+        return 3
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; everything started was stopped[/]")
+        return 130
+    table = Table(title="make bench — highest sustainable arrival rate")
+    table.add_column("Target")
+    table.add_column("Max rate (req/s)", justify="right")
+    table.add_row("service POST /task", str(result["service_max_rate"]))
+    table.add_row("reference (one Redis GET)", str(result["reference_max_rate"]))
+    table.add_row("ratio service ÷ reference", str(result["ratio_service_to_reference"]))
+    console.print(table)
+    console.print(f"written: {args.out / 'bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The k6 script itself: valid options (open model, thresholds), correct Zipf sampling, execution segments."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from infra.stackconfig import load
+from loadtest.bench import ReferenceServer
+from loadtest.k6config import CONFIG_ENV, SCRIPT, execution_segments, k6_config, segment_sequence
+
+K6 = "k6"
+
+
+@pytest.fixture(scope="module")
+def reference_target() -> Iterator[str]:
+    """The bare reference app (one Redis GET) on a free port: a fast, real target for k6."""
+    with ReferenceServer(1) as ref:
+        yield ref.url
+
+
+def _config_env(profile_name: str = "smoke", **overrides: object) -> dict[str, str]:
+    doc = k6_config(load("dev"), base_url="http://127.0.0.1:9", test_id="t-inspect", profile=profile_name)
+    doc.update(overrides)
+    return {**os.environ, CONFIG_ENV: json.dumps(doc)}
+
+
+def test_inspect_shows_open_model_and_measured_thresholds() -> None:
+    cfg = load("dev")
+    prof = cfg.loadtest.profiles["demo"]
+    env = _config_env("demo")
+    proc = subprocess.run(
+        [K6, "inspect", "--include-system-env-vars", "--execution-requirements", str(SCRIPT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    opts = json.loads(proc.stdout)
+    scenario = opts["scenarios"]["task"]
+    assert scenario["executor"] == "ramping-arrival-rate"
+    assert scenario["timeUnit"] == "1s"
+    assert scenario["startRate"] == prof.start_rate
+    assert scenario["preAllocatedVUs"] == prof.pre_allocated_vus
+    assert scenario["maxVUs"] == prof.max_vus
+    assert [s["target"] for s in scenario["stages"]] == [s.target for s in prof.stages]
+    th = opts["thresholds"]
+    assert th["http_req_duration{phase:measured}"] == [f"p(95)<{cfg.loadtest.thresholds.p95_ms:g}"]
+    assert th["http_req_failed{phase:measured}"] == [f"rate<{cfg.loadtest.thresholds.error_rate:g}"]
+    assert th["dropped_iterations"] == ["count==0"]
+    # No judging threshold on the warm-up-inclusive plain metrics (see the comment in task.js).
+    assert "http_req_duration" not in th and "http_req_failed" not in th
+
+
+def test_missing_config_is_a_clear_error() -> None:
+    env = {k: v for k, v in os.environ.items() if k != CONFIG_ENV}
+    proc = subprocess.run(
+        [K6, "inspect", "--include-system-env-vars", str(SCRIPT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert CONFIG_ENV in proc.stdout + proc.stderr
+
+
+_SAMPLER = """
+import {{ zipfCdf, zipfSample, mulberry32 }} from '{script}';
+const n = {n};
+const cdf = zipfCdf(n, {s});
+function draw(seed, count) {{
+  const rnd = mulberry32(seed);
+  const counts = new Array(n).fill(0);
+  const first = [];
+  for (let i = 0; i < count; i++) {{
+    const k = zipfSample(cdf, rnd());
+    if (k < 1 || k > n) throw new Error('rank out of range: ' + k);
+    counts[k - 1]++;
+    if (i < 50) first.push(k);
+  }}
+  return {{ counts, first }};
+}}
+const a = draw(7, {count});
+const b = draw(7, {count});
+const c = draw(8, {count});
+const edges = [
+  zipfSample(cdf, 0), zipfSample(cdf, 0.999999999), zipfSample(cdf, cdf[0] - 1e-12), zipfSample(cdf, cdf[0]),
+];
+export const options = {{ iterations: 1, vus: 1 }};
+export default function () {{}}
+export function handleSummary() {{
+  const result = {{ counts: a.counts, firstA: a.first, firstB: b.first, firstC: c.first, edges }};
+  return {{ '{out}': JSON.stringify(result) }};
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def zipf_draws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    n, s, count = 50, 1.1, 200_000
+    tmp = tmp_path_factory.mktemp("zipf")
+    out = tmp / "draws.json"
+    script = tmp / "sampler.js"
+    script.write_text(_SAMPLER.format(script=SCRIPT.as_posix(), n=n, s=s, count=count, out=out.as_posix()))
+    proc = subprocess.run(
+        [K6, "run", "--quiet", "--no-usage-report", str(script)],
+        env=_config_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    data.update({"n": n, "s": s, "count": count})
+    yield data
+
+
+def test_zipf_frequencies_match_the_distribution(zipf_draws: dict[str, object]) -> None:
+    n, s, count = int(zipf_draws["n"]), float(zipf_draws["s"]), int(zipf_draws["count"])  # type: ignore[arg-type]
+    counts: list[int] = zipf_draws["counts"]  # type: ignore[assignment]
+    weights = [1 / k**s for k in range(1, n + 1)]
+    total = sum(weights)
+    expected = [count * w / total for w in weights]
+    assert sum(counts) == count
+    # Pearson chi-square with n-1 = 49 degrees of freedom: the 99.9th percentile is ~85.4.
+    chi2 = sum((o - e) ** 2 / e for o, e in zip(counts, expected, strict=True))
+    assert chi2 < 85.4, f"chi2={chi2:.1f}"
+    # The hottest key really is hot, and every key is reachable (not one repeated key).
+    assert counts[0] == max(counts)
+    assert all(c > 0 for c in counts)
+    assert math.isclose(counts[0] / count, weights[0] / total, rel_tol=0.03)
+
+
+def test_zipf_sequences_are_seeded(zipf_draws: dict[str, object]) -> None:
+    assert zipf_draws["firstA"] == zipf_draws["firstB"]  # same seed, same keys: runs are comparable
+    assert zipf_draws["firstA"] != zipf_draws["firstC"]
+    assert len(set(zipf_draws["firstA"])) > 5  # type: ignore[arg-type]
+
+
+def test_zipf_inverse_cdf_edges(zipf_draws: dict[str, object]) -> None:
+    n = int(zipf_draws["n"])  # type: ignore[arg-type]
+    assert zipf_draws["edges"] == [1, n, 1, 2]
+
+
+def test_execution_segments_tile_the_run() -> None:
+    assert execution_segments(1) == ["0:1"]
+    assert execution_segments(3) == ["0:1/3", "1/3:2/3", "2/3:1"]
+    assert segment_sequence(3) == "0,1/3,2/3,1"
+
+
+def test_runs_under_execution_segments(reference_target: str, tmp_path: Path) -> None:
+    """Two runners, each with its own segment, together offer the whole profile (the cluster layout)."""
+    totals = 0
+    for i, segment in enumerate(execution_segments(2)):
+        summary = tmp_path / f"summary-{i}.json"
+        env = _config_env(
+            "smoke",
+            baseUrl=reference_target,
+            summaryPath=str(summary),
+            profile={
+                "startRate": 20,
+                "warmupS": 1,
+                "stages": [{"duration": "3s", "target": 20}],
+                "preAllocatedVus": 4,
+                "maxVus": 20,
+            },
+        )
+        proc = subprocess.run(
+            [
+                K6,
+                "run",
+                "--quiet",
+                "--no-usage-report",
+                "--execution-segment",
+                segment,
+                "--execution-segment-sequence",
+                segment_sequence(2),
+                "--tag",
+                f"runner={i}",
+                str(SCRIPT),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        data = json.loads(summary.read_text())
+        reqs = data["metrics"]["http_reqs"]["values"]["count"]
+        assert data["metrics"]["http_req_failed"]["values"]["rate"] == 0
+        assert 20 <= reqs <= 40, reqs  # about half of 3 s x 20/s each
+        totals += reqs
+    assert 55 <= totals <= 62, totals  # 3 s x 20/s = 60 arrivals across both segments
