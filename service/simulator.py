@@ -230,7 +230,7 @@ class Simulator:
             elif path == "/healthz" and method == "GET":
                 await _json(send, 200, {"status": "ok"})
             elif path == "/stats" and method == "GET":
-                await _json(send, 200, self.stats.snapshot())
+                await _json(send, 200, {**self.stats.snapshot(), "config": self._config()})
             elif path == "/stats/reset" and method == "POST":
                 self._reset_stats()
                 await _json(send, 200, self.stats.snapshot())
@@ -258,6 +258,19 @@ class Simulator:
     def _reset_stats(self) -> None:
         inflight, self.stats = self.stats.inflight, Stats()
         self.stats.inflight = inflight
+
+    def _config(self) -> dict[str, Any]:
+        """The latency model and faults in effect, so a report can say what was simulated."""
+        st = self.settings
+        return {
+            "ttft_ms": st.sim_ttft_ms,
+            "itl_ms": st.sim_itl_ms,
+            "jitter": st.sim_jitter,
+            "output_tokens": st.sim_output_tokens,
+            "concurrency_knee": st.sim_concurrency_knee,
+            "chars_per_token": CHARS_PER_TOKEN,
+            "faults": self.faults.describe(),
+        }
 
     def _models(self) -> dict[str, Any]:
         names = sorted({self.settings.llm_model, *DEFAULT_PRICES})

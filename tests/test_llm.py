@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client import REGISTRY
 
@@ -100,6 +101,15 @@ def items(n: int, prefix: str = "task") -> list[LLMItem]:
 
 def sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def wait_for_inflight(sim: SimProc) -> None:
+    async with httpx.AsyncClient(timeout=5) as http:
+        for _ in range(1000):
+            if (await http.get(f"{sim.url}/stats")).json()["inflight"] >= 1:
+                return
+            await asyncio.sleep(0.01)
+    raise AssertionError("no call reached the simulator")
 
 
 def assert_usage_split(results: list[LLMItemResult], stats: dict[str, Any]) -> None:
@@ -364,3 +374,39 @@ async def test_concurrent_calls_share_one_client(sim: SimProc, client_factory: A
     assert stats["calls"] == 40 and stats["items"] == 200 and stats["max_inflight"] > 1
     assert sum(r.output_tokens for rs in results for r in rs) == stats["completion_tokens"]
     assert time.monotonic() - started < 60  # sanity only
+
+
+async def test_half_open_lets_exactly_one_probe_through(sim: SimProc, client_factory: Any, vt: VirtualTime) -> None:
+    settings, _ = make_settings(sim.base_url, llm_max_retries=0, llm_breaker_failures=1, llm_timeout_s=1.0)
+    client: LLMClient = client_factory(settings)
+    sim.control(script=["500", "timeout"], hang_s=30)
+    with pytest.raises(LLMError, match="500"):
+        await client.generate(items(1))
+    vt.now += 10
+    probe = asyncio.create_task(client.generate(items(1, "probe")))
+    await wait_for_inflight(sim)  # the probe is hanging in the simulator
+    with pytest.raises(LLMError) as info:
+        await client.generate(items(1, "other"))
+    assert info.value.outcome == "breaker_open"  # half-open admits only the probe
+    with pytest.raises(LLMError) as probe_info:
+        await probe
+    assert probe_info.value.outcome == "timeout" and client.breaker.is_open
+    assert sim.stats()["calls"] == 2
+
+
+async def test_cancelled_probe_does_not_wedge_the_breaker(sim: SimProc, client_factory: Any, vt: VirtualTime) -> None:
+    settings, _ = make_settings(sim.base_url, llm_max_retries=0, llm_breaker_failures=1)
+    client: LLMClient = client_factory(settings)
+    sim.control(script=["500", "timeout"], hang_s=30)
+    with pytest.raises(LLMError):
+        await client.generate(items(1))
+    vt.now += 10
+    probe = asyncio.create_task(client.generate(items(1, "probe")))
+    await wait_for_inflight(sim)
+    probe.cancel()  # e.g. worker shutdown mid-call
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    assert client.breaker.is_open  # counted as a failed probe, so a later probe is possible
+    vt.now += 10
+    assert (await client.generate(items(1, "later")))[0].post
+    assert not client.breaker.is_open

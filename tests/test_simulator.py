@@ -195,3 +195,10 @@ async def test_handles_many_concurrent_calls(sim: SimProc) -> None:
     stats = sim.stats()
     assert stats["completed"] == 300 and stats["completion_tokens"] == sum(tokens) and stats["inflight"] == 0
     assert stats["max_inflight"] > 1
+
+
+def test_stats_report_the_simulated_model(sim: SimProc) -> None:
+    sim.control(rate_500=0.25)
+    config = sim.stats()["config"]
+    assert config["ttft_ms"] == 5 and config["itl_ms"] == 0.1 and config["output_tokens"] == 60
+    assert config["faults"]["rate_500"] == 0.25 and config["chars_per_token"] == CHARS_PER_TOKEN
