@@ -28,23 +28,23 @@ class Section(BaseModel):
 class Resources(Section):
     """Kubernetes requests/limits for one container."""
 
-    cpu_request: str = Field("100m", description="CPU request.")
-    cpu_limit: str = Field("1", description="CPU limit.")
-    memory_request: str = Field("128Mi", description="Memory request.")
-    memory_limit: str = Field("512Mi", description="Memory limit.")
+    cpu_request: str = Field(default="100m", description="CPU request.")
+    cpu_limit: str = Field(default="1", description="CPU limit.")
+    memory_request: str = Field(default="128Mi", description="Memory request.")
+    memory_limit: str = Field(default="512Mi", description="Memory limit.")
 
 
 class BaselineConfig(Section):
     """Namespace-wide guard rails."""
 
-    quota_cpu: str = Field("16", description="ResourceQuota: total CPU requests in the namespace.")
-    quota_memory: str = Field("32Gi", description="ResourceQuota: total memory requests.")
-    quota_pods: int = Field(60, description="ResourceQuota: pods.")
+    quota_cpu: str = Field(default="16", description="ResourceQuota: total CPU requests in the namespace.")
+    quota_memory: str = Field(default="32Gi", description="ResourceQuota: total memory requests.")
+    quota_pods: int = Field(default=60, description="ResourceQuota: pods.")
     ingress_controller: bool = Field(
-        False, description="Install ingress-nginx (helm) when the cluster has no ingress controller."
+        default=False, description="Install ingress-nginx (helm) when the cluster has no ingress controller."
     )
     ingress_namespace: str = Field(
-        "ingress-nginx", description="Namespace of the ingress controller allowed to reach Grafana."
+        default="ingress-nginx", description="Namespace of the ingress controller allowed to reach Grafana."
     )
 
 
@@ -52,11 +52,11 @@ class PostgresConfig(Section):
     """The task store."""
 
     mode: Literal["internal", "external"] = Field(
-        "internal", description="`internal`: a StatefulSet; `external`: secret `loadproof:databaseUrl`."
+        default="internal", description="`internal`: a StatefulSet; `external`: secret `loadproof:databaseUrl`."
     )
-    image: str = Field("postgres:15-alpine", description="Postgres image (internal mode).")
-    storage: str = Field("2Gi", description="PVC size (internal mode).")
-    max_connections: int = Field(300, description="Server max_connections; must exceed all pools.")
+    image: str = Field(default="postgres:15-alpine", description="Postgres image (internal mode).")
+    storage: str = Field(default="2Gi", description="PVC size (internal mode).")
+    max_connections: int = Field(default=300, description="Server max_connections; must exceed all pools.")
     resources: Resources = Field(
         default_factory=lambda: Resources(
             cpu_request="250m", cpu_limit="2", memory_request="256Mi", memory_limit="1Gi"
@@ -69,30 +69,31 @@ class RedisConfig(Section):
     """Cache and durable queue."""
 
     mode: Literal["internal", "external"] = Field(
-        "internal", description="`internal`: a Deployment; `external`: secret `loadproof:redisUrl`."
+        default="internal", description="`internal`: a Deployment; `external`: secret `loadproof:redisUrl`."
     )
-    image: str = Field("redis:7-alpine", description="Redis image (internal mode).")
-    maxmemory: str = Field("256mb", description="Redis maxmemory.")
+    image: str = Field(default="redis:7-alpine", description="Redis image (internal mode).")
+    maxmemory: str = Field(default="256mb", description="Redis maxmemory.")
     maxmemory_policy: str = Field(
-        "volatile-lru",
+        default="volatile-lru",
         description="Evict only keys with a TTL (cached posts), never the queue stream, which has none.",
     )
-    appendonly: bool = Field(True, description="AOF persistence so queued tasks survive a restart.")
+    appendonly: bool = Field(default=True, description="AOF persistence so queued tasks survive a restart.")
+    storage: str = Field(default="1Gi", description="PVC size for the AOF (internal mode).")
     resources: Resources = Field(default_factory=Resources, description="Container resources.")
 
 
 class SimulatorConfig(Section):
     """The built-in OpenAI-compatible simulator (defaults near gpt-4o-mini's public measurements)."""
 
-    ttft_ms: float = Field(350.0, description="Median time to first token.")
-    itl_ms: float = Field(16.0, description="Inter-token latency (~60 output tokens/s).")
-    jitter: float = Field(0.2, description="Bounded relative jitter.")
-    output_tokens: int = Field(60, description="Output tokens per post.")
-    concurrency_knee: int = Field(64, description="Concurrent calls beyond which latency grows.")
-    rate429: float = Field(0.0, description="Injected 429 rate.")
-    rate500: float = Field(0.0, description="Injected 500 rate.")
-    rate_timeout: float = Field(0.0, description="Injected timeout rate.")
-    replicas: int = Field(1, description="Simulator pods.")
+    ttft_ms: float = Field(default=350.0, description="Median time to first token.")
+    itl_ms: float = Field(default=16.0, description="Inter-token latency (~60 output tokens/s).")
+    jitter: float = Field(default=0.2, description="Bounded relative jitter.")
+    output_tokens: int = Field(default=60, description="Output tokens per post.")
+    concurrency_knee: int = Field(default=64, description="Concurrent calls beyond which latency grows.")
+    rate429: float = Field(default=0.0, description="Injected 429 rate.")
+    rate500: float = Field(default=0.0, description="Injected 500 rate.")
+    rate_timeout: float = Field(default=0.0, description="Injected timeout rate.")
+    replicas: int = Field(default=1, description="Simulator pods.")
     resources: Resources = Field(default_factory=Resources, description="Container resources.")
 
 
@@ -100,13 +101,13 @@ class LlmConfig(Section):
     """The LLM backend and its prices."""
 
     mode: Literal["simulator", "external"] = Field(
-        "simulator", description="`external`: `baseUrl` with secret `loadproof:llmApiKey`."
+        default="simulator", description="`external`: `baseUrl` with secret `loadproof:llmApiKey`."
     )
-    base_url: str = Field("", description="OpenAI-compatible base URL (external mode), e.g. .../v1.")
-    model: str = Field("gpt-4o-mini", description="Model name, also the price-table key.")
-    max_tokens: int = Field(400, description="Output token cap per item.")
-    timeout_s: float = Field(30.0, description="Timeout of one call.")
-    max_retries: int = Field(4, description="Retries within the deadline.")
+    base_url: str = Field(default="", description="OpenAI-compatible base URL (external mode), e.g. .../v1.")
+    model: str = Field(default="gpt-4o-mini", description="Model name, also the price-table key.")
+    max_tokens: int = Field(default=400, description="Output token cap per item.")
+    timeout_s: float = Field(default=30.0, description="Timeout of one call.")
+    max_retries: int = Field(default=4, description="Retries within the deadline.")
     prices: dict[str, str] = Field(
         default_factory=dict,
         description="Price overrides: model -> `input/output` USD per 1M tokens (e.g. `0.15/0.60`).",
@@ -117,28 +118,28 @@ class LlmConfig(Section):
 class AutoscaleConfig(Section):
     """HorizontalPodAutoscaler (autoscaling/v2) on CPU."""
 
-    min_replicas: int = Field(2, description="HPA floor.")
-    max_replicas: int = Field(6, description="HPA ceiling.")
-    cpu_utilization: int = Field(70, description="Target average CPU utilization, percent.")
+    min_replicas: int = Field(default=2, description="HPA floor.")
+    max_replicas: int = Field(default=6, description="HPA ceiling.")
+    cpu_utilization: int = Field(default=70, description="Target average CPU utilization, percent.")
 
 
 class OrchestratorConfig(Section):
     """The FastAPI service: pooling, cache, coalescing, admission control."""
 
-    replicas: int = Field(2, description="API pods (HPA takes over from here).")
-    processes: int = Field(1, description="uvicorn workers per pod / local API processes.")
-    max_inflight: int = Field(512, description="In-flight requests per process before 503.")
-    max_body_bytes: int = Field(8192, description="Largest request body before 413.")
-    db_pool_mode: Literal["queue", "null"] = Field("queue", description="`null` = no pooling (baseline).")
-    db_pool_size: int = Field(20, description="Pooled connections per process.")
-    db_max_overflow: int = Field(40, description="Overflow connections per process.")
-    db_pool_timeout_s: float = Field(5.0, description="Connection acquire timeout.")
-    db_pool_recycle_s: int = Field(3600, description="Connection max age.")
-    cache_enabled: bool = Field(True, description="Redis response cache (off = baseline).")
-    cache_ttl_s: int = Field(3600, description="Cached post lifetime.")
-    coalesce_enabled: bool = Field(True, description="Join identical in-flight requests (off = baseline).")
-    prompt_version: str = Field("v1", description="Cache-key version.")
-    shutdown_timeout_s: float = Field(20.0, description="Drain bound; the pod grace period exceeds it.")
+    replicas: int = Field(default=2, description="API pods (HPA takes over from here).")
+    processes: int = Field(default=1, description="uvicorn workers per pod / local API processes.")
+    max_inflight: int = Field(default=512, description="In-flight requests per process before 503.")
+    max_body_bytes: int = Field(default=8192, description="Largest request body before 413.")
+    db_pool_mode: Literal["queue", "null"] = Field(default="queue", description="`null` = no pooling (baseline).")
+    db_pool_size: int = Field(default=20, description="Pooled connections per process.")
+    db_max_overflow: int = Field(default=40, description="Overflow connections per process.")
+    db_pool_timeout_s: float = Field(default=5.0, description="Connection acquire timeout.")
+    db_pool_recycle_s: int = Field(default=3600, description="Connection max age.")
+    cache_enabled: bool = Field(default=True, description="Redis response cache (off = baseline).")
+    cache_ttl_s: int = Field(default=3600, description="Cached post lifetime.")
+    coalesce_enabled: bool = Field(default=True, description="Join identical in-flight requests (off = baseline).")
+    prompt_version: str = Field(default="v1", description="Cache-key version.")
+    shutdown_timeout_s: float = Field(default=20.0, description="Drain bound; the pod grace period exceeds it.")
     autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig, description="HPA.")
     resources: Resources = Field(
         default_factory=lambda: Resources(
@@ -151,35 +152,42 @@ class OrchestratorConfig(Section):
 class WorkersConfig(Section):
     """The persona runtime: batched LLM workers."""
 
-    replicas: int = Field(2, description="Worker pods.")
-    processes: int = Field(1, description="Local worker processes (demo).")
-    concurrency: int = Field(8, description="Concurrent LLM calls per worker process.")
-    batch_size: int = Field(5, description="Tasks per LLM call; 1 = no batching (baseline).")
-    batch_wait_ms: int = Field(100, description="Longest wait to fill a batch.")
-    max_attempts: int = Field(3, description="Deliveries before dead-lettering.")
-    claim_idle_ms: int = Field(30000, description="Reclaim entries idle this long from dead consumers.")
+    replicas: int = Field(default=2, description="Worker pods.")
+    processes: int = Field(default=1, description="Local worker processes (demo).")
+    concurrency: int = Field(default=8, description="Concurrent LLM calls per worker process.")
+    batch_size: int = Field(default=5, description="Tasks per LLM call; 1 = no batching (baseline).")
+    batch_wait_ms: int = Field(default=100, description="Longest wait to fill a batch.")
+    max_attempts: int = Field(default=3, description="Deliveries before dead-lettering.")
+    claim_idle_ms: int = Field(default=30000, description="Reclaim entries idle this long from dead consumers.")
     resources: Resources = Field(default_factory=Resources, description="Container resources.")
 
 
 class GrafanaConfig(Section):
     """Grafana, its Ingress and hardening."""
 
-    image: str = Field("grafana/grafana:11.6.0", description="Grafana image.")
-    host: str = Field("grafana.loadproof.local", description="Ingress host of the public URL.")
-    ingress_class: str = Field("nginx", description="IngressClass name.")
-    tls: bool = Field(False, description="Serve TLS (secure cookies on).")
-    cert_issuer: str = Field("", description="cert-manager ClusterIssuer; empty = bring your own secret.")
-    anonymous_viewing: bool = Field(True, description="Public read-only (Viewer) dashboards.")
+    image: str = Field(default="grafana/grafana:11.6.0", description="Grafana image.")
+    host: str = Field(default="grafana.loadproof.local", description="Ingress host of the public URL.")
+    ingress_class: str = Field(default="nginx", description="IngressClass name.")
+    tls: bool = Field(default=False, description="Serve TLS (secure cookies on).")
+    cert_issuer: str = Field(default="", description="cert-manager ClusterIssuer; empty = bring your own secret.")
+    anonymous_viewing: bool = Field(default=True, description="Public read-only (Viewer) dashboards.")
+    resources: Resources = Field(default_factory=Resources, description="Container resources.")
 
 
 class PrometheusConfig(Section):
     """Prometheus: scrapes the service, receives k6 remote write."""
 
-    image: str = Field("prom/prometheus:v2.53.0", description="Prometheus image.")
-    retention: str = Field("7d", description="TSDB retention.")
-    storage: str = Field("5Gi", description="PVC size.")
-    scrape_interval_s: int = Field(5, description="Scrape interval, seconds.")
-    port: int = Field(9090, description="Port (local demo binds it on 127.0.0.1).")
+    image: str = Field(default="prom/prometheus:v2.53.0", description="Prometheus image.")
+    retention: str = Field(default="7d", description="TSDB retention.")
+    storage: str = Field(default="5Gi", description="PVC size.")
+    scrape_interval_s: int = Field(default=5, description="Scrape interval, seconds.")
+    port: int = Field(default=9090, description="Port (local demo binds it on 127.0.0.1).")
+    resources: Resources = Field(
+        default_factory=lambda: Resources(
+            cpu_request="250m", cpu_limit="2", memory_request="512Mi", memory_limit="2Gi"
+        ),
+        description="Container resources.",
+    )
 
 
 class MonitoringConfig(Section):
@@ -199,29 +207,29 @@ class Stage(Section):
 class ProfileConfig(Section):
     """One load profile (open model)."""
 
-    start_rate: int = Field(10, description="Arrival rate at t=0.")
-    warmup_s: int = Field(10, description="Seconds at the start excluded from the measured window.")
+    start_rate: int = Field(default=10, description="Arrival rate at t=0.")
+    warmup_s: int = Field(default=10, description="Seconds at the start excluded from the measured window.")
     stages: list[Stage] = Field(description="Ramp stages.")
-    pre_allocated_vus: int = Field(200, description="VUs k6 allocates up front.")
-    max_vus: int = Field(2000, description="VU ceiling; exceeding it drops iterations (reported).")
+    pre_allocated_vus: int = Field(default=200, description="VUs k6 allocates up front.")
+    max_vus: int = Field(default=2000, description="VU ceiling; exceeding it drops iterations (reported).")
 
 
 class WorkloadConfig(Section):
     """Key distribution of the generated requests."""
 
-    personas: int = Field(50, description="Distinct persona ids.")
-    topics: int = Field(5000, description="Distinct topics.")
-    zipf_s: float = Field(1.1, description="Zipf exponent for both draws (higher = hotter keys).")
-    seed: int = Field(42, description="PRNG seed so runs are comparable.")
+    personas: int = Field(default=50, description="Distinct persona ids.")
+    topics: int = Field(default=5000, description="Distinct topics.")
+    zipf_s: float = Field(default=1.1, description="Zipf exponent for both draws (higher = hotter keys).")
+    seed: int = Field(default=42, description="PRNG seed so runs are comparable.")
 
 
 class ThresholdsConfig(Section):
     """Pass/fail targets (the seed's)."""
 
-    p95_ms: float = Field(400.0, description="Client p95 latency target.")
-    error_rate: float = Field(0.01, description="Failed request fraction target.")
+    p95_ms: float = Field(default=400.0, description="Client p95 latency target.")
+    error_rate: float = Field(default=0.01, description="Failed request fraction target.")
     cost_per_1k_tokens_usd: float = Field(
-        0.008, alias="costPer1kTokensUsd", description="Effective LLM cost per 1k delivered tokens."
+        default=0.008, alias="costPer1kTokensUsd", description="Effective LLM cost per 1k delivered tokens."
     )
 
 
@@ -260,14 +268,14 @@ def _default_profiles() -> dict[str, ProfileConfig]:
 class LoadtestConfig(Section):
     """The k6 run and its measurement."""
 
-    image: str = Field("grafana/k6:1.1.0", description="k6 runner image (cluster).")
-    run_id: str = Field("1", description="Change to re-run the test on the next `pulumi up`.")
-    runners: int = Field(2, description="Parallel k6 pods (execution segments).")
-    profile: str = Field("demo", description="Profile used by `pulumi up` and `make demo`.")
+    image: str = Field(default="grafana/k6:1.1.0", description="k6 runner image (cluster).")
+    run_id: str = Field(default="1", description="Change to re-run the test on the next `pulumi up`.")
+    runners: int = Field(default=2, description="Parallel k6 pods (execution segments).")
+    profile: str = Field(default="demo", description="Profile used by `pulumi up` and `make demo`.")
     profiles: dict[str, ProfileConfig] = Field(default_factory=_default_profiles, description="Profiles.")
     workload: WorkloadConfig = Field(default_factory=WorkloadConfig, description="Key distribution.")
     thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig, description="Targets.")
-    drain_s: int = Field(60, description="Longest wait after the run for queued tasks to finish.")
+    drain_s: int = Field(default=60, description="Longest wait after the run for queued tasks to finish.")
     runner_resources: Resources = Field(
         default_factory=lambda: Resources(
             cpu_request="500m", cpu_limit="2", memory_request="256Mi", memory_limit="1Gi"
@@ -285,10 +293,10 @@ class LoadtestConfig(Section):
 class StackConfig(Section):
     """Everything under the `loadproof:` namespace of one stack file."""
 
-    namespace: str = Field("loadproof", description="Kubernetes namespace for everything.")
-    image: str = Field("loadproof:dev", description="Service image (orchestrator, workers, simulator, report).")
+    namespace: str = Field(default="loadproof", description="Kubernetes namespace for everything.")
+    image: str = Field(default="loadproof:dev", description="Service image (orchestrator, workers, simulator, report).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
-        "IfNotPresent", description="Pull policy; `IfNotPresent` suits images loaded into kind/k3d."
+        default="IfNotPresent", description="Pull policy; `IfNotPresent` suits images loaded into kind/k3d."
     )
     baseline: BaselineConfig = Field(default_factory=BaselineConfig, description="Cluster baseline.")
     postgres: PostgresConfig = Field(default_factory=PostgresConfig, description="Postgres.")

@@ -1,0 +1,133 @@
+"""Building blocks every component shares: labels, hardened security contexts, resources, probes.
+
+Kept in one place so that every pod the program creates meets the same bar (Pod Security
+"restricted", requests and limits set, labels Prometheus and the NetworkPolicies select on) and a
+test can check that bar once for all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from infra.stackconfig import Resources
+
+PART_OF = "loadproof"
+NAME_LABEL = "app.kubernetes.io/name"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+# Ports are fixed (not config): Services give every component a stable DNS name, so nothing needs them to vary.
+ORCHESTRATOR_PORT = 8080
+WORKER_METRICS_PORT = 9101
+SIMULATOR_PORT = 8090
+POSTGRES_PORT = 5432
+REDIS_PORT = 6379
+GRAFANA_PORT = 3000
+K6_API_PORT = 6565
+
+
+def selector(component: str) -> dict[str, str]:
+    """The labels a Service, NetworkPolicy or PDB selects one component's pods by."""
+    return {NAME_LABEL: PART_OF, COMPONENT_LABEL: component}
+
+
+def labels(component: str) -> dict[str, str]:
+    return {**selector(component), "app.kubernetes.io/part-of": PART_OF, "app.kubernetes.io/managed-by": "pulumi"}
+
+
+def metadata(
+    name: str,
+    namespace: pulumi.Input[str],
+    component: str,
+    *,
+    annotations: Mapping[str, pulumi.Input[str]] | None = None,
+) -> k8s.meta.v1.ObjectMetaArgs:
+    """Explicit names (no Pulumi suffixes) so Services have stable DNS names and manifests are reproducible."""
+    return k8s.meta.v1.ObjectMetaArgs(
+        name=name, namespace=namespace, labels=labels(component), annotations=dict(annotations) if annotations else None
+    )
+
+
+def scrape_annotations(port: int, path: str = "/metrics") -> dict[str, str]:
+    """Opt a pod into the annotation-driven Prometheus pod discovery (``infra/prometheus_config.py``)."""
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": path}
+
+
+def resources(r: Resources) -> k8s.core.v1.ResourceRequirementsArgs:
+    return k8s.core.v1.ResourceRequirementsArgs(
+        requests={"cpu": r.cpu_request, "memory": r.memory_request},
+        limits={"cpu": r.cpu_limit, "memory": r.memory_limit},
+    )
+
+
+def container_security() -> k8s.core.v1.SecurityContextArgs:
+    """Pod Security Standard "restricted" plus a read-only root filesystem (writable paths are emptyDirs)."""
+    return k8s.core.v1.SecurityContextArgs(
+        allow_privilege_escalation=False,
+        read_only_root_filesystem=True,
+        run_as_non_root=True,
+        capabilities=k8s.core.v1.CapabilitiesArgs(drop=["ALL"]),
+        seccomp_profile=k8s.core.v1.SeccompProfileArgs(type="RuntimeDefault"),
+    )
+
+
+def pod_security(uid: int) -> k8s.core.v1.PodSecurityContextArgs:
+    """Numeric uid/gid (runAsNonRoot needs a number to verify) and fsGroup so volumes are writable."""
+    return k8s.core.v1.PodSecurityContextArgs(
+        run_as_non_root=True,
+        run_as_user=uid,
+        run_as_group=uid,
+        fs_group=uid,
+        seccomp_profile=k8s.core.v1.SeccompProfileArgs(type="RuntimeDefault"),
+    )
+
+
+def env_list(values: Mapping[str, pulumi.Input[str]]) -> list[k8s.core.v1.EnvVarArgs]:
+    """Plain (non-secret) environment variables, sorted for stable manifests."""
+    return [k8s.core.v1.EnvVarArgs(name=k, value=values[k]) for k in sorted(values)]
+
+
+def secret_env(name: str, secret: pulumi.Input[str], key: str) -> k8s.core.v1.EnvVarArgs:
+    """An environment variable read from a Secret, never spelled out in the pod spec."""
+    return k8s.core.v1.EnvVarArgs(
+        name=name,
+        value_from=k8s.core.v1.EnvVarSourceArgs(
+            secret_key_ref=k8s.core.v1.SecretKeySelectorArgs(name=secret, key=key)
+        ),
+    )
+
+
+def empty_dir(name: str, size_limit: str = "256Mi") -> k8s.core.v1.VolumeArgs:
+    return k8s.core.v1.VolumeArgs(name=name, empty_dir=k8s.core.v1.EmptyDirVolumeSourceArgs(size_limit=size_limit))
+
+
+def http_probe(
+    path: str, port: int, *, period_s: int = 10, failure_threshold: int = 3, initial_delay_s: int = 0
+) -> k8s.core.v1.ProbeArgs:
+    return k8s.core.v1.ProbeArgs(
+        http_get=k8s.core.v1.HTTPGetActionArgs(path=path, port=port),
+        period_seconds=period_s,
+        failure_threshold=failure_threshold,
+        initial_delay_seconds=initial_delay_s,
+        timeout_seconds=2,
+    )
+
+
+def exec_probe(command: list[str], *, period_s: int = 10, failure_threshold: int = 3) -> k8s.core.v1.ProbeArgs:
+    return k8s.core.v1.ProbeArgs(
+        exec_=k8s.core.v1.ExecActionArgs(command=command),
+        period_seconds=period_s,
+        failure_threshold=failure_threshold,
+        timeout_seconds=3,
+    )
+
+
+def tcp_probe(port: int, *, period_s: int = 10, failure_threshold: int = 3) -> k8s.core.v1.ProbeArgs:
+    return k8s.core.v1.ProbeArgs(
+        tcp_socket=k8s.core.v1.TCPSocketActionArgs(port=port),
+        period_seconds=period_s,
+        failure_threshold=failure_threshold,
+        timeout_seconds=2,
+    )
+

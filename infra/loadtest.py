@@ -1,0 +1,290 @@
+"""The distributed k6 run: N runner pods that start together and tile the arrival schedule exactly once.
+
+* **Segments**: an Indexed Job (``completions = parallelism = runners``); pod *i* picks
+  ``execution_segments(runners)[i]`` from ``JOB_COMPLETION_INDEX`` and all share one
+  ``--execution-segment-sequence``, so the segments cover [0,1] once and every runner partitions
+  VUs and arrivals identically (``loadtest/k6config.py``).
+* **Start barrier**: every runner starts k6 ``--paused`` with its REST API on :6565 and turns Ready
+  only once k6 has initialised (script compiled, VUs pre-allocated). A headless Service lists only
+  Ready runners; the ``k6-start`` Job (``python -m loadtest.k6_start``) waits until all N are
+  listed, then resumes them within milliseconds and records the start time. Image pulls, scheduling
+  and VU allocation therefore never skew the schedule between runners (the approach k6-operator's
+  starter takes). A shared wall-clock start time would be unsound: nobody knows at plan time how
+  long pods take to come up.
+* **Re-runs**: the run id is a ``random.RandomId`` whose keepers are ``loadtest.runId`` and a hash of
+  everything that affects the measurement, so changing either replaces the id, hence the Job names,
+  hence a new run on the next ``pulumi up``.
+* **Thresholds**: k6 exits 99 when a threshold is crossed. That is a *result*, judged and reported by
+  the report Job, not an infrastructure failure, so the wrapper maps it to 0; any other non-zero
+  exit fails the Job (``backoffLimit: 0``: a load test is never silently retried).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shlex
+
+import pulumi
+import pulumi_kubernetes as k8s
+import pulumi_random as random
+
+from infra import common as c
+from infra.stackconfig import Resources, StackConfig
+from loadtest.k6config import GRACEFUL_STOP_S, execution_segments, k6_env, script_text, segment_sequence
+from loadtest.measure import profile_duration_s
+
+K6_UID = 12345  # the grafana/k6 image's user
+APP_UID = 10001
+SCRIPT_DIR = "/scripts"
+SCRIPT_FILE = "task.js"
+START_TIMEOUT_S = 600  # longest wait for all runners to become Ready (image pulls on a cold node)
+THRESHOLDS_CROSSED = 99  # k6's exit code for failed thresholds
+PUSH_INTERVAL_S = 5
+SMALL = Resources(cpu_request="50m", cpu_limit="500m", memory_request="64Mi", memory_limit="256Mi")
+
+
+def run_duration_s(cfg: StackConfig) -> float:
+    """The profile's schedule plus k6's gracefulStop: the longest a runner can be running after start."""
+    return profile_duration_s(cfg.loadtest.profiles[cfg.loadtest.profile]) + GRACEFUL_STOP_S
+
+
+def runner_timeout_s(cfg: StackConfig) -> int:
+    """How long Pulumi waits for the runner Job: start barrier + run + last push + margin."""
+    return math.ceil(START_TIMEOUT_S + run_duration_s(cfg) + 2 * PUSH_INTERVAL_S + 120)
+
+
+def measurement_hash(cfg: StackConfig) -> str:
+    """Everything that changes what a run measures; Grafana's look and the Ingress are excluded."""
+    doc = cfg.model_dump(mode="json", by_alias=True, exclude={"monitoring": {"grafana"}})
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def runner_script(runners: int, test_id: str) -> str:
+    """The runner's shell entrypoint: index -> segment, paused k6, exit code 99 -> 0 (see module doc)."""
+    cases = "\n".join(f'  {i}) SEGMENT="{seg}" ;;' for i, seg in enumerate(execution_segments(runners)))
+    return f"""set -u
+case "${{JOB_COMPLETION_INDEX:-}}" in
+{cases}
+  *) echo "no execution segment for JOB_COMPLETION_INDEX=${{JOB_COMPLETION_INDEX:-}}" >&2; exit 2 ;;
+esac
+echo "runner $JOB_COMPLETION_INDEX: segment $SEGMENT of {segment_sequence(runners)}"
+k6 run --paused --address 0.0.0.0:{c.K6_API_PORT} --no-usage-report \\
+  --execution-segment "$SEGMENT" --execution-segment-sequence {shlex.quote(segment_sequence(runners))} \\
+  --tag testid={shlex.quote(test_id)} -o experimental-prometheus-rw {SCRIPT_DIR}/{SCRIPT_FILE}
+rc=$?
+if [ "$rc" -eq {THRESHOLDS_CROSSED} ]; then
+  echo "k6 thresholds crossed: a measured result, judged by the report" >&2
+  exit 0
+fi
+exit "$rc"
+"""
+
+
+class LoadTest(pulumi.ComponentResource):
+    """RandomId run id, script ConfigMap, headless Service, the Indexed runner Job and the start Job."""
+
+    run_hex: pulumi.Output[str]
+    test_id: pulumi.Output[str]
+    runner_job: k8s.batch.v1.Job
+    start_job: k8s.batch.v1.Job
+    start_configmap: pulumi.Output[str]
+    report_configmap: pulumi.Output[str]
+    service_account: pulumi.Output[str]
+
+    def __init__(
+        self,
+        name: str,
+        cfg: StackConfig,
+        namespace: pulumi.Input[str],
+        *,
+        target_base_url: str,
+        remote_write_url: str,
+        depends_on: list[pulumi.Resource],
+        opts: pulumi.ResourceOptions | None = None,
+    ) -> None:
+        super().__init__("loadproof:infra:LoadTest", name, None, opts)
+        lt = cfg.loadtest
+        run = random.RandomId(
+            f"{name}-run-id",
+            byte_length=4,
+            keepers={"runId": lt.run_id, "config": measurement_hash(cfg)},
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        self.run_hex = run.hex
+        self.test_id = run.hex.apply(lambda h: f"lp-{h}")
+        self.start_configmap = run.hex.apply(lambda h: f"k6-start-{h}")
+        self.report_configmap = run.hex.apply(lambda h: f"report-{h}")
+        self.service_account = self._control_rbac(name, namespace)
+        script = k8s.core.v1.ConfigMap(
+            f"{name}-script",
+            metadata=c.metadata("k6-script", namespace, "k6"),
+            data={SCRIPT_FILE: script_text()},
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        run_label = "loadproof.dev/run"
+        runner_sel = run.hex.apply(lambda h: {**c.selector("k6"), run_label: h})
+        headless = k8s.core.v1.Service(
+            f"{name}-runners",
+            metadata=k8s.meta.v1.ObjectMetaArgs(
+                name=run.hex.apply(lambda h: f"k6-{h}"), namespace=namespace, labels=c.labels("k6")
+            ),
+            spec=k8s.core.v1.ServiceSpecArgs(
+                cluster_ip="None",  # DNS lists the Ready runner pods themselves: the barrier counts them
+                selector=runner_sel,
+                ports=[k8s.core.v1.ServicePortArgs(name="k6-api", port=c.K6_API_PORT, target_port=c.K6_API_PORT)],
+            ),
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        env = self.test_id.apply(
+            lambda tid: k6_env(
+                cfg,
+                base_url=target_base_url,
+                test_id=tid,
+                prometheus_rw_url=remote_write_url,
+                push_interval_s=PUSH_INTERVAL_S,
+            )
+        )
+        runner = k8s.core.v1.ContainerArgs(
+            name="k6",
+            image=lt.image,
+            command=["sh", "-c", self.test_id.apply(lambda tid: runner_script(lt.runners, tid))],
+            env=env.apply(lambda e: [k8s.core.v1.EnvVarArgs(name=k, value=e[k]) for k in sorted(e)]),
+            ports=[k8s.core.v1.ContainerPortArgs(name="k6-api", container_port=c.K6_API_PORT)],
+            resources=c.resources(lt.runner_resources),
+            security_context=c.container_security(),
+            # Ready = k6 initialised and paused, waiting for the barrier to resume it.
+            readiness_probe=c.http_probe("/v1/status", c.K6_API_PORT, period_s=2, failure_threshold=1),
+            liveness_probe=c.tcp_probe(c.K6_API_PORT, period_s=20, failure_threshold=6),
+            volume_mounts=[
+                k8s.core.v1.VolumeMountArgs(name="script", mount_path=SCRIPT_DIR, read_only=True),
+                k8s.core.v1.VolumeMountArgs(name="tmp", mount_path="/tmp"),
+            ],
+        )
+        timeout = runner_timeout_s(cfg)
+        self.runner_job = k8s.batch.v1.Job(
+            f"{name}-runners-job",
+            metadata=k8s.meta.v1.ObjectMetaArgs(
+                name=run.hex.apply(lambda h: f"k6-{h}"), namespace=namespace, labels=c.labels("k6")
+            ),
+            spec=k8s.batch.v1.JobSpecArgs(
+                completion_mode="Indexed",
+                completions=lt.runners,
+                parallelism=lt.runners,
+                backoff_limit=0,
+                # A runner that is never resumed must not hang forever.
+                active_deadline_seconds=timeout,
+                template=k8s.core.v1.PodTemplateSpecArgs(
+                    metadata=k8s.meta.v1.ObjectMetaArgs(labels=runner_sel.apply(lambda s: {**c.labels("k6"), **s})),
+                    spec=k8s.core.v1.PodSpecArgs(
+                        restart_policy="Never",
+                        automount_service_account_token=False,
+                        security_context=c.pod_security(K6_UID),
+                        containers=[runner],
+                        volumes=[
+                            k8s.core.v1.VolumeArgs(
+                                name="script",
+                                config_map=k8s.core.v1.ConfigMapVolumeSourceArgs(
+                                    name=script.metadata.apply(lambda m: m.name or "")
+                                ),
+                            ),
+                            c.empty_dir("tmp"),
+                        ],
+                    ),
+                ),
+            ),
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                depends_on=[*depends_on, headless],
+                custom_timeouts=pulumi.CustomTimeouts(create=f"{timeout}s", update=f"{timeout}s"),
+            ),
+        )
+        starter = k8s.core.v1.ContainerArgs(
+            name="k6-start",
+            image=cfg.image,
+            image_pull_policy=cfg.image_pull_policy,
+            command=["python", "-m", "loadtest.k6_start"],
+            args=pulumi.Output.all(headless.metadata.apply(lambda m: m.name or ""), self.start_configmap).apply(
+                lambda a: [
+                    "--service", f"{a[0]}.{cfg.namespace}.svc",
+                    "--port", str(c.K6_API_PORT),
+                    "--count", str(lt.runners),
+                    "--timeout-s", str(START_TIMEOUT_S),
+                    "--namespace", cfg.namespace,
+                    "--configmap", a[1],
+                ]  # fmt: skip
+            ),
+            resources=c.resources(SMALL),
+            security_context=c.container_security(),
+            volume_mounts=[k8s.core.v1.VolumeMountArgs(name="tmp", mount_path="/tmp")],
+        )
+        # Not a dependency of the runner Job (Pulumi waits for that Job to *complete*, which needs
+        # this one to resume it): both are created together.
+        self.start_job = k8s.batch.v1.Job(
+            f"{name}-start-job",
+            metadata=k8s.meta.v1.ObjectMetaArgs(
+                name=run.hex.apply(lambda h: f"k6-start-{h}"), namespace=namespace, labels=c.labels("k6-start")
+            ),
+            spec=k8s.batch.v1.JobSpecArgs(
+                backoff_limit=0,
+                active_deadline_seconds=START_TIMEOUT_S + 60,
+                template=k8s.core.v1.PodTemplateSpecArgs(
+                    metadata=k8s.meta.v1.ObjectMetaArgs(labels=c.labels("k6-start")),
+                    spec=k8s.core.v1.PodSpecArgs(
+                        restart_policy="Never",
+                        service_account_name=self.service_account,
+                        automount_service_account_token=True,
+                        security_context=c.pod_security(APP_UID),
+                        containers=[starter],
+                        volumes=[c.empty_dir("tmp", "16Mi")],
+                    ),
+                ),
+            ),
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                depends_on=[*depends_on, headless],
+                custom_timeouts=pulumi.CustomTimeouts(create=f"{START_TIMEOUT_S + 120}s"),
+            ),
+        )
+        self.register_outputs({"test_id": self.test_id})
+
+    def _control_rbac(self, name: str, namespace: pulumi.Input[str]) -> pulumi.Output[str]:
+        """ServiceAccount of the start and report Jobs: may write only this run's two result ConfigMaps.
+
+        RBAC cannot restrict ``create`` by name (the object does not exist yet), so ``create`` is
+        granted on configmaps and every other verb only on the two names.
+        """
+        opts = pulumi.ResourceOptions(parent=self)
+        sa = k8s.core.v1.ServiceAccount(
+            f"{name}-control-sa", metadata=c.metadata("loadtest-control", namespace, "report"), opts=opts
+        )
+        role = k8s.rbac.v1.Role(
+            f"{name}-control-role",
+            metadata=c.metadata("loadtest-control", namespace, "report"),
+            rules=[
+                k8s.rbac.v1.PolicyRuleArgs(api_groups=[""], resources=["configmaps"], verbs=["create"]),
+                k8s.rbac.v1.PolicyRuleArgs(
+                    api_groups=[""],
+                    resources=["configmaps"],
+                    resource_names=pulumi.Output.all(self.start_configmap, self.report_configmap).apply(list),
+                    verbs=["get", "update", "patch"],
+                ),
+            ],
+            opts=opts,
+        )
+        k8s.rbac.v1.RoleBinding(
+            f"{name}-control-rolebinding",
+            metadata=c.metadata("loadtest-control", namespace, "report"),
+            role_ref=k8s.rbac.v1.RoleRefArgs(
+                api_group="rbac.authorization.k8s.io", kind="Role", name=role.metadata.apply(lambda m: m.name or "")
+            ),
+            subjects=[
+                k8s.rbac.v1.SubjectArgs(
+                    kind="ServiceAccount", name=sa.metadata.apply(lambda m: m.name or ""), namespace=namespace
+                )
+            ],
+            opts=opts,
+        )
+        return sa.metadata.apply(lambda m: m.name or "")
+

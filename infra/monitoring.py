@@ -1,0 +1,333 @@
+"""Observability: Prometheus (pod discovery, k6 remote-write receiver) and Grafana (public, read-only).
+
+All configuration text comes from ``infra/prometheus_config.py`` and ``infra/grafana_config.py``
+(shared with ``make demo``) and the dashboards from ``dashboards.build``; this component only places
+it. Prometheus is ClusterIP only; Grafana is the one public entry point, through an Ingress.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pulumi
+import pulumi_kubernetes as k8s
+import pulumi_random as random
+
+from dashboards.build import all_dashboards
+from infra import common as c
+from infra import grafana_config as gc
+from infra import prometheus_config as pc
+from infra.stackconfig import StackConfig
+
+PROMETHEUS_UID = 65534  # nobody, as in the upstream image
+GRAFANA_UID = 472  # the grafana image's user
+CONFIG_DIR = "/etc/prometheus"
+DASHBOARD_DIR = "/var/lib/grafana/dashboards"
+
+
+def grafana_root_url(cfg: StackConfig) -> str:
+    g = cfg.monitoring.grafana
+    return f"{'https' if g.tls else 'http'}://{g.host}/"
+
+
+class Monitoring(pulumi.ComponentResource):
+    """Prometheus (SA + Role for namespace-scoped discovery, ConfigMap, PVC, Deployment, Service) and Grafana."""
+
+    prometheus_url: str
+    remote_write_url: str
+    grafana_url: str
+    grafana_admin_password: pulumi.Output[str]
+    prometheus: k8s.apps.v1.Deployment
+
+    def __init__(
+        self, name: str, cfg: StackConfig, namespace: pulumi.Input[str], opts: pulumi.ResourceOptions | None = None
+    ) -> None:
+        super().__init__("loadproof:infra:Monitoring", name, None, opts)
+        port = cfg.monitoring.prometheus.port
+        self.prometheus_url = f"http://prometheus.{cfg.namespace}.svc:{port}"
+        self.remote_write_url = f"{self.prometheus_url}/api/v1/write"
+        self.grafana_url = grafana_root_url(cfg)
+        self.prometheus = self._prometheus(name, cfg, namespace)
+        self.grafana_admin_password = self._grafana(name, cfg, namespace)
+        self.register_outputs({"grafana_url": self.grafana_url, "prometheus_url": self.prometheus_url})
+
+    # ------------------------------------------------------------------ Prometheus
+    def _prometheus(self, name: str, cfg: StackConfig, namespace: pulumi.Input[str]) -> k8s.apps.v1.Deployment:
+        p = cfg.monitoring.prometheus
+        opts = pulumi.ResourceOptions(parent=self)
+        sa = k8s.core.v1.ServiceAccount(
+            f"{name}-prometheus-sa", metadata=c.metadata("prometheus", namespace, "prometheus"), opts=opts
+        )
+        role = k8s.rbac.v1.Role(
+            f"{name}-prometheus-role",
+            metadata=c.metadata("prometheus-discovery", namespace, "prometheus"),
+            # Namespace-scoped discovery only: no ClusterRole, nothing outside this namespace is visible.
+            rules=[
+                k8s.rbac.v1.PolicyRuleArgs(
+                    api_groups=[""], resources=["pods", "endpoints", "services"], verbs=["get", "list", "watch"]
+                )
+            ],
+            opts=opts,
+        )
+        k8s.rbac.v1.RoleBinding(
+            f"{name}-prometheus-rolebinding",
+            metadata=c.metadata("prometheus-discovery", namespace, "prometheus"),
+            role_ref=k8s.rbac.v1.RoleRefArgs(
+                api_group="rbac.authorization.k8s.io", kind="Role", name=role.metadata.apply(lambda m: m.name or "")
+            ),
+            subjects=[
+                k8s.rbac.v1.SubjectArgs(
+                    kind="ServiceAccount", name=sa.metadata.apply(lambda m: m.name or ""), namespace=namespace
+                )
+            ],
+            opts=opts,
+        )
+        files = prometheus_files(cfg)
+        config = k8s.core.v1.ConfigMap(
+            f"{name}-prometheus-config",
+            metadata=c.metadata("prometheus-config", namespace, "prometheus"),
+            data=files,
+            opts=opts,
+        )
+        pvc = k8s.core.v1.PersistentVolumeClaim(
+            f"{name}-prometheus-data",
+            # WaitForFirstConsumer classes bind only when the pod exists: don't await "Bound".
+            metadata=c.metadata(
+                "prometheus-data", namespace, "prometheus", annotations={"pulumi.com/skipAwait": "true"}
+            ),
+            spec=k8s.core.v1.PersistentVolumeClaimSpecArgs(
+                access_modes=["ReadWriteOnce"],
+                resources=k8s.core.v1.VolumeResourceRequirementsArgs(requests={"storage": p.storage}),
+            ),
+            opts=opts,
+        )
+        container = k8s.core.v1.ContainerArgs(
+            name="prometheus",
+            image=p.image,
+            args=[
+                f"--config.file={CONFIG_DIR}/prometheus.yml",
+                "--storage.tsdb.path=/prometheus",
+                f"--storage.tsdb.retention.time={p.retention}",
+                f"--web.listen-address=:{p.port}",
+                *pc.PROMETHEUS_FLAGS,
+            ],
+            ports=[k8s.core.v1.ContainerPortArgs(name="http", container_port=p.port)],
+            resources=c.resources(cfg.monitoring.prometheus.resources),
+            security_context=c.container_security(),
+            liveness_probe=c.http_probe("/-/healthy", p.port, period_s=15),
+            readiness_probe=c.http_probe("/-/ready", p.port, period_s=5),
+            volume_mounts=[
+                k8s.core.v1.VolumeMountArgs(name="config", mount_path=CONFIG_DIR, read_only=True),
+                k8s.core.v1.VolumeMountArgs(name="data", mount_path="/prometheus"),
+            ],
+        )
+        deployment = k8s.apps.v1.Deployment(
+            f"{name}-prometheus",
+            metadata=c.metadata("prometheus", namespace, "prometheus"),
+            spec=k8s.apps.v1.DeploymentSpecArgs(
+                replicas=1,
+                # One TSDB writer on a RWO volume: never two pods at once.
+                strategy=k8s.apps.v1.DeploymentStrategyArgs(type="Recreate"),
+                selector=k8s.meta.v1.LabelSelectorArgs(match_labels=c.selector("prometheus")),
+                template=k8s.core.v1.PodTemplateSpecArgs(
+                    metadata=k8s.meta.v1.ObjectMetaArgs(
+                        labels=c.labels("prometheus"),
+                        # Config changes roll the pod (Prometheus does not watch its file).
+                        annotations={"loadproof.dev/config-hash": _hash(json.dumps(files, sort_keys=True))},
+                    ),
+                    spec=k8s.core.v1.PodSpecArgs(
+                        service_account_name=sa.metadata.apply(lambda m: m.name or ""),
+                        automount_service_account_token=True,
+                        security_context=c.pod_security(PROMETHEUS_UID),
+                        containers=[container],
+                        volumes=[
+                            k8s.core.v1.VolumeArgs(
+                                name="config",
+                                config_map=k8s.core.v1.ConfigMapVolumeSourceArgs(
+                                    name=config.metadata.apply(lambda m: m.name or "")
+                                ),
+                            ),
+                            k8s.core.v1.VolumeArgs(
+                                name="data",
+                                persistent_volume_claim=k8s.core.v1.PersistentVolumeClaimVolumeSourceArgs(
+                                    claim_name=pvc.metadata.apply(lambda m: m.name or "")
+                                ),
+                            ),
+                        ],
+                    ),
+                ),
+            ),
+            opts=opts,
+        )
+        k8s.core.v1.Service(
+            f"{name}-prometheus-service",
+            metadata=c.metadata("prometheus", namespace, "prometheus"),
+            spec=k8s.core.v1.ServiceSpecArgs(
+                type="ClusterIP",  # never public: Grafana is the window onto the data
+                selector=c.selector("prometheus"),
+                ports=[k8s.core.v1.ServicePortArgs(name="http", port=p.port, target_port=p.port)],
+            ),
+            opts=opts,
+        )
+        return deployment
+
+    # ------------------------------------------------------------------ Grafana
+    def _grafana(self, name: str, cfg: StackConfig, namespace: pulumi.Input[str]) -> pulumi.Output[str]:
+        g = cfg.monitoring.grafana
+        opts = pulumi.ResourceOptions(parent=self)
+        password = random.RandomPassword(f"{name}-grafana-admin-password", length=24, special=False, opts=opts)
+        secret = k8s.core.v1.Secret(
+            f"{name}-grafana-admin",
+            metadata=c.metadata("grafana-admin", namespace, "grafana"),
+            string_data={"password": password.result},
+            opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["stringData", "data"]),
+        )
+        files = grafana_files(cfg, self.prometheus_url)
+        maps: dict[str, k8s.core.v1.ConfigMap] = {}
+        for key, data in files.items():
+            maps[key] = k8s.core.v1.ConfigMap(
+                f"{name}-grafana-{key}",
+                metadata=c.metadata(f"grafana-{key}", namespace, "grafana"),
+                data=data,
+                opts=opts,
+            )
+
+        def cm_volume(vol: str, key: str) -> k8s.core.v1.VolumeArgs:
+            return k8s.core.v1.VolumeArgs(
+                name=vol,
+                config_map=k8s.core.v1.ConfigMapVolumeSourceArgs(
+                    name=maps[key].metadata.apply(lambda m: m.name or "")
+                ),
+            )
+
+        mount = k8s.core.v1.VolumeMountArgs
+        container = k8s.core.v1.ContainerArgs(
+            name="grafana",
+            image=g.image,
+            env=[
+                *c.env_list({"GF_PATHS_CONFIG": "/etc/grafana/grafana.ini", "GF_PATHS_DATA": "/var/lib/grafana"}),
+                c.secret_env(gc.ADMIN_PASSWORD_ENV, secret.metadata.apply(lambda m: m.name or ""), "password"),
+            ],
+            ports=[k8s.core.v1.ContainerPortArgs(name="http", container_port=c.GRAFANA_PORT)],
+            resources=c.resources(g.resources),
+            security_context=c.container_security(),
+            liveness_probe=c.http_probe("/api/health", c.GRAFANA_PORT, period_s=15, initial_delay_s=10),
+            readiness_probe=c.http_probe("/api/health", c.GRAFANA_PORT, period_s=5),
+            volume_mounts=[
+                mount(name="ini", mount_path="/etc/grafana/grafana.ini", sub_path="grafana.ini", read_only=True),
+                mount(name="datasources", mount_path="/etc/grafana/provisioning/datasources", read_only=True),
+                mount(name="providers", mount_path="/etc/grafana/provisioning/dashboards", read_only=True),
+                mount(name="dashboards", mount_path=DASHBOARD_DIR, read_only=True),
+                # Grafana's sqlite, plugins and sessions: ephemeral by design, everything is provisioned.
+                mount(name="data", mount_path="/var/lib/grafana"),
+                mount(name="tmp", mount_path="/tmp"),
+            ],
+        )
+        k8s.apps.v1.Deployment(
+            f"{name}-grafana",
+            metadata=c.metadata("grafana", namespace, "grafana"),
+            spec=k8s.apps.v1.DeploymentSpecArgs(
+                replicas=1,
+                selector=k8s.meta.v1.LabelSelectorArgs(match_labels=c.selector("grafana")),
+                template=k8s.core.v1.PodTemplateSpecArgs(
+                    metadata=k8s.meta.v1.ObjectMetaArgs(
+                        labels=c.labels("grafana"),
+                        annotations={"loadproof.dev/config-hash": _hash(json.dumps(files, sort_keys=True))},
+                    ),
+                    spec=k8s.core.v1.PodSpecArgs(
+                        automount_service_account_token=False,
+                        security_context=c.pod_security(GRAFANA_UID),
+                        containers=[container],
+                        volumes=[
+                            cm_volume("ini", "ini"),
+                            cm_volume("datasources", "datasources"),
+                            cm_volume("providers", "dashboard-provider"),
+                            cm_volume("dashboards", "dashboards"),
+                            c.empty_dir("data", "512Mi"),
+                            c.empty_dir("tmp"),
+                        ],
+                    ),
+                ),
+            ),
+            opts=opts,
+        )
+        service = k8s.core.v1.Service(
+            f"{name}-grafana-service",
+            metadata=c.metadata("grafana", namespace, "grafana"),
+            spec=k8s.core.v1.ServiceSpecArgs(
+                type="ClusterIP",
+                selector=c.selector("grafana"),
+                ports=[k8s.core.v1.ServicePortArgs(name="http", port=80, target_port=c.GRAFANA_PORT)],
+            ),
+            opts=opts,
+        )
+        annotations: dict[str, str] = {}
+        if g.tls and g.cert_issuer:
+            annotations["cert-manager.io/cluster-issuer"] = g.cert_issuer
+        k8s.networking.v1.Ingress(
+            f"{name}-grafana-ingress",
+            metadata=c.metadata("grafana", namespace, "grafana", annotations=annotations or None),
+            spec=k8s.networking.v1.IngressSpecArgs(
+                ingress_class_name=g.ingress_class,
+                tls=[k8s.networking.v1.IngressTLSArgs(hosts=[g.host], secret_name=tls_secret_name(cfg))]
+                if g.tls
+                else None,
+                rules=[
+                    k8s.networking.v1.IngressRuleArgs(
+                        host=g.host,
+                        http=k8s.networking.v1.HTTPIngressRuleValueArgs(
+                            paths=[
+                                k8s.networking.v1.HTTPIngressPathArgs(
+                                    path="/",
+                                    path_type="Prefix",
+                                    backend=k8s.networking.v1.IngressBackendArgs(
+                                        service=k8s.networking.v1.IngressServiceBackendArgs(
+                                            name=service.metadata.apply(lambda m: m.name or ""),
+                                            port=k8s.networking.v1.ServiceBackendPortArgs(number=80),
+                                        )
+                                    ),
+                                )
+                            ]
+                        ),
+                    )
+                ],
+            ),
+            opts=opts,
+        )
+        return pulumi.Output.secret(password.result)
+
+
+def tls_secret_name(cfg: StackConfig) -> str:
+    """cert-manager writes the certificate here; without an issuer, bring your own Secret of this name."""
+    return "grafana-tls"
+
+
+def grafana_files(cfg: StackConfig, prometheus_url: str) -> dict[str, dict[str, str]]:
+    """ConfigMap key -> file name -> text for Grafana's ini, provisioning and dashboards."""
+    g = cfg.monitoring.grafana
+    dashboards = all_dashboards(cfg.loadtest.thresholds)
+    return {
+        "ini": {"grafana.ini": gc.grafana_ini(g, grafana_root_url(cfg))},
+        "datasources": {
+            "datasources.yaml": pc.render_yaml(
+                gc.datasource_provisioning(prometheus_url, scrape_interval_s=cfg.monitoring.prometheus.scrape_interval_s)
+            )
+        },
+        "dashboard-provider": {"dashboards.yaml": pc.render_yaml(gc.dashboard_provider(DASHBOARD_DIR))},
+        "dashboards": {fname: json.dumps(d, sort_keys=True, indent=1) for fname, d in sorted(dashboards.items())},
+    }
+
+
+def prometheus_files(cfg: StackConfig) -> dict[str, str]:
+    """The Prometheus ConfigMap: scrape config (namespace pod discovery) and the recording/alert rules."""
+    p = cfg.monitoring.prometheus
+    rules_path = f"{CONFIG_DIR}/{pc.RULES_FILE}"
+    return {
+        "prometheus.yml": pc.render_yaml(pc.kubernetes_config(cfg.namespace, p.scrape_interval_s, rule_files=[rules_path])),
+        pc.RULES_FILE: pc.render_yaml(pc.rules(cfg.loadtest.thresholds)),
+    }
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,140 @@
+"""The task store: a Postgres StatefulSet with its own generated password, or an external database.
+
+Either way the result is one Secret key holding the SQLAlchemy URL, which is what the service,
+workers and report Job read (``LOADPROOF_DATABASE_URL`` via ``secretKeyRef``); the URL never appears
+in a pod spec or ConfigMap.
+"""
+
+from __future__ import annotations
+
+import pulumi
+import pulumi_kubernetes as k8s
+import pulumi_random as random
+
+from infra import common as c
+from infra.stackconfig import StackConfig
+
+URL_KEY = "database-url"
+DB_NAME = "loadproof"
+DB_USER = "loadproof"
+POSTGRES_UID = 70  # the postgres user of the alpine image
+
+
+class Postgres(pulumi.ComponentResource):
+    """``internal``: StatefulSet + PVC template + headless and ClusterIP Services; ``external``: a Secret only."""
+
+    secret_name: pulumi.Output[str]
+    url_key: str = URL_KEY
+    host: str
+
+    def __init__(
+        self,
+        name: str,
+        cfg: StackConfig,
+        namespace: pulumi.Input[str],
+        external_url: pulumi.Input[str] | None = None,
+        opts: pulumi.ResourceOptions | None = None,
+    ) -> None:
+        super().__init__("loadproof:infra:Postgres", name, None, opts)
+        p = cfg.postgres
+        self.host = f"{name}.{cfg.namespace}.svc"
+        if p.mode == "external":
+            if external_url is None:
+                raise ValueError("postgres.mode=external needs `pulumi config set --secret loadproof:databaseUrl ...`")
+            secret = k8s.core.v1.Secret(
+                f"{name}-url",
+                metadata=c.metadata(f"{name}-url", namespace, "postgres"),
+                string_data={URL_KEY: external_url},
+                opts=pulumi.ResourceOptions(parent=self),
+            )
+            self.secret_name = secret.metadata.apply(lambda m: m.name or "")
+            self.register_outputs({"secret_name": self.secret_name})
+            return
+
+        password = random.RandomPassword(
+            f"{name}-password", length=32, special=False, opts=pulumi.ResourceOptions(parent=self)
+        )
+        url = pulumi.Output.concat(
+            f"postgresql+psycopg://{DB_USER}:", password.result, f"@{self.host}:{c.POSTGRES_PORT}/{DB_NAME}"
+        )
+        secret = k8s.core.v1.Secret(
+            f"{name}-credentials",
+            metadata=c.metadata(f"{name}-credentials", namespace, "postgres"),
+            string_data={"password": password.result, URL_KEY: url},
+            opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["stringData", "data"]),
+        )
+        self.secret_name = secret.metadata.apply(lambda m: m.name or "")
+        sel = c.selector("postgres")
+        headless = k8s.core.v1.Service(
+            f"{name}-headless",
+            metadata=c.metadata(f"{name}-headless", namespace, "postgres"),
+            spec=k8s.core.v1.ServiceSpecArgs(
+                cluster_ip="None",
+                selector=sel,
+                ports=[k8s.core.v1.ServicePortArgs(name="postgres", port=c.POSTGRES_PORT, target_port=c.POSTGRES_PORT)],
+            ),
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        k8s.core.v1.Service(
+            f"{name}-service",
+            metadata=c.metadata(name, namespace, "postgres"),
+            spec=k8s.core.v1.ServiceSpecArgs(
+                type="ClusterIP",
+                selector=sel,
+                ports=[k8s.core.v1.ServicePortArgs(name="postgres", port=c.POSTGRES_PORT, target_port=c.POSTGRES_PORT)],
+            ),
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        ready = ["pg_isready", "-U", DB_USER, "-d", DB_NAME, "-h", "127.0.0.1"]
+        container = k8s.core.v1.ContainerArgs(
+            name="postgres",
+            image=p.image,
+            args=["-c", f"max_connections={p.max_connections}"],
+            env=[
+                *c.env_list(
+                    {"POSTGRES_USER": DB_USER, "POSTGRES_DB": DB_NAME, "PGDATA": "/var/lib/postgresql/data/pgdata"}
+                ),
+                c.secret_env("POSTGRES_PASSWORD", self.secret_name, "password"),
+            ],
+            ports=[k8s.core.v1.ContainerPortArgs(name="postgres", container_port=c.POSTGRES_PORT)],
+            resources=c.resources(p.resources),
+            security_context=c.container_security(),
+            liveness_probe=c.exec_probe(ready, period_s=15, failure_threshold=4),
+            readiness_probe=c.exec_probe(ready, period_s=5),
+            volume_mounts=[
+                k8s.core.v1.VolumeMountArgs(name="data", mount_path="/var/lib/postgresql/data"),
+                k8s.core.v1.VolumeMountArgs(name="run", mount_path="/var/run/postgresql"),
+                k8s.core.v1.VolumeMountArgs(name="tmp", mount_path="/tmp"),
+            ],
+        )
+        k8s.apps.v1.StatefulSet(
+            f"{name}-statefulset",
+            metadata=c.metadata(name, namespace, "postgres"),
+            spec=k8s.apps.v1.StatefulSetSpecArgs(
+                service_name=headless.metadata.apply(lambda m: m.name or ""),
+                replicas=1,
+                selector=k8s.meta.v1.LabelSelectorArgs(match_labels=sel),
+                template=k8s.core.v1.PodTemplateSpecArgs(
+                    metadata=k8s.meta.v1.ObjectMetaArgs(labels=c.labels("postgres")),
+                    spec=k8s.core.v1.PodSpecArgs(
+                        automount_service_account_token=False,
+                        security_context=c.pod_security(POSTGRES_UID),
+                        termination_grace_period_seconds=60,
+                        containers=[container],
+                        volumes=[c.empty_dir("run", "16Mi"), c.empty_dir("tmp")],
+                    ),
+                ),
+                volume_claim_templates=[
+                    k8s.core.v1.PersistentVolumeClaimArgs(
+                        metadata=k8s.meta.v1.ObjectMetaArgs(name="data", labels=c.labels("postgres")),
+                        spec=k8s.core.v1.PersistentVolumeClaimSpecArgs(
+                            access_modes=["ReadWriteOnce"],
+                            resources=k8s.core.v1.VolumeResourceRequirementsArgs(requests={"storage": p.storage}),
+                        ),
+                    )
+                ],
+            ),
+            # volumeClaimTemplates are immutable: a size change replaces the set (data is test data).
+            opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True),
+        )
+        self.register_outputs({"secret_name": self.secret_name})

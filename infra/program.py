@@ -1,0 +1,126 @@
+"""The whole Pulumi program as one function, so ``pulumi up`` (``__main__.py``), the offline renderer
+(``infra/render.py``) and the tests evaluate exactly the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pulumi
+
+from infra.baseline import Baseline
+from infra.llm import Llm
+from infra.loadtest import LoadTest
+from infra.monitoring import Monitoring
+from infra.orchestrator import Orchestrator
+from infra.postgres import Postgres
+from infra.redis import Redis
+from infra.report import Report
+from infra.stackconfig import PROJECT, StackConfig, parse
+
+# The measured numbers exported one by one (and all of them under `report`).
+REPORT_OUTPUTS = (
+    "p95_latency_ms",
+    "p99_latency_ms",
+    "server_p95_latency_ms",
+    "achieved_qps",
+    "target_qps",
+    "error_rate",
+    "dropped_iterations",
+    "cache_hit_ratio",
+    "llm_calls",
+    "llm_cost_usd",
+    "llm_cost_per_1k_tokens_usd",
+    "cost_per_request_usd",
+    "completion_p95_ms",
+    "tasks_accepted",
+    "tasks_completed",
+    "tasks_failed",
+    "tasks_lost",
+    "thresholds_passed",
+    "test_id",
+    "profile",
+)
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """Secret stack config (``pulumi config set --secret``): only ever Outputs, never plain values."""
+
+    database_url: pulumi.Output[str] | None = None
+    redis_url: pulumi.Output[str] | None = None
+    llm_api_key: pulumi.Output[str] | None = None
+
+
+def read_config() -> tuple[StackConfig, Secrets]:
+    """``loadproof:*`` from the stack, validated by the same schema ``make demo`` uses."""
+    config = pulumi.Config(PROJECT)
+    values: dict[str, Any] = {}
+    for name, field in StackConfig.model_fields.items():
+        key = field.alias or name
+        raw = config.get(key)
+        if raw is None:
+            continue
+        # Structured values (sections) arrive as JSON text; scalars as plain strings.
+        values[key] = config.get_object(key) if raw.lstrip().startswith(("{", "[")) else raw
+    secrets = Secrets(
+        database_url=config.get_secret("databaseUrl"),
+        redis_url=config.get_secret("redisUrl"),
+        llm_api_key=config.get_secret("llmApiKey"),
+    )
+    return parse(values), secrets
+
+
+def deploy(cfg: StackConfig, secrets: Secrets) -> dict[str, Any]:
+    """Build every component; returns the stack outputs."""
+    baseline = Baseline("baseline", cfg)
+    ns = baseline.namespace
+    postgres = Postgres("postgres", cfg, ns, external_url=secrets.database_url)
+    redis = Redis("redis", cfg, ns, external_url=secrets.redis_url)
+    llm = Llm("simulator", cfg, ns, external_api_key=secrets.llm_api_key)
+    monitoring = Monitoring("monitoring", cfg, ns)
+    service = Orchestrator(
+        "orchestrator",
+        cfg,
+        ns,
+        database_secret=postgres.secret_name,
+        database_key=postgres.url_key,
+        redis_secret=redis.secret_name,
+        redis_key=redis.url_key,
+        llm_base_url=llm.base_url,
+        llm_secret=llm.secret_name,
+        llm_key=llm.api_key_key,
+        opts=pulumi.ResourceOptions(depends_on=[postgres, redis, llm]),
+    )
+    loadtest = LoadTest(
+        "loadtest",
+        cfg,
+        ns,
+        target_base_url=service.base_url,
+        remote_write_url=monitoring.remote_write_url,
+        # The run starts only once the service and Prometheus are Ready (Pulumi awaits Deployments).
+        depends_on=[service, monitoring],
+    )
+    report = Report(
+        "report",
+        cfg,
+        ns,
+        test_id=loadtest.test_id,
+        prometheus_url=monitoring.prometheus_url,
+        grafana_url=monitoring.grafana_url,
+        start_configmap=loadtest.start_configmap,
+        report_configmap=loadtest.report_configmap,
+        service_account=loadtest.service_account,
+        database_secret=postgres.secret_name,
+        database_key=postgres.url_key,
+        after=[loadtest.runner_job, loadtest.start_job],
+    )
+    outputs: dict[str, Any] = {
+        "grafana_url": monitoring.grafana_url,
+        "grafana_admin_password": monitoring.grafana_admin_password,
+        "report": report.report,
+    }
+    for key in REPORT_OUTPUTS:
+        outputs[key] = report.report.apply(lambda r, k=key: r.get(k))
+    return outputs

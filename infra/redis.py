@@ -1,0 +1,122 @@
+"""Cache and durable task queue: a Redis Deployment with a PVC for its append-only file, or external.
+
+The URL lives in a Secret in both modes (an external one may carry a password), read by the
+service through ``secretKeyRef``.
+"""
+
+from __future__ import annotations
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from infra import common as c
+from infra.stackconfig import StackConfig
+
+URL_KEY = "redis-url"
+REDIS_UID = 999  # the redis user of the alpine image
+
+
+class Redis(pulumi.ComponentResource):
+    """``internal``: Deployment (Recreate: one writer of the AOF) + PVC + Service; ``external``: a Secret."""
+
+    secret_name: pulumi.Output[str]
+    url_key: str = URL_KEY
+
+    def __init__(
+        self,
+        name: str,
+        cfg: StackConfig,
+        namespace: pulumi.Input[str],
+        external_url: pulumi.Input[str] | None = None,
+        opts: pulumi.ResourceOptions | None = None,
+    ) -> None:
+        super().__init__("loadproof:infra:Redis", name, None, opts)
+        r = cfg.redis
+        if r.mode == "external":
+            if external_url is None:
+                raise ValueError("redis.mode=external needs `pulumi config set --secret loadproof:redisUrl ...`")
+            url: pulumi.Input[str] = external_url
+        else:
+            url = f"redis://{name}.{cfg.namespace}.svc:{c.REDIS_PORT}/0"
+        secret = k8s.core.v1.Secret(
+            f"{name}-url",
+            metadata=c.metadata(f"{name}-url", namespace, "redis"),
+            string_data={URL_KEY: url},
+            opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["stringData", "data"]),
+        )
+        self.secret_name = secret.metadata.apply(lambda m: m.name or "")
+        if r.mode == "external":
+            self.register_outputs({"secret_name": self.secret_name})
+            return
+
+        sel = c.selector("redis")
+        pvc = k8s.core.v1.PersistentVolumeClaim(
+            f"{name}-data",
+            # WaitForFirstConsumer storage classes bind only once the pod exists, and the pod refers
+            # to this claim: waiting for "Bound" here would deadlock.
+            metadata=c.metadata(f"{name}-data", namespace, "redis", annotations={"pulumi.com/skipAwait": "true"}),
+            spec=k8s.core.v1.PersistentVolumeClaimSpecArgs(
+                access_modes=["ReadWriteOnce"],
+                resources=k8s.core.v1.VolumeResourceRequirementsArgs(requests={"storage": r.storage}),
+            ),
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        args = [
+            "--port", str(c.REDIS_PORT),
+            "--dir", "/data",
+            "--maxmemory", r.maxmemory,
+            "--maxmemory-policy", r.maxmemory_policy,
+            "--appendonly", "yes" if r.appendonly else "no",
+            "--save", "",
+        ]  # fmt: skip
+        ping = ["redis-cli", "-p", str(c.REDIS_PORT), "ping"]
+        container = k8s.core.v1.ContainerArgs(
+            name="redis",
+            image=r.image,
+            command=["redis-server"],
+            args=args,
+            ports=[k8s.core.v1.ContainerPortArgs(name="redis", container_port=c.REDIS_PORT)],
+            resources=c.resources(r.resources),
+            security_context=c.container_security(),
+            liveness_probe=c.exec_probe(ping, period_s=15, failure_threshold=4),
+            readiness_probe=c.exec_probe(ping, period_s=5),
+            volume_mounts=[k8s.core.v1.VolumeMountArgs(name="data", mount_path="/data")],
+        )
+        k8s.apps.v1.Deployment(
+            f"{name}-deployment",
+            metadata=c.metadata(name, namespace, "redis"),
+            spec=k8s.apps.v1.DeploymentSpecArgs(
+                replicas=1,
+                strategy=k8s.apps.v1.DeploymentStrategyArgs(type="Recreate"),
+                selector=k8s.meta.v1.LabelSelectorArgs(match_labels=sel),
+                template=k8s.core.v1.PodTemplateSpecArgs(
+                    metadata=k8s.meta.v1.ObjectMetaArgs(labels=c.labels("redis")),
+                    spec=k8s.core.v1.PodSpecArgs(
+                        automount_service_account_token=False,
+                        security_context=c.pod_security(REDIS_UID),
+                        termination_grace_period_seconds=30,
+                        containers=[container],
+                        volumes=[
+                            k8s.core.v1.VolumeArgs(
+                                name="data",
+                                persistent_volume_claim=k8s.core.v1.PersistentVolumeClaimVolumeSourceArgs(
+                                    claim_name=pvc.metadata.apply(lambda m: m.name or "")
+                                ),
+                            )
+                        ],
+                    ),
+                ),
+            ),
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        k8s.core.v1.Service(
+            f"{name}-service",
+            metadata=c.metadata(name, namespace, "redis"),
+            spec=k8s.core.v1.ServiceSpecArgs(
+                type="ClusterIP",
+                selector=sel,
+                ports=[k8s.core.v1.ServicePortArgs(name="redis", port=c.REDIS_PORT, target_port=c.REDIS_PORT)],
+            ),
+            opts=pulumi.ResourceOptions(parent=self),
+        )
+        self.register_outputs({"secret_name": self.secret_name})

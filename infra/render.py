@@ -1,0 +1,342 @@
+"""Evaluate the Pulumi program offline and turn it into validated Kubernetes manifests.
+
+``python -m infra.render --stack dev`` (``make manifests STACK=dev``) runs ``infra/program.py`` under
+``pulumi.runtime.set_mocks`` (no Pulumi CLI, no cluster), records the inputs of every resource the
+program registers, and writes each Kubernetes object to ``build/manifests/<stack>/NN-<kind>-<name>.yaml``.
+Then it checks them the way a cluster would, as far as that is possible offline:
+
+* every object against the Kubernetes OpenAPI schema (``kubernetes-validate``, strict: unknown
+  fields are errors) for each version in :data:`K8S_VERSIONS`;
+* the Prometheus ConfigMap with ``promtool check config`` / ``check rules``;
+* the k6 script from its ConfigMap with ``k6 inspect``, using the runner Job's own environment.
+
+Exit status is non-zero, with every problem listed, if anything fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pulumi
+import yaml
+from pulumi.runtime import rpc
+
+from infra import prometheus_config as pc
+from infra.program import deploy, read_config
+from infra.stackconfig import PROJECT, REPO_ROOT, SECRET_KEYS, StackConfig, load, stack_file
+
+K8S_VERSIONS = ("1.29.0", "1.33.0")
+# Stand-ins for secret config and generated passwords: tests scan every non-Secret object for them.
+MOCK_SECRETS = {
+    "databaseUrl": "postgresql+psycopg://ext:mock-secret-database-url@db.example.com:5432/loadproof",
+    "redisUrl": "rediss://:mock-secret-redis-url@redis.example.com:6380/0",
+    "llmApiKey": "sk-mock-secret-llm-api-key",
+}
+MOCK_RUN_HEX = "1a2b3c4d"
+KIND_ORDER = (
+    "Namespace",
+    "ResourceQuota",
+    "LimitRange",
+    "NetworkPolicy",
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "Secret",
+    "ConfigMap",
+    "PersistentVolumeClaim",
+    "Service",
+    "StatefulSet",
+    "Deployment",
+    "PodDisruptionBudget",
+    "HorizontalPodAutoscaler",
+    "Ingress",
+    "Job",
+)
+
+
+def mock_password(name: str) -> str:
+    return f"mock-password-{name}"
+
+
+def mock_report(test_id: str, profile: str) -> dict[str, Any]:
+    """What the fake report ConfigMap holds: clearly fake numbers, never shown as measured."""
+    from infra.program import REPORT_OUTPUTS
+
+    doc: dict[str, Any] = dict.fromkeys(REPORT_OUTPUTS, None)
+    doc.update({"test_id": test_id, "profile": profile, "mock": True})
+    return doc
+
+
+@dataclass
+class Recorded:
+    typ: str
+    name: str
+    inputs: dict[str, Any]
+
+
+@dataclass
+class RecordingMocks(pulumi.runtime.Mocks):
+    """Records every registered resource's inputs and answers like a cooperative provider."""
+
+    profile: str = "demo"
+    resources: list[Recorded] = field(default_factory=list)
+    reads: list[tuple[str, str]] = field(default_factory=list)  # (type, id)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str | None, dict[Any, Any]]:
+        if args.resource_id:  # a read (`ConfigMap.get`): answer with the report
+            with self.lock:
+                self.reads.append((args.typ, args.resource_id))
+            ns, _, name = args.resource_id.partition("/")
+            data = {"report.json": json.dumps(mock_report(f"lp-{MOCK_RUN_HEX}", self.profile))}
+            return args.resource_id, {"metadata": {"name": name, "namespace": ns}, "data": data}
+        with self.lock:
+            self.resources.append(Recorded(args.typ, args.name, args.inputs))
+        state: dict[str, Any] = dict(args.inputs)
+        if args.typ == "random:index/randomPassword:RandomPassword":
+            state["result"] = mock_password(args.name)
+        elif args.typ == "random:index/randomId:RandomId":
+            state.update({"hex": MOCK_RUN_HEX, "b64Url": "GivDTQ", "b64Std": "GivDTQ==", "dec": "439041101"})
+        elif args.typ in ("kubernetes:core/v1:Service", "kubernetes:networking.k8s.io/v1:Ingress"):
+            state["status"] = {"loadBalancer": {"ingress": [{"ip": "10.0.0.10"}]}}
+        state = self.output_state(args, state)
+        return f"{args.name}-id", state
+
+    def output_state(self, args: pulumi.runtime.MockResourceArgs, state: dict[str, Any]) -> dict[str, Any]:
+        """Hook for tests that need a provider to answer differently."""
+        return state
+
+    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[Any, Any], list[tuple[str, str]] | None]:
+        return {}, None
+
+
+@dataclass
+class Evaluation:
+    cfg: StackConfig
+    outputs: dict[str, Any]
+    mocks: RecordingMocks
+
+    def manifests(self) -> list[dict[str, Any]]:
+        return manifests(self.mocks.resources)
+
+
+def config_values(cfg: StackConfig) -> dict[str, str]:
+    """The stack config as Pulumi hands it to a program: ``loadproof:key`` -> string (JSON for objects)."""
+    dumped = cfg.model_dump(mode="json", by_alias=True)
+    out: dict[str, str] = {}
+    for key, value in dumped.items():
+        if isinstance(value, dict | list):
+            out[f"{PROJECT}:{key}"] = json.dumps(value)
+        elif isinstance(value, bool):
+            out[f"{PROJECT}:{key}"] = "true" if value else "false"
+        else:
+            out[f"{PROJECT}:{key}"] = str(value)
+    return out
+
+
+def evaluate(
+    cfg: StackConfig,
+    *,
+    stack: str = "dev",
+    secrets: dict[str, str] | None = None,
+    mocks: RecordingMocks | None = None,
+) -> Evaluation:
+    """Run the program under mocks with ``cfg`` as its stack config; secrets default to :data:`MOCK_SECRETS`."""
+    mocks = mocks or RecordingMocks(profile=cfg.loadtest.profile)
+    values = config_values(cfg)
+    secret_values = MOCK_SECRETS if secrets is None else secrets
+    for key, value in secret_values.items():
+        if key not in SECRET_KEYS:
+            raise ValueError(f"unknown secret key {key!r}")
+        values[f"{PROJECT}:{key}"] = value
+    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False)
+    pulumi.runtime.set_all_config(values, secret_keys=[f"{PROJECT}:{k}" for k in secret_values])
+    holder: dict[str, Any] = {}
+
+    @pulumi.runtime.test
+    def run() -> pulumi.Output[None]:
+        parsed, secret_outputs = read_config()
+        outputs = deploy(parsed, secret_outputs)
+        return pulumi.Output.all(**outputs).apply(holder.update)
+
+    run()
+    return Evaluation(cfg=cfg, outputs=holder, mocks=mocks)
+
+
+# ---------------------------------------------------------------------------- manifests
+
+
+def _api_version_kind(typ: str) -> tuple[str, str] | None:
+    """``kubernetes:apps/v1:Deployment`` -> (``apps/v1``, ``Deployment``); None for non-Kubernetes types."""
+    parts = typ.split(":")
+    if len(parts) != 3 or parts[0] != "kubernetes" or parts[1].startswith("helm.sh"):
+        return None
+    group_version = parts[1]
+    if group_version.startswith("core/"):
+        group_version = group_version[len("core/") :]
+    return group_version, parts[2]
+
+
+_SECRET_SIG: str = rpc._special_sig_key  # Pulumi's wire marker of a secret value
+
+
+def _clean(value: Any) -> Any:
+    """Mock inputs carry numbers as floats (integral ones become ints) and secrets wrapped (unwrapped)."""
+    if isinstance(value, dict) and _SECRET_SIG in value and "value" in value:
+        return _clean(value["value"])
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def to_manifest(rec: Recorded) -> dict[str, Any] | None:
+    avk = _api_version_kind(rec.typ)
+    if avk is None:
+        return None
+    body = _clean(rec.inputs)
+    body["apiVersion"], body["kind"] = avk
+    ordered = {"apiVersion": body.pop("apiVersion"), "kind": body.pop("kind"), "metadata": body.pop("metadata", {})}
+    ordered.update(body)
+    return ordered
+
+
+def _sort_key(m: dict[str, Any]) -> tuple[int, str, str]:
+    kind = m["kind"]
+    rank = KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
+    return rank, m["metadata"].get("namespace", ""), m["metadata"].get("name", "")
+
+
+def manifests(recorded: Iterable[Recorded]) -> list[dict[str, Any]]:
+    """Kubernetes objects in apply order (namespace first, Jobs last), deterministic."""
+    out = [m for m in (to_manifest(r) for r in recorded) if m is not None]
+    return sorted(out, key=_sort_key)
+
+
+def file_name(index: int, manifest: dict[str, Any]) -> str:
+    return f"{index:02d}-{manifest['kind'].lower()}-{manifest['metadata'].get('name', 'unnamed')}.yaml"
+
+
+def write(objects: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.yaml"):
+        old.unlink()
+    paths = []
+    for i, obj in enumerate(objects):
+        path = out_dir / file_name(i, obj)
+        path.write_text(yaml.safe_dump(obj, sort_keys=False, width=1000))
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def validate(objects: list[dict[str, Any]], versions: Iterable[str] = K8S_VERSIONS) -> list[str]:
+    """Strict OpenAPI validation of every object; returns problems (empty = valid)."""
+    problems = []
+    for obj in objects:
+        for version in versions:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                path = "/".join(str(p) for p in exc.path) if hasattr(exc, "path") else ""
+                problems.append(f"{obj['kind']}/{obj['metadata'].get('name')} (k8s {version}) {path}: {exc.message}")
+            except kubernetes_validate.SchemaNotFoundError as exc:
+                problems.append(f"{obj['kind']}/{obj['metadata'].get('name')} (k8s {version}): {exc}")
+    return problems
+
+
+def find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    for obj in objects:
+        if obj["kind"] == kind and obj["metadata"].get("name") == name:
+            return obj
+    raise KeyError(f"no {kind}/{name} among the rendered objects")
+
+
+def runner_job(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    jobs = [o for o in objects if o["kind"] == "Job" and o["spec"].get("completionMode") == "Indexed"]
+    if len(jobs) != 1:
+        raise KeyError(f"expected one Indexed (k6 runner) Job, found {len(jobs)}")
+    return jobs[0]
+
+
+def check_prometheus(objects: list[dict[str, Any]]) -> list[str]:
+    data = find(objects, "ConfigMap", "prometheus-config")["data"]
+    try:
+        pc.promtool_check(data["prometheus.yml"], data.get(pc.RULES_FILE))
+    except pc.PromtoolError as exc:
+        return [f"promtool: {exc}"]
+    return []
+
+
+def check_k6(objects: list[dict[str, Any]]) -> list[str]:
+    script = find(objects, "ConfigMap", "k6-script")["data"]["task.js"]
+    job = runner_job(objects)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    with tempfile.TemporaryDirectory(prefix="loadproof-k6-inspect-") as tmp:
+        path = Path(tmp) / "task.js"
+        path.write_text(script)
+        # `k6 inspect` does not pass the process environment to the script (`k6 run` does): use -e.
+        flags = [arg for k in sorted(env) for arg in ("-e", f"{k}={env[k]}")]
+        proc = subprocess.run(
+            ["k6", "inspect", *flags, str(path)],
+            env=os.environ.copy(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    if proc.returncode != 0:
+        return [f"k6 inspect failed:\n{proc.stdout}{proc.stderr}"]
+    return []
+
+
+def check_all(objects: list[dict[str, Any]]) -> list[str]:
+    return validate(objects) + check_prometheus(objects) + check_k6(objects)
+
+
+def render_stack(stack: str, out_root: Path) -> tuple[list[Path], list[str]]:
+    cfg = load(stack)
+    evaluation = evaluate(cfg, stack=stack)
+    objects = evaluation.manifests()
+    paths = write(objects, out_root / stack)
+    return paths, check_all(objects)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infra.render", description="Render and validate the Kubernetes manifests offline.")
+    parser.add_argument("--stack", default="dev", help="reads Pulumi.<stack>.yaml")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "manifests")
+    args = parser.parse_args(argv)
+    if not stack_file(args.stack).exists():
+        print(f"error: {stack_file(args.stack)} does not exist", file=sys.stderr)
+        return 2
+    paths, problems = render_stack(args.stack, args.out)
+    print(f"wrote {len(paths)} manifests to {args.out / args.stack}")
+    if problems:
+        print(f"{len(problems)} problem(s):", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    print(f"all valid: kubernetes-validate (strict, {', '.join(K8S_VERSIONS)}), promtool, k6 inspect")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

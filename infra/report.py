@@ -1,0 +1,154 @@
+"""The measured result: a Job that measures the finished run in-cluster, and its read-back as outputs.
+
+The Job (``python -m loadtest.report_job``) runs the same ``loadtest.measure`` as ``make demo``
+against the in-cluster Prometheus (and Postgres, to reconcile tasks), then writes the report JSON into
+a ConfigMap through the Kubernetes API. Pulumi waits for the Job to complete (no
+``pulumi.com/skipAwait``), and the ConfigMap read's id is built from the *Job's outputs*, so the
+read cannot happen before the report exists. The program parses it and exports every number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from infra import common as c
+from infra.stackconfig import Resources, StackConfig
+
+APP_UID = 10001
+REPORT_KEY = "report.json"
+REPORT_RESOURCES = Resources(cpu_request="100m", cpu_limit="1", memory_request="128Mi", memory_limit="512Mi")
+MEASURE_MARGIN_S = 300  # querying Prometheus and Postgres after the drain
+
+
+def report_timeout_s(cfg: StackConfig) -> int:
+    return math.ceil(cfg.loadtest.drain_s + MEASURE_MARGIN_S)
+
+
+def report_job_config(
+    cfg: StackConfig,
+    *,
+    test_id: str,
+    prometheus_url: str,
+    grafana_url: str,
+    start_configmap: str,
+    report_configmap: str,
+) -> dict[str, Any]:
+    """Everything the report Job needs, as one JSON document (``LOADPROOF_REPORT_CONFIG``); no secrets."""
+    lt = cfg.loadtest
+    return {
+        "testId": test_id,
+        "namespace": cfg.namespace,
+        "prometheusUrl": prometheus_url,
+        "grafanaUrl": grafana_url,
+        "startConfigmap": start_configmap,
+        "reportConfigmap": report_configmap,
+        "profileName": lt.profile,
+        "profile": lt.profiles[lt.profile].model_dump(by_alias=True),
+        "thresholds": lt.thresholds.model_dump(by_alias=True),
+        "drainS": lt.drain_s,
+        "runners": lt.runners,
+        "orchestratorReplicas": cfg.orchestrator.replicas,
+        "workersReplicas": cfg.workers.replicas,
+    }
+
+
+class Report(pulumi.ComponentResource):
+    """The report Job and the ConfigMap read that turns its JSON into stack outputs."""
+
+    report: pulumi.Output[dict[str, Any]]
+    job: k8s.batch.v1.Job
+
+    def __init__(
+        self,
+        name: str,
+        cfg: StackConfig,
+        namespace: pulumi.Input[str],
+        *,
+        test_id: pulumi.Output[str],
+        prometheus_url: str,
+        grafana_url: str,
+        start_configmap: pulumi.Output[str],
+        report_configmap: pulumi.Output[str],
+        service_account: pulumi.Input[str],
+        database_secret: pulumi.Input[str],
+        database_key: str,
+        after: list[pulumi.Resource],
+        opts: pulumi.ResourceOptions | None = None,
+    ) -> None:
+        super().__init__("loadproof:infra:Report", name, None, opts)
+        doc = pulumi.Output.all(test_id, start_configmap, report_configmap).apply(
+            lambda a: json.dumps(
+                report_job_config(
+                    cfg,
+                    test_id=a[0],
+                    prometheus_url=prometheus_url,
+                    grafana_url=grafana_url,
+                    start_configmap=a[1],
+                    report_configmap=a[2],
+                ),
+                sort_keys=True,
+            )
+        )
+        container = k8s.core.v1.ContainerArgs(
+            name="report",
+            image=cfg.image,
+            image_pull_policy=cfg.image_pull_policy,
+            command=["python", "-m", "loadtest.report_job"],
+            env=[
+                k8s.core.v1.EnvVarArgs(name="LOADPROOF_REPORT_CONFIG", value=doc),
+                c.secret_env("LOADPROOF_DATABASE_URL", database_secret, database_key),
+            ],
+            resources=c.resources(REPORT_RESOURCES),
+            security_context=c.container_security(),
+            volume_mounts=[k8s.core.v1.VolumeMountArgs(name="tmp", mount_path="/tmp")],
+        )
+        timeout = report_timeout_s(cfg)
+        self.job = k8s.batch.v1.Job(
+            f"{name}-job",
+            # Same name as the ConfigMap it writes: one report per run id.
+            metadata=k8s.meta.v1.ObjectMetaArgs(name=report_configmap, namespace=namespace, labels=c.labels("report")),
+            spec=k8s.batch.v1.JobSpecArgs(
+                backoff_limit=0,
+                active_deadline_seconds=timeout,
+                template=k8s.core.v1.PodTemplateSpecArgs(
+                    metadata=k8s.meta.v1.ObjectMetaArgs(labels=c.labels("report")),
+                    spec=k8s.core.v1.PodSpecArgs(
+                        restart_policy="Never",
+                        service_account_name=service_account,
+                        automount_service_account_token=True,
+                        security_context=c.pod_security(APP_UID),
+                        containers=[container],
+                        volumes=[c.empty_dir("tmp", "64Mi")],
+                    ),
+                ),
+            ),
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                depends_on=after,
+                custom_timeouts=pulumi.CustomTimeouts(create=f"{timeout + 60}s", update=f"{timeout + 60}s"),
+            ),
+        )
+        # The id comes from the completed Job's outputs: Pulumi cannot issue this read earlier.
+        result = k8s.core.v1.ConfigMap.get(
+            f"{name}-result",
+            pulumi.Output.concat(namespace, "/", self.job.metadata.apply(lambda m: m.name or "")),
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.job]),
+        )
+        self.report = result.data.apply(parse_report)
+        self.register_outputs({"report": self.report})
+
+
+def parse_report(data: Mapping[str, str] | None) -> dict[str, Any]:
+    """The report document from the ConfigMap; a missing or broken one is an error, not an empty report."""
+    if not data or REPORT_KEY not in data:
+        raise ValueError(f"report ConfigMap has no {REPORT_KEY!r} key")
+    report = json.loads(data[REPORT_KEY])
+    if not isinstance(report, dict):
+        raise ValueError("report JSON is not an object")
+    return report

@@ -1,0 +1,140 @@
+"""Write a ``Pulumi.<stack>.yaml`` from a :class:`StackConfig`, every key with its description as a comment.
+
+The stack files are the documentation of every knob (like Ansible's group_vars), so they are
+generated from the schema rather than written by hand: ``python -m infra.stackfile`` rewrites
+``Pulumi.dev.yaml`` (all defaults) and ``Pulumi.kind.yaml`` (:data:`KIND_OVERRIDES`), and a test
+fails when either drifts from the schema.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from pydantic import BaseModel
+
+from infra.stackconfig import PROJECT, StackConfig, stack_file
+
+_YAML_WORDS = {"yes", "no", "on", "off", "true", "false", "null", "y", "n", "~"}
+SECRETS_NOTE = (
+    "# Secrets are set with `pulumi config set --secret` (databaseUrl, redisUrl, llmApiKey) "
+    "and never written here in plain text."
+)
+HEADERS = {
+    "dev": [
+        "# Stack `dev`: every knob of loadproof with its default and what it does (like Ansible group_vars).",
+        "# `make demo` reads this same file (STACK=dev); `pulumi up` on stack `dev` too.",
+        SECRETS_NOTE,
+    ],
+    "kind": [
+        "# Stack `kind`: a laptop cluster (kind/k3d). Small requests, one k6 runner, ingress-nginx installed,",
+        "# the `smoke` profile, Grafana on http://grafana.127.0.0.1.nip.io/ (see readme: cluster path).",
+        SECRETS_NOTE,
+    ],
+}
+KIND_OVERRIDES: dict[str, Any] = {
+    "baseline": {"quotaCpu": "8", "quotaMemory": "12Gi", "ingressController": True},
+    "postgres": {
+        "storage": "1Gi",
+        "maxConnections": 200,
+        "resources": {"cpuRequest": "100m", "cpuLimit": "1", "memoryRequest": "128Mi", "memoryLimit": "512Mi"},
+    },
+    "redis": {"resources": {"cpuRequest": "50m", "cpuLimit": "500m", "memoryRequest": "64Mi", "memoryLimit": "384Mi"}},
+    "orchestrator": {
+        "replicas": 1,
+        "autoscale": {"minReplicas": 1, "maxReplicas": 3},
+        "resources": {"cpuRequest": "250m", "cpuLimit": "1", "memoryRequest": "128Mi", "memoryLimit": "512Mi"},
+    },
+    "workers": {"replicas": 1},
+    "monitoring": {
+        "prometheus": {
+            "storage": "2Gi",
+            "resources": {"cpuRequest": "100m", "cpuLimit": "1", "memoryRequest": "256Mi", "memoryLimit": "1Gi"},
+        },
+        "grafana": {"host": "grafana.127.0.0.1.nip.io"},
+    },
+    "loadtest": {
+        "runners": 1,
+        "profile": "smoke",
+        "drainS": 30,
+        "runnerResources": {"cpuRequest": "250m", "cpuLimit": "1", "memoryRequest": "128Mi", "memoryLimit": "512Mi"},
+    },
+}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def config_for(stack: str) -> StackConfig:
+    base = StackConfig().model_dump(mode="json", by_alias=True)
+    return StackConfig.model_validate(_merge(base, KIND_OVERRIDES) if stack == "kind" else base)
+
+
+def scalar(value: object) -> str:
+    """A YAML scalar that reads back as the same type (quoted when YAML would reinterpret it)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value)
+    if text == "":
+        return '""'
+    risky = any(ch in text for ch in ":#{}[],&*?|<>=!%@`'\"") or text.strip() != text
+    looks_typed = text.lower() in _YAML_WORDS or text.replace(".", "", 1).isdigit()
+    return json.dumps(text) if risky or looks_typed else text
+
+
+def _emit(model: BaseModel, indent: int, lines: list[str]) -> None:
+    pad = "  " * indent
+    for name, field in type(model).model_fields.items():
+        key = field.alias or name
+        value = getattr(model, name)
+        desc = field.description or ""
+        if isinstance(value, BaseModel):
+            lines += [f"{pad}# {desc}", f"{pad}{key}:"]
+            _emit(value, indent + 1, lines)
+        elif isinstance(value, dict) and value and all(isinstance(v, BaseModel) for v in value.values()):
+            lines += [f"{pad}# {desc}", f"{pad}{key}:"]
+            for sub_key, sub in value.items():
+                lines.append(f"{pad}  {sub_key}:")
+                _emit(sub, indent + 2, lines)
+        elif isinstance(value, list):
+            lines += [f"{pad}# {desc}", f"{pad}{key}:"]
+            for item in value:
+                for i, (n2, f2) in enumerate(type(item).model_fields.items()):
+                    lines.append(f"{pad}  {'- ' if i == 0 else '  '}{f2.alias or n2}: {scalar(getattr(item, n2))}")
+        elif isinstance(value, dict):
+            body = ", ".join(f"{scalar(k)}: {scalar(v)}" for k, v in value.items())
+            lines.append(f"{pad}{key}: {{{body}}}  # {desc}")
+        else:
+            lines.append(f"{pad}{key}: {scalar(value)}  # {desc}")
+
+
+def render(cfg: StackConfig, header: list[str]) -> str:
+    lines = [*header, "config:"]
+    for name, field in StackConfig.model_fields.items():
+        key = field.alias or name
+        value = getattr(cfg, name)
+        if isinstance(value, BaseModel):
+            lines += [f"  # {field.description}", f"  {PROJECT}:{key}:"]
+            _emit(value, 2, lines)
+        else:
+            lines.append(f"  {PROJECT}:{key}: {scalar(value)}  # {field.description}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Regenerate the commented stack files from the schema.")
+    parser.add_argument("stacks", nargs="*", default=sorted(HEADERS))
+    for stack in parser.parse_args(argv).stacks:
+        stack_file(stack).write_text(render(config_for(stack), HEADERS[stack]))
+        print(f"wrote {stack_file(stack)}")
+
+
+if __name__ == "__main__":
+    main()
