@@ -120,6 +120,16 @@ def _task(extra: Labels | None = None) -> Labels:
     return {"route": TASK_ROUTE, "method": TASK_METHOD, **(extra or {})}
 
 
+def _or_zero(expr: str, witness: str) -> str:
+    """``expr``, or 0 when it has no series but ``witness`` does.
+
+    A counter series only exists once its event happened (no drop, no failure yet), so "absent"
+    must read 0 - but only while the data it belongs to exists; otherwise "no data" stays "no data"
+    instead of a reassuring, unmeasured 0.
+    """
+    return f"({expr}) or (0 * ({witness}))"
+
+
 def _ratio(part: str, whole: str) -> str:
     """``part / whole`` where an absent ``part`` (no such event yet) means 0, not "no data"."""
     return f"({part} or vector(0)) / {whole}"
@@ -167,12 +177,14 @@ def peak_qps(window: str, testid: str | None = None, smoothing: str = "30s", ste
 
 def dropped_iterations(window: str, testid: str | None = None) -> str:
     """Arrivals k6 could not start (VU ceiling hit): non-zero means the offered load was not offered."""
-    return f"sum(increase({k6_selector(K6_DROPPED_ITERATIONS, testid)}[{window}])) or vector(0)"
+    dropped = f"sum(increase({k6_selector(K6_DROPPED_ITERATIONS, testid)}[{window}]))"
+    return _or_zero(dropped, achieved_qps(window, testid))
 
 
 def dropped_iterations_per_s(window: str, testid: str | None = None) -> str:
     """Rate of dropped iterations, for time series."""
-    return f"sum(rate({k6_selector(K6_DROPPED_ITERATIONS, testid)}[{window}])) or vector(0)"
+    dropped = f"sum(rate({k6_selector(K6_DROPPED_ITERATIONS, testid)}[{window}]))"
+    return _or_zero(dropped, achieved_qps(window, testid))
 
 
 def k6_vus(testid: str | None = None) -> str:
@@ -195,6 +207,10 @@ def k6_window_total(metric: str, window: str, testid: str, labels: Labels | None
     return f"sum(last_over_time({sel}[{window}])) - {before}"
 
 
+def _k6_window_witness(window: str, testid: str) -> str:
+    return f"sum(last_over_time({k6_selector(K6_HTTP_REQS, testid)}[{window}]))"
+
+
 def requests_total(window: str, testid: str) -> str:
     """Exact number of k6 requests completed in the window (one run)."""
     return k6_window_total(K6_HTTP_REQS, window, testid)
@@ -202,12 +218,14 @@ def requests_total(window: str, testid: str) -> str:
 
 def failed_requests_total(window: str, testid: str) -> str:
     """Exact number of failed k6 requests in the window (one run); 0 when none failed."""
-    return f"({k6_window_total(K6_HTTP_REQS, window, testid, {'expected_response': 'false'})}) or vector(0)"
+    failed = k6_window_total(K6_HTTP_REQS, window, testid, {"expected_response": "false"})
+    return _or_zero(f"({failed})", _k6_window_witness(window, testid))
 
 
 def dropped_iterations_total(window: str, testid: str) -> str:
     """Exact number of dropped k6 iterations in the window (one run); 0 when none."""
-    return f"({k6_window_total(K6_DROPPED_ITERATIONS, window, testid)}) or vector(0)"
+    dropped = k6_window_total(K6_DROPPED_ITERATIONS, window, testid)
+    return _or_zero(f"({dropped})", _k6_window_witness(window, testid))
 
 
 # Whole-run (or whole-phase) numbers from cumulative k6 series. k6 tags each request with
@@ -230,8 +248,10 @@ def run_p95_latency_ms(testid: str, phase: str | None = MEASURED_PHASE) -> str:
 
 
 def run_total(metric: str, testid: str, labels: Labels | None = None, phase: str | None = None) -> str:
-    """Exact total of a k6 counter for one run (optionally one phase); 0 when the series never appeared."""
-    return f"sum({k6_selector(metric, testid, _phase(phase, labels))}) or vector(0)"
+    """Exact total of a k6 counter for one run (optionally one phase); 0 when the series never appeared
+    but the run's requests are there; no data when the run is not (or no longer) visible."""
+    total = f"sum({k6_selector(metric, testid, _phase(phase, labels))})"
+    return _or_zero(total, f"sum({k6_selector(K6_HTTP_REQS, testid)})")
 
 
 def run_error_rate(testid: str, phase: str | None = MEASURED_PHASE) -> str:
@@ -344,7 +364,8 @@ def tasks_per_s(window: str) -> str:
 
 def tasks_total(event: str, window: str) -> str:
     """Count of one task lifecycle event within the window (e.g. ``dead_lettered``)."""
-    return f"sum(increase({selector(TASKS, {'event': event})}[{window}])) or vector(0)"
+    events = f"sum(increase({selector(TASKS, {'event': event})}[{window}]))"
+    return _or_zero(events, f"sum(increase({TASKS}[{window}]))")
 
 
 def queue_depth() -> str:

@@ -349,9 +349,18 @@ def test_k6_exact_totals_match_k6_summary(live: Live) -> None:
     assert _value(live, q.requests_total("10m", live.testid)) == reqs
     assert _value(live, q.failed_requests_total("10m", live.testid)) == failed
     assert _value(live, q.dropped_iterations_total("10m", live.testid)) == dropped
-    # A window that ends before the run started holds nothing.
+    # Before the run there is no data - not a reassuring 0 - for every total, dropped ones included.
     before = live.k6_end - 3600
-    assert instant_value(live.url, q.requests_total("10m", live.testid), at=before) in (None, 0.0)
+    for expr in (
+        q.requests_total("10m", live.testid),
+        q.failed_requests_total("10m", live.testid),
+        q.dropped_iterations_total("10m", live.testid),
+        q.run_total(q.K6_DROPPED_ITERATIONS, live.testid),
+        q.dropped_iterations("10m", live.testid),
+    ):
+        assert instant_value(live.url, expr, at=before) is None, expr
+    # A counter that never moved in a run that exists reads 0.
+    assert _value(live, q.run_total(q.K6_HTTP_REQS, live.testid, {"status": "418"})) == 0
 
 
 def test_k6_measured_phase_matches_k6_summary(live: Live) -> None:
