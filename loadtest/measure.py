@@ -348,7 +348,7 @@ def k6_cross_check(summary: Mapping[str, Any] | None, prom_p95_ms: float | None,
 
 
 def measure(
-    prometheus_url: str,
+    prometheus: str | Prometheus,
     *,
     test_id: str,
     profile_name: str,
@@ -369,7 +369,7 @@ def measure(
     """
     if window.measured_s < 1:
         raise MeasureError(f"measured window is {window.measured_s:.1f}s: the run is not longer than its warm-up")
-    prom = Prometheus(prometheus_url)
+    prom = Prometheus(prometheus) if isinstance(prometheus, str) else prometheus
     try:
         return _measure(
             prom,
@@ -386,7 +386,8 @@ def measure(
             settle_s=settle_s,
         )
     finally:
-        prom.close()
+        if isinstance(prometheus, str):
+            prom.close()
 
 
 def _measure(
@@ -418,7 +419,8 @@ def _measure(
     achieved_qps = requests / measured_s
     error_rate = failed / requests if requests else None
     # Peak of the achieved rate (10 s rate windows) within the measured window: the ramp's top.
-    peak_points = prom.series(q.achieved_qps("10s", test_id), window.measured_start + 10, end, 2)
+    peak_start = min(window.measured_start + 10, end)
+    peak_points = prom.series(q.achieved_qps("10s", test_id), peak_start, end, 2)
     peak_qps = max((v for _, v in peak_points), default=None)
 
     # ---- server side over the measured window

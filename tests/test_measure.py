@@ -1,0 +1,310 @@
+"""loadtest/measure.py: its arithmetic on fixed Prometheus answers, its agreement with k6 on a real run,
+and its Postgres reconciliation against the real task table."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import httpx
+import psycopg
+import pytest
+
+from infra.stackconfig import ProfileConfig, Stage, ThresholdsConfig, load
+from loadtest import measure as ms
+from loadtest.bench import ReferenceServer
+from loadtest.demo import run_k6
+from loadtest.stack import PrometheusServer
+from service.db import SCHEMA
+from service.devstack import PostgresServer, free_port
+
+THRESHOLDS = ThresholdsConfig.model_validate({})
+PROFILE = ProfileConfig(
+    start_rate=10, warmup_s=5, stages=[Stage(duration="10s", target=50), Stage(duration="20s", target=50)]
+)
+
+
+# ------------------------------------------------------------------ pure helpers
+
+
+def test_duration_parsing() -> None:
+    assert ms.duration_seconds("20s") == 20
+    assert ms.duration_seconds("1m30s") == 90
+    assert ms.duration_seconds("2h") == 7200
+    assert ms.duration_seconds("500ms") == 0.5
+    for bad in ("20", "s", "1x"):
+        with pytest.raises(ValueError):
+            ms.duration_seconds(bad)
+
+
+def test_profile_schedule() -> None:
+    assert ms.peak_arrival_rate(PROFILE) == 50
+    assert ms.profile_duration_s(PROFILE) == 30
+    assert ms.target_rate_at(PROFILE, 0) == 10
+    assert ms.target_rate_at(PROFILE, 5) == 30  # halfway up the 10 -> 50 ramp
+    assert ms.target_rate_at(PROFILE, 25) == 50
+    assert ms.target_rate_at(PROFILE, 31) == 0
+    demo = load("dev").loadtest.profiles["demo"]
+    assert ms.peak_arrival_rate(demo) == max(s.target for s in demo.stages)
+
+
+def test_cross_check_flags_disagreement() -> None:
+    summary = {"metrics": {"http_req_duration{phase:measured}": {"values": {"p(95)": 100.0}},
+                           "http_reqs{phase:measured}": {"values": {"count": 10}}}}  # fmt: skip
+    ok = ms.k6_cross_check(summary, 103.0, 10)
+    assert ok["p95_relative_difference"] == 0.03 and ok["requests_match"] is True
+    bad = ms.k6_cross_check(summary, 150.0, 9)
+    assert bad["p95_relative_difference"] == 0.5 and bad["requests_match"] is False
+    assert ms.k6_cross_check(None, 1.0, 1) == {"available": False}
+
+
+# ------------------------------------------------------------------ arithmetic on fixed answers
+
+Answer = Callable[[str], float | None]
+
+
+def fake_prometheus(answer: Answer) -> ms.Prometheus:
+    """A Prometheus client whose HTTP API answers every instant query with ``answer(query)``."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        params = {k: v[0] for k, v in parse_qs(request.url.query.decode()).items()}
+        query = params["query"]
+        if request.url.path.endswith("/query_range"):
+            value = answer(query)
+            values = [] if value is None else [[float(params["start"]), str(value)]]
+            result = [{"metric": {}, "values": values}] if values else []
+            return httpx.Response(200, json={"status": "success", "data": {"resultType": "matrix", "result": result}})
+        value = answer(query)
+        result = [] if value is None else [{"metric": {}, "value": [time.time(), str(value)]}]
+        return httpx.Response(200, json={"status": "success", "data": {"resultType": "vector", "result": result}})
+
+    return ms.Prometheus("http://prometheus.invalid", client=httpx.Client(transport=httpx.MockTransport(handler)))
+
+
+def scripted(values: dict[str, float | None], default: float | None = None) -> Answer:
+    """Answer by the first key (a distinctive query fragment) contained in the query."""
+
+    def answer(query: str) -> float | None:
+        for fragment, value in values.items():
+            if fragment in query:
+                return value
+        return default
+
+    return answer
+
+
+WINDOW = ms.RunWindow(started_at=1_000_000.0, ended_at=1_000_030.0, warmup_s=5, drained_at=1_000_040.0)
+BASE = {
+    'expected_response="false"': 5,  # failed measured requests (more specific: first)
+    "histogram_quantile(0.5, sum(k6_": 40.0,
+    "histogram_quantile(0.95, sum(k6_": 120.0,
+    "histogram_quantile(0.99, sum(k6_": 300.0,
+    'k6_http_reqs_total{phase="measured",testid="t"}': 1000,
+    "k6_http_reqs_total": 1100,
+    "k6_dropped_iterations_total": 0,
+    "loadproof_http_request_duration_seconds_bucket": 80.0,
+    "loadproof_cache_lookups_total": 0.4,
+    "loadproof_tokens_delivered_total": 0.0003,  # cost per 1k delivered tokens
+    "loadproof_llm_tokens_total[": 0.0002,  # billed per 1k (ratio query) -- checked below by key
+    'loadproof_http_requests_total{route="/task",method="POST",status=~"2.."}': 0.00001,
+    "loadproof_task_completion_seconds_bucket": 1500.0,
+    "loadproof_llm_requests_total": 60,
+    'loadproof_tasks_total{event="accepted"}': 500,
+    'loadproof_tasks_total{event="completed"}': 500,
+    "loadproof_tasks_total": 0,
+    "loadproof_llm_cost_usd_total": 0.25,
+}
+
+
+def run_fake(values: dict[str, float | None], **kwargs: object) -> dict[str, object]:
+    prom = fake_prometheus(scripted(values))
+    return ms.measure(
+        prom,
+        test_id="t",
+        profile_name="smoke",
+        profile=PROFILE,
+        thresholds=THRESHOLDS,
+        window=WINDOW,
+        machine={"cores": 2, "cpu_model": "test"},
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_measure_arithmetic_on_fixed_answers() -> None:
+    out = run_fake(BASE)
+    for key in ms.OUTPUT_KEYS:
+        assert key in out, key
+    assert out["requests"] == 1000
+    assert out["requests_including_warmup"] == 1100
+    assert out["measured_window_s"] == 25.0
+    assert out["achieved_qps"] == 40.0  # 1000 requests / 25 s measured window
+    assert out["error_rate"] == 0.005  # 5 / 1000
+    assert out["p50_latency_ms"] == 40.0 and out["p95_latency_ms"] == 120.0 and out["p99_latency_ms"] == 300.0
+    assert out["target_qps"] == 50
+    assert out["cache_hit_ratio"] == 0.4
+    assert out["tasks_accepted"] == 0  # counter unchanged between the two instants (same answer)
+    assert out["tasks_lost"] is None  # no database: unknowable, never reported as 0
+    assert out["threshold_results"]["tasks_lost"] is False  # type: ignore[index]
+    assert out["thresholds_passed"] is False
+
+
+@pytest.mark.parametrize(
+    ("override", "failing"),
+    [
+        ({"histogram_quantile(0.95, sum(k6_": 450.0}, "p95_latency_ms"),
+        ({'expected_response="false"': 20}, "error_rate"),
+        ({"k6_dropped_iterations_total": 3}, "dropped_iterations"),
+        ({"loadproof_tokens_delivered_total": 0.009}, "llm_cost_per_1k_tokens_usd"),
+        ({"loadproof_tokens_delivered_total": None}, "llm_cost_per_1k_tokens_usd"),  # unmeasured fails
+        ({"histogram_quantile(0.95, sum(k6_": None}, "p95_latency_ms"),
+    ],
+)
+def test_each_threshold_can_fail(override: dict[str, float | None], failing: str) -> None:
+    out = run_fake({**BASE, **override})
+    results = out["threshold_results"]
+    assert results[failing] is False  # type: ignore[index]
+    assert out["thresholds_passed"] is False
+
+
+def test_no_k6_data_is_an_error() -> None:
+    with pytest.raises(ms.MeasureError, match="no k6 requests"):
+        run_fake({"k6_http_reqs_total": 0})
+
+
+def test_window_shorter_than_warmup_is_an_error() -> None:
+    with pytest.raises(ms.MeasureError, match="warm-up"):
+        ms.measure(
+            fake_prometheus(scripted(BASE)),
+            test_id="t",
+            profile_name="x",
+            profile=PROFILE,
+            thresholds=THRESHOLDS,
+            window=ms.RunWindow(0.0, 4.0, 5),
+        )
+
+
+# ------------------------------------------------------------------ Postgres reconciliation
+
+
+@pytest.fixture(scope="module")
+def task_db() -> Iterator[str]:
+    with PostgresServer() as pg:
+        with psycopg.connect(pg.dsn, autocommit=True) as conn:
+            for stmt in SCHEMA:
+                conn.execute(stmt)  # type: ignore[arg-type]
+        yield pg.url
+
+
+def _insert(url: str, rows: list[tuple[str, bool, float]]) -> None:
+    import uuid
+
+    with psycopg.connect(ms._psycopg_url(url), autocommit=True) as conn:
+        for status, cached, at in rows:
+            conn.execute(
+                "INSERT INTO tasks (id, persona_id, topic, cache_key, status, cached, accepted_at) "
+                "VALUES (%s, 'p', 't', 'k', %s, %s, to_timestamp(%s))",
+                (str(uuid.uuid4()), status, cached, at),
+            )
+
+
+def test_task_rows_are_counted_by_status_and_window(task_db: str) -> None:
+    t0 = 2_000_000.0
+    _insert(
+        task_db,
+        [("done", False, t0 + 1)] * 7
+        + [("failed", False, t0 + 2)] * 2
+        + [("queued", False, t0 + 3), ("running", False, t0 + 3)]
+        + [("done", True, t0 + 4)] * 5  # served from the cache: never accepted work
+        + [("done", False, t0 - 100)],  # an earlier run
+    )
+    rows = ms.count_task_rows(task_db, t0, t0 + 10)
+    assert rows.total == 11
+    assert rows.by_status == {"done": 7, "failed": 2, "queued": 1, "running": 1}
+    assert ms.pending_rows(rows) == 2
+    drained_at, pending = ms.wait_for_drain(task_db, t0, timeout_s=0.5, poll_s=0.1)
+    assert pending == 2 and drained_at > 0  # bounded: reports what is still queued instead of waiting forever
+
+
+def test_lost_tasks_are_accepted_minus_rows(task_db: str) -> None:
+    t0 = 3_000_000.0
+    _insert(task_db, [("done", False, t0 + 1)] * 3)
+    window = ms.RunWindow(started_at=t0, ended_at=t0 + 30, warmup_s=5, drained_at=t0 + 40)
+    calls = {"n": 0}
+
+    def answer(query: str) -> float | None:
+        if 'loadproof_tasks_total{event="accepted"}' in query:
+            calls["n"] += 1
+            return 0.0 if calls["n"] % 2 == 0 else 5.0  # after = 5, before = 0 -> 5 accepted
+        return scripted(BASE)(query)
+
+    out = ms.measure(
+        fake_prometheus(answer),
+        test_id="t",
+        profile_name="smoke",
+        profile=PROFILE,
+        thresholds=THRESHOLDS,
+        window=window,
+        database_url=task_db,
+        machine={},
+    )
+    assert out["tasks_accepted"] == 5
+    assert out["tasks_completed"] == 3
+    assert out["tasks_lost"] == 2  # accepted per the service's counter, but no row
+    assert out["threshold_results"]["tasks_lost"] is False  # type: ignore[index]
+
+
+# ------------------------------------------------------------------ a real run: Prometheus agrees with k6
+
+
+def test_real_run_matches_k6_summary(tmp_path: Path) -> None:
+    cfg = load("dev")
+    short = ProfileConfig(
+        start_rate=50, warmup_s=2, stages=[Stage(duration="8s", target=100)], pre_allocated_vus=20, max_vus=200
+    )
+    cfg = cfg.model_copy(
+        update={"loadtest": cfg.loadtest.model_copy(update={"profiles": {**cfg.loadtest.profiles, "short": short}})}
+    )
+    port = free_port()
+    prom = PrometheusServer(
+        {"prometheus": [f"127.0.0.1:{port}"]}, scrape_interval_s=1, workdir=tmp_path / "prom", port=port
+    )
+    with ReferenceServer(1) as ref:
+        try:
+            prom.start()
+            result = run_k6(
+                cfg,
+                profile="short",
+                base_url=ref.url,
+                test_id="measure-real",
+                run_dir=tmp_path / "run",
+                prometheus_rw_url=prom.remote_write_url,
+                web_dashboard=False,
+            )
+            assert result.returncode == 0, (tmp_path / "run" / "k6.log").read_text()
+            time.sleep(1)
+            out = ms.measure(
+                prom.url,
+                test_id="measure-real",
+                profile_name="short",
+                profile=short,
+                thresholds=cfg.loadtest.thresholds,
+                window=ms.RunWindow(result.started_at, result.ended_at, short.warmup_s),
+                k6_summary=result.summary,
+                settle_s=1,
+            )
+        finally:
+            prom.stop()
+    summary = json.loads((tmp_path / "run" / "k6-summary.json").read_text())
+    k6_measured = summary["metrics"]["http_reqs{phase:measured}"]["values"]["count"]
+    k6_all = summary["metrics"]["http_reqs"]["values"]["count"]
+    assert out["requests"] == k6_measured  # exact: cumulative series, no extrapolation
+    assert out["requests_including_warmup"] == k6_all
+    k6_p95 = summary["metrics"]["http_req_duration{phase:measured}"]["values"]["p(95)"]
+    assert out["p95_latency_ms"] == pytest.approx(k6_p95, rel=0.05)
+    assert out["k6_cross_check"]["requests_match"] is True  # type: ignore[index]
+    assert out["dropped_iterations"] == 0
+    assert out["error_rate"] == 0
+    assert out["achieved_qps"] == pytest.approx(k6_measured / out["measured_window_s"], rel=0.01)  # type: ignore[operator]
