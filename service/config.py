@@ -70,6 +70,12 @@ class Settings(BaseSettings):
         30000, ge=1000, description="Entries pending longer than this are reclaimed from dead consumers."
     )
     queue_max_attempts: int = Field(3, ge=1, description="Deliveries before a task is dead-lettered.")
+    queue_sweep_interval_s: float = Field(
+        5.0, gt=0, description="How often a worker checks Postgres for accepted tasks missing from the stream."
+    )
+    queue_sweep_grace_s: float = Field(
+        10.0, gt=0, description="Age of an unfinished task before the sweeper may re-enqueue it."
+    )
     worker_concurrency: int = Field(8, ge=1, description="Concurrent LLM calls per worker process.")
     batch_size: int = Field(5, ge=1, description="Tasks per LLM call; 1 disables batching (baseline).")
     batch_wait_ms: int = Field(100, ge=0, description="Longest wait to fill a batch.")

@@ -270,6 +270,10 @@ class PostgresServer:
     def start(self, timeout: float = 60.0) -> float:
         t0 = time.monotonic()
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.user is not None:  # the postgres user must be able to traverse a (0700 mkdtemp) parent
+            parent = self.dir.parent
+            with contextlib.suppress(OSError):
+                parent.chmod(parent.stat().st_mode | 0o011)
         self._chown(self.dir)
         self.socket_dir.mkdir(exist_ok=True)
         self._chown(self.socket_dir)

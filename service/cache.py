@@ -1,0 +1,162 @@
+"""The post cache in Redis: an optimization that must never hurt a request.
+
+Key = hash of ``persona_id``, the normalized topic (trimmed, whitespace collapsed, casefolded) and
+``prompt_version``, so trivially different spellings share a post and a new prompt invalidates all.
+The value is the ready-to-send JSON body of the 200 response plus the post's output tokens, so a
+hit costs one GET and no JSON work: the hot path of the whole service.
+
+Every Redis failure (down, slow past ``redis_socket_timeout_s``, pool exhausted) is a miss, counted
+in ``CACHE_ERRORS``; after ``cache_breaker_failures`` in a row the breaker skips Redis for
+``cache_breaker_reset_s`` so a dead Redis costs nothing per request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter
+
+from service import metrics
+from service.breaker import CircuitBreaker
+from service.config import Settings
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "loadproof:post:"
+_WS = re.compile(r"\s+")
+
+_HIT = metrics.CACHE_LOOKUPS.labels("hit")
+_MISS = metrics.CACHE_LOOKUPS.labels("miss")
+_ERR_GET = metrics.CACHE_ERRORS.labels("get")
+_ERR_SET = metrics.CACHE_ERRORS.labels("set")
+_DELIVERED_CACHE = metrics.TOKENS_DELIVERED.labels("cache")
+
+
+def clean_topic(topic: str) -> str:
+    """Trimmed with inner whitespace collapsed: what is stored and sent to the LLM."""
+    return _WS.sub(" ", topic).strip()
+
+
+def normalize_topic(topic: str) -> str:
+    """The cache/coalescing identity of a topic: ``clean_topic`` and casefolded."""
+    return clean_topic(topic).casefold()
+
+
+def cache_key(persona_id: str, topic: str, prompt_version: str) -> str:
+    raw = f"{persona_id}\x00{normalize_topic(topic)}\x00{prompt_version}".encode()
+    return KEY_PREFIX + hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def encode_hit(task_id: str, post: str, output_tokens: int) -> bytes:
+    """``<output_tokens>|<200 response body>``: what a hit sends, pre-rendered."""
+    body = json.dumps(
+        {"status": "done", "task_id": task_id, "post": post, "cached": True}, ensure_ascii=False, separators=(",", ":")
+    )
+    return f"{output_tokens}|".encode() + body.encode()
+
+
+@dataclass(frozen=True, slots=True)
+class CachedPost:
+    body: bytes  # the JSON response body
+    output_tokens: int
+
+    def post(self) -> str:
+        return str(json.loads(self.body)["post"])
+
+    def task_id(self) -> str:
+        return str(json.loads(self.body)["task_id"])
+
+
+def decode_hit(raw: bytes) -> CachedPost | None:
+    tokens, sep, body = raw.partition(b"|")
+    if not sep or not tokens.isdigit():
+        return None
+    return CachedPost(body, int(tokens))
+
+
+def make_redis(settings: Settings, *, socket_timeout: float | None, pool_size: int | None = None) -> aioredis.Redis:
+    """A client on a blocking pool (the default pool raises when exhausted instead of waiting)."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=pool_size or settings.redis_pool_size,
+        timeout=max(0.1, socket_timeout or 1.0),  # waiting for a free connection is bounded too
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=max(0.1, min(socket_timeout or 1.0, 1.0)),
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+class Cache:
+    """Best-effort GET/SET of posts; ``enabled=False`` (the baseline) is a permanent miss without metrics."""
+
+    def __init__(self, settings: Settings, client: aioredis.Redis | None = None) -> None:
+        self.settings = settings
+        self.enabled = settings.cache_enabled
+        self.ttl = settings.cache_ttl_s
+        self.client = client or make_redis(settings, socket_timeout=settings.redis_socket_timeout_s)
+        self.breaker = CircuitBreaker(
+            settings.cache_breaker_failures, settings.cache_breaker_reset_s, metrics.CACHE_BREAKER_OPEN
+        )
+
+    def key(self, persona_id: str, topic: str) -> str:
+        return cache_key(persona_id, topic, self.settings.prompt_version)
+
+    async def get(self, key: str) -> CachedPost | None:
+        """The cached post, or None on a miss, a malformed value or any Redis failure."""
+        if not self.enabled:
+            return None
+        if not self.breaker.allow():
+            _count(_MISS)
+            return None
+        try:
+            raw = await self.client.get(key)
+        except Exception as exc:  # any failure is a miss, never an error
+            self.breaker.record_failure()
+            _count(_ERR_GET)
+            _count(_MISS)
+            log.debug("cache get failed: %r", exc)
+            return None
+        self.breaker.record_success()
+        hit = decode_hit(raw) if isinstance(raw, bytes) else None
+        _count(_HIT if hit is not None else _MISS)
+        return hit
+
+    async def set_many(self, entries: list[tuple[str, bytes]]) -> bool:
+        """Store ``(key, encode_hit(...))`` pairs with the TTL in one round trip; False on failure."""
+        if not self.enabled or not entries:
+            return False
+        if not self.breaker.allow():
+            return False
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key, value in entries:
+                    pipe.set(key, value, ex=self.ttl)
+                await pipe.execute()
+        except Exception as exc:
+            self.breaker.record_failure()
+            _count(_ERR_SET)
+            log.debug("cache set failed: %r", exc)
+            return False
+        self.breaker.record_success()
+        return True
+
+    @staticmethod
+    def delivered(hit: CachedPost) -> None:
+        """Count a hit's tokens as delivered at $0 (the cost-per-1k denominator)."""
+        with contextlib.suppress(Exception):
+            _DELIVERED_CACHE.inc(hit.output_tokens)
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+
+def _count(child: Counter) -> None:
+    with contextlib.suppress(Exception):
+        child.inc()

@@ -1,0 +1,365 @@
+"""The task store: one Postgres table, reached through a SQLAlchemy 2 async engine (psycopg 3).
+
+Why Core SQL and not the ORM: every statement here is on a hot path, is one round trip and is
+easier to reason about (idempotent ``UPDATE ... WHERE status <> 'done'``) as plain SQL.
+
+Pooling is the knob the baseline turns off: ``db_pool_mode=queue`` keeps ``db_pool_size`` (+ overflow)
+connections per process; ``null`` opens a connection per use. Pool gauges come from pool events and
+the acquire-wait histogram from timing :meth:`Database.connect`, so the dashboard shows pool pressure.
+
+The row is the source of truth for a task (see ``service.queue``). Two partial indexes carry the
+design: a UNIQUE index on ``coalesce_key`` over unfinished rows makes request coalescing race-free,
+and an index on unfinished rows keeps the queue sweeper's scan cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sqlalchemy import event, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from service import metrics
+from service.config import Settings
+
+log = logging.getLogger(__name__)
+
+SCHEMA_LOCK_ID = 0x10AD9800F  # advisory lock: concurrent processes create the schema one at a time
+UNFINISHED = ("queued", "running")
+
+SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS tasks (
+        id              uuid PRIMARY KEY,
+        persona_id      text NOT NULL,
+        topic           text NOT NULL,
+        cache_key       text NOT NULL,
+        coalesce_key    text,
+        idempotency_key text UNIQUE,
+        status          text NOT NULL CHECK (status IN ('queued', 'running', 'done', 'failed')),
+        cached          boolean NOT NULL DEFAULT false,
+        post            text,
+        input_tokens    integer,
+        output_tokens   integer,
+        cost_usd        double precision,
+        attempts        integer NOT NULL DEFAULT 0,
+        error           text,
+        accepted_at     timestamptz NOT NULL DEFAULT now(),
+        started_at      timestamptz,
+        finished_at     timestamptz
+    )
+    """,
+    "CREATE UNIQUE INDEX IF NOT EXISTS tasks_inflight_coalesce ON tasks (coalesce_key) "
+    "WHERE status IN ('queued', 'running')",
+    "CREATE INDEX IF NOT EXISTS tasks_unfinished ON tasks (accepted_at) WHERE status IN ('queued', 'running')",
+)
+
+
+def make_engine(settings: Settings) -> AsyncEngine:
+    """An async engine configured from settings, with pool metrics attached."""
+    url = settings.database_url.get_secret_value()
+    kwargs: dict[str, Any] = {"pool_pre_ping": settings.db_pool_pre_ping}
+    if settings.db_pool_mode == "null":
+        kwargs["poolclass"] = NullPool
+    else:
+        kwargs.update(
+            pool_size=settings.db_pool_size,
+            max_overflow=settings.db_max_overflow,
+            pool_timeout=settings.db_pool_timeout_s,
+            pool_recycle=settings.db_pool_recycle_s,
+        )
+    engine = create_async_engine(url, connect_args={"connect_timeout": 5}, **kwargs)
+    _attach_pool_metrics(engine)
+    return engine
+
+
+def _attach_pool_metrics(engine: AsyncEngine) -> None:
+    pool = engine.sync_engine.pool
+    overflow = getattr(pool, "overflow", None)
+
+    def on_checkout(*_: Any) -> None:
+        with contextlib.suppress(Exception):
+            metrics.DB_POOL_IN_USE.inc()
+            if overflow is not None:
+                metrics.DB_POOL_OVERFLOW.set(max(0, overflow()))
+
+    def on_checkin(*_: Any) -> None:
+        with contextlib.suppress(Exception):
+            metrics.DB_POOL_IN_USE.dec()
+            if overflow is not None:
+                metrics.DB_POOL_OVERFLOW.set(max(0, overflow()))
+
+    event.listen(pool, "checkout", on_checkout)
+    event.listen(pool, "checkin", on_checkin)
+
+
+class Database:
+    """The engine plus the few statements the service needs."""
+
+    def __init__(self, settings: Settings, engine: AsyncEngine | None = None) -> None:
+        self.settings = settings
+        self.engine = engine or make_engine(settings)
+
+    async def aclose(self) -> None:
+        await self.engine.dispose()
+
+    @contextlib.asynccontextmanager
+    async def connect(self) -> AsyncIterator[AsyncConnection]:
+        """A connection in a transaction (committed on success); acquire wait is measured."""
+        started = time.perf_counter()
+        with contextlib.suppress(Exception):
+            metrics.DB_POOL_WAITERS.inc()
+        waiting = True
+        try:
+            async with self.engine.connect() as conn:
+                waiting = False
+                with contextlib.suppress(Exception):
+                    metrics.DB_POOL_WAITERS.dec()
+                    metrics.DB_POOL_WAIT.observe(time.perf_counter() - started)
+                async with conn.begin():
+                    yield conn
+        finally:
+            if waiting:
+                with contextlib.suppress(Exception):
+                    metrics.DB_POOL_WAITERS.dec()
+
+    async def create_schema(self) -> None:
+        """Idempotent; safe when several processes start at once (advisory lock)."""
+        async with self.connect() as conn:
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": SCHEMA_LOCK_ID})
+            for statement in SCHEMA:
+                await conn.execute(text(statement))
+
+    async def ping(self) -> None:
+        async with self.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    # --- API side ---------------------------------------------------------------------------
+    async def insert_task(
+        self,
+        task_id: str,
+        persona_id: str,
+        topic: str,
+        cache_key: str,
+        coalesce_key: str | None,
+        idempotency_key: str | None,
+    ) -> tuple[str, bool, dict[str, Any] | None]:
+        """Insert a queued task, or find the one this request must join.
+
+        Returns ``(task_id, created, existing_row)``. A conflict on the idempotency key returns that
+        task whatever its state; a conflict on the in-flight coalesce key returns the unfinished task.
+        If the conflicting task finishes between the insert and the lookup, the insert is retried.
+        """
+        params = {
+            "id": task_id,
+            "persona_id": persona_id,
+            "topic": topic,
+            "cache_key": cache_key,
+            "coalesce_key": coalesce_key,
+            "idem": idempotency_key,
+        }
+        for _ in range(3):
+            async with self.connect() as conn:
+                row = (
+                    await conn.execute(
+                        text(
+                            "INSERT INTO tasks (id, persona_id, topic, cache_key, coalesce_key, idempotency_key, "
+                            "status) VALUES (:id, :persona_id, :topic, :cache_key, :coalesce_key, :idem, 'queued') "
+                            "ON CONFLICT DO NOTHING RETURNING id"
+                        ),
+                        params,
+                    )
+                ).first()
+                if row is not None:
+                    return task_id, True, None
+                existing = (
+                    (
+                        await conn.execute(
+                            text(
+                                "SELECT id::text AS id, status, post, cache_key, cached FROM tasks "
+                                "WHERE (idempotency_key = :idem) "
+                                "OR (coalesce_key = :coalesce_key AND status IN ('queued', 'running')) "
+                                "ORDER BY (idempotency_key IS NOT DISTINCT FROM :idem) DESC LIMIT 1"
+                            ),
+                            params,
+                        )
+                    )
+                    .mappings()
+                    .first()
+                )
+                if existing is not None:
+                    return str(existing["id"]), False, dict(existing)
+        raise RuntimeError("could not insert or find the task after 3 attempts")
+
+    async def insert_done_from_cache(
+        self, task_id: str, persona_id: str, topic: str, cache_key: str, idempotency_key: str, post: str, tokens: int
+    ) -> tuple[str, dict[str, Any] | None]:
+        """A keyed request served from the cache still gets a durable row, so the key maps to one task id."""
+        async with self.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "INSERT INTO tasks (id, persona_id, topic, cache_key, idempotency_key, status, cached, post, "
+                        "input_tokens, output_tokens, cost_usd, started_at, finished_at) "
+                        "VALUES (:id, :persona_id, :topic, :cache_key, :idem, 'done', true, :post, 0, :tokens, 0, "
+                        "now(), now()) ON CONFLICT DO NOTHING RETURNING id"
+                    ),
+                    {
+                        "id": task_id,
+                        "persona_id": persona_id,
+                        "topic": topic,
+                        "cache_key": cache_key,
+                        "idem": idempotency_key,
+                        "post": post,
+                        "tokens": tokens,
+                    },
+                )
+            ).first()
+            if row is not None:
+                return task_id, None
+            existing = (
+                (
+                    await conn.execute(
+                        text(
+                            "SELECT id::text AS id, status, post, cache_key, cached FROM tasks "
+                            "WHERE idempotency_key = :idem"
+                        ),
+                        {"idem": idempotency_key},
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if existing is None:
+                raise RuntimeError("idempotency key conflict without a row")
+            return str(existing["id"]), dict(existing)
+
+    async def find_by_idempotency_key(self, key: str) -> dict[str, Any] | None:
+        async with self.connect() as conn:
+            row = (
+                (
+                    await conn.execute(
+                        text(
+                            "SELECT id::text AS id, status, post, cache_key, cached FROM tasks "
+                            "WHERE idempotency_key = :k"
+                        ),
+                        {"k": key},
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            return dict(row) if row is not None else None
+
+    async def get_task(self, task_id: str) -> dict[str, Any] | None:
+        async with self.connect() as conn:
+            row = (
+                (
+                    await conn.execute(
+                        text(
+                            "SELECT id::text AS id, persona_id, topic, status, cached, post, input_tokens, "
+                            "output_tokens, cost_usd, attempts, error, accepted_at, started_at, finished_at "
+                            "FROM tasks WHERE id = :id"
+                        ),
+                        {"id": task_id},
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            return dict(row) if row is not None else None
+
+    # --- worker side --------------------------------------------------------------------------
+    async def claim(self, task_ids: list[str]) -> list[dict[str, Any]]:
+        """Mark unfinished tasks running and count the delivery; finished or unknown ids are not returned."""
+        if not task_ids:
+            return []
+        async with self.connect() as conn:
+            rows = (
+                (
+                    await conn.execute(
+                        text(
+                            "UPDATE tasks SET status = 'running', attempts = attempts + 1, "
+                            "started_at = COALESCE(started_at, now()) "
+                            "WHERE id = ANY(CAST(:ids AS uuid[])) AND status IN ('queued', 'running') "
+                            "RETURNING id::text AS id, persona_id, topic, cache_key, attempts"
+                        ),
+                        {"ids": task_ids},
+                    )
+                )
+                .mappings()
+                .all()
+            )
+            return [dict(r) for r in rows]
+
+    async def complete(self, results: list[tuple[str, str, int, int, float]]) -> list[dict[str, Any]]:
+        """Store posts ``(id, post, input_tokens, output_tokens, cost_usd)``; idempotent.
+
+        A task already done is neither overwritten nor returned, so callers count each completion once.
+        Returns the rows actually completed with their completion time in seconds.
+        """
+        if not results:
+            return []
+        ids, posts, tin, tout, cost = (list(col) for col in zip(*results, strict=True))
+        async with self.connect() as conn:
+            rows = (
+                (
+                    await conn.execute(
+                        text(
+                            "UPDATE tasks AS t SET status = 'done', post = v.post, input_tokens = v.tin, "
+                            "output_tokens = v.tout, cost_usd = v.cost, error = NULL, finished_at = now() "
+                            "FROM unnest(CAST(:ids AS uuid[]), CAST(:posts AS text[]), CAST(:tin AS integer[]), "
+                            "CAST(:tout AS integer[]), CAST(:cost AS double precision[])) "
+                            "AS v(id, post, tin, tout, cost) "
+                            "WHERE t.id = v.id AND t.status <> 'done' "
+                            "RETURNING t.id::text AS id, t.cache_key, t.output_tokens, "
+                            "EXTRACT(EPOCH FROM (t.finished_at - t.accepted_at))::float8 AS completion_s"
+                        ),
+                        {"ids": ids, "posts": posts, "tin": tin, "tout": tout, "cost": cost},
+                    )
+                )
+                .mappings()
+                .all()
+            )
+            return [dict(r) for r in rows]
+
+    async def requeue(self, task_id: str, reason: str, *, refund_attempt: bool = False) -> bool:
+        """Back to queued after a retryable failure (the caller re-enqueues it).
+
+        ``refund_attempt`` gives the delivery back (the LLM was never tried, e.g. its breaker was open).
+        """
+        async with self.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "UPDATE tasks SET status = 'queued', error = :e, "
+                        "attempts = CASE WHEN :refund THEN GREATEST(attempts - 1, 0) ELSE attempts END "
+                        "WHERE id = :id AND status = 'running' RETURNING id"
+                    ),
+                    {"id": task_id, "e": reason[:1000], "refund": refund_attempt},
+                )
+            ).first()
+            return row is not None
+
+    async def fail(self, task_id: str, reason: str) -> bool:
+        """Dead-letter: status ``failed`` with the reason; never overrides a stored post."""
+        async with self.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "UPDATE tasks SET status = 'failed', error = :e, finished_at = now() "
+                        "WHERE id = :id AND status IN ('queued', 'running') RETURNING id"
+                    ),
+                    {"id": task_id, "e": reason[:1000]},
+                )
+            ).first()
+            return row is not None
+
+    async def try_lock(self, conn: AsyncConnection, lock_id: int) -> bool:
+        """Transaction-scoped advisory lock, e.g. so only one worker sweeps at a time."""
+        return bool((await conn.execute(text("SELECT pg_try_advisory_xact_lock(:id)"), {"id": lock_id})).scalar())

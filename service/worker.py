@@ -1,0 +1,352 @@
+"""The persona runtime: ``python -m service.worker`` turns queued tasks into posts, in micro-batches.
+
+One collector loop per process (not a timer per task) fills a batch: it blocks on ``XREADGROUP``
+for the first entry, then keeps reading for at most ``batch_wait_ms`` or until ``batch_size``
+entries. Each batch becomes ONE ``LLMClient.generate`` call; an item whose result is missing or
+malformed is retried alone once (``generate([item])``). At most ``worker_concurrency`` batches run at
+once: the collector takes a slot *before* reading, so a busy worker leaves entries to its peers.
+
+Results go to Postgres first (idempotent: a task already done is neither overwritten nor counted
+again), then to the cache, and only then is the stream entry acknowledged (see ``service.queue``).
+Retryable failures re-enqueue the task until ``queue_max_attempts`` deliveries, then it is
+dead-lettered (status ``failed`` with the reason). While the LLM circuit breaker is open the worker
+stops pulling work, and tasks that hit the open breaker get their attempt back.
+
+SIGTERM/SIGINT: stop reading, let in-flight batches finish within ``shutdown_timeout_s``; anything
+unfinished stays pending in the stream and is reclaimed by another worker after ``queue_claim_idle_ms``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from prometheus_client import start_http_server
+
+from service import metrics
+from service.cache import Cache, encode_hit, make_redis
+from service.config import Settings, get_settings
+from service.db import Database
+from service.llm import LLMClient, LLMError, LLMItem, LLMItemResult
+from service.queue import Entry, TaskQueue, sweep
+
+log = logging.getLogger("loadproof.worker")
+
+BLOCK_MS = 1000  # longest XREADGROUP block: bounds how long a stop request waits
+GAUGE_INTERVAL_S = 2.0
+ERROR_BACKOFF_S = 0.5
+
+
+def _inc(event: str, amount: float = 1.0) -> None:
+    with contextlib.suppress(Exception):
+        metrics.TASKS.labels(event).inc(amount)
+
+
+class Worker:
+    """One worker process: collector, batch runners and housekeeping loops."""
+
+    def __init__(self, settings: Settings, *, consumer: str | None = None, llm: LLMClient | None = None) -> None:
+        self.settings = settings
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.db = Database(settings)
+        # The queue connection blocks up to BLOCK_MS, so its socket timeout is longer than the cache's.
+        self.redis = make_redis(
+            settings, socket_timeout=BLOCK_MS / 1000 + 5.0, pool_size=settings.worker_concurrency + 8
+        )
+        self.cache = Cache(settings, make_redis(settings, socket_timeout=settings.redis_socket_timeout_s, pool_size=16))
+        self.queue = TaskQueue(settings, self.redis)
+        self.llm = llm or LLMClient(settings)
+        self.stopping = asyncio.Event()
+        self._slots = asyncio.Semaphore(settings.worker_concurrency)
+        self._batches: set[asyncio.Task[None]] = set()
+        self._held: set[bytes] = set()  # entry ids we are working on (heartbeat keeps them ours)
+        self._next_claim = 0.0
+        self._started = False
+        self._claim_every_s = max(0.5, settings.queue_claim_idle_ms / 2000)
+
+    def stop(self) -> None:
+        if not self.stopping.is_set():
+            log.info("stop requested: no new reads; finishing %d batch(es)", len(self._batches))
+            self.stopping.set()
+
+    # --- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Schema and consumer group; waits for Redis if it is not up yet."""
+        if self._started:
+            return
+        self._started = True
+        await self.db.create_schema()
+        while not self.stopping.is_set():
+            try:
+                await self.queue.ensure_group()
+                return
+            except Exception as exc:  # Redis not up yet: keep trying, the API still accepts tasks
+                log.warning("queue not reachable yet (%r); retrying", exc)
+                await asyncio.sleep(1.0)
+
+    async def run(self) -> None:
+        """Until :meth:`stop`; then drain within ``shutdown_timeout_s``."""
+        await self.start()
+        loops = [
+            asyncio.create_task(self._every(self._claim_every_s / 1.5, self._heartbeat), name="heartbeat"),
+            asyncio.create_task(self._every(self.settings.queue_sweep_interval_s, self._sweep), name="sweeper"),
+            asyncio.create_task(self._every(GAUGE_INTERVAL_S, self.queue.update_gauges), name="gauges"),
+        ]
+        try:
+            await self._collect()
+            if self._batches:
+                _done, pending = await asyncio.wait(set(self._batches), timeout=self.settings.shutdown_timeout_s)
+                if pending:
+                    log.warning("%d batch(es) unfinished at shutdown; left pending for reclaim", len(pending))
+                    for task in pending:
+                        task.cancel()
+                    await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            for loop in loops:
+                loop.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.llm.aclose()
+        await self.cache.aclose()
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+        await self.db.aclose()
+
+    async def _every(self, interval_s: float, fn: Any) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("%s failed: %r", getattr(fn, "__name__", fn), exc)
+
+    async def _heartbeat(self) -> None:
+        if self._held:
+            await self.queue.touch(self.consumer, list(self._held))
+
+    async def _sweep(self) -> None:
+        await sweep(self.queue, self.db)
+
+    # --- collecting batches ---------------------------------------------------------------------
+    async def _collect(self) -> None:
+        while not self.stopping.is_set():
+            if self.llm.breaker.is_open:  # do not pull work that would fail fast
+                await asyncio.sleep(0.2)
+                continue
+            await self._slots.acquire()
+            try:
+                entries = await self._gather_batch()
+            except Exception as exc:
+                self._slots.release()
+                log.warning("reading the queue failed: %r", exc)
+                await asyncio.sleep(ERROR_BACKOFF_S)
+                continue
+            if not entries:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._run_batch(entries))
+            self._batches.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._batches.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("batch failed; its entries stay pending for reclaim", exc_info=task.exception())
+
+    async def _gather_batch(self) -> list[Entry]:
+        size = self.settings.batch_size
+        entries: list[Entry] = []
+        now = time.monotonic()
+        if now >= self._next_claim:
+            self._next_claim = now + self._claim_every_s
+            reclaimed = await self.queue.autoclaim(self.consumer, size)
+            if reclaimed:
+                _inc("reclaimed", len(reclaimed))
+                log.info("reclaimed %d entr(y/ies) idle > %d ms", len(reclaimed), self.settings.queue_claim_idle_ms)
+                entries.extend(reclaimed)
+        deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
+        if not entries:
+            entries = await self.queue.read(self.consumer, size, BLOCK_MS)
+            if not entries:
+                return []
+            deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
+        while len(entries) < size and not self.stopping.is_set():
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0:
+                break
+            more = await self.queue.read(self.consumer, size - len(entries), remaining_ms)
+            if not more:
+                break
+            entries.extend(more)
+        return entries
+
+    # --- one batch ------------------------------------------------------------------------------
+    async def _run_batch(self, entries: Sequence[Entry]) -> None:
+        held = [e.entry_id for e in entries]
+        self._held.update(held)
+        try:
+            await self._process(entries)
+        finally:
+            self._held.difference_update(held)
+
+    async def _process(self, entries: Sequence[Entry]) -> None:
+        by_task: dict[str, list[bytes]] = {}
+        for e in entries:
+            by_task.setdefault(e.task_id, []).append(e.entry_id)
+        valid = [t for t in by_task if _is_uuid(t)]
+        rows = {r["id"]: r for r in await self.db.claim(valid)}
+        # Finished, unknown or garbage ids: nothing to do, acknowledge.
+        await self.queue.ack([eid for t, eids in by_task.items() if t not in rows for eid in eids])
+        live: list[dict[str, Any]] = []
+        for row in rows.values():
+            if row["attempts"] > self.settings.queue_max_attempts:
+                await self._dead_letter(row, f"delivered {row['attempts'] - 1} times without finishing", by_task)
+            else:
+                live.append(row)
+        if not live:
+            return
+        items = [LLMItem(r["id"], r["persona_id"], r["topic"]) for r in live]
+        try:
+            results = await self.llm.generate(items)
+        except LLMError as exc:
+            for row in live:
+                await self._failed(row, str(exc), exc.retryable, exc.outcome == "breaker_open", by_task)
+            return
+        good = [r for r in results if r.post is not None]
+        bad = [(item, r) for item, r in zip(items, results, strict=True) if r.post is None]
+        if bad:
+            _inc("retried", len(bad))
+            retried = await asyncio.gather(*(self._retry_alone(item) for item, _ in bad))
+            for (item, first), outcome in zip(bad, retried, strict=True):
+                if isinstance(outcome, LLMItemResult) and outcome.post is not None:
+                    good.append(_merge_usage(first, outcome))
+                else:
+                    row = rows[item.id]
+                    if isinstance(outcome, LLMError):
+                        await self._failed(
+                            row, str(outcome), outcome.retryable, outcome.outcome == "breaker_open", by_task
+                        )
+                    else:
+                        reason = (outcome.error if isinstance(outcome, LLMItemResult) else None) or first.error
+                        await self._failed(row, f"malformed LLM output: {reason}", True, False, by_task)
+        if good:
+            await self._complete(good, rows, by_task)
+
+    async def _retry_alone(self, item: LLMItem) -> LLMItemResult | LLMError:
+        try:
+            return (await self.llm.generate([item]))[0]
+        except LLMError as exc:
+            return exc
+
+    async def _complete(
+        self, results: list[LLMItemResult], rows: dict[str, dict[str, Any]], by_task: dict[str, list[bytes]]
+    ) -> None:
+        stored = await self.db.complete(
+            [(r.id, r.post or "", r.input_tokens, r.output_tokens, r.cost_usd) for r in results]
+        )
+        if stored:
+            with contextlib.suppress(Exception):
+                metrics.TASKS.labels("completed").inc(len(stored))
+                delivered = metrics.TOKENS_DELIVERED.labels("llm")
+                for row in stored:
+                    metrics.TASK_COMPLETION.observe(max(0.0, float(row["completion_s"] or 0.0)))
+                    delivered.inc(int(row["output_tokens"] or 0))
+        await self.cache.set_many(
+            [(rows[r.id]["cache_key"], encode_hit(r.id, r.post or "", r.output_tokens)) for r in results]
+        )
+        await self.queue.ack([eid for r in results for eid in by_task.get(r.id, [])])
+
+    async def _failed(
+        self, row: dict[str, Any], reason: str, retryable: bool, refund: bool, by_task: dict[str, list[bytes]]
+    ) -> None:
+        """Retry (re-enqueue, then ack the old entry) or dead-letter."""
+        task_id = row["id"]
+        if refund or (retryable and row["attempts"] < self.settings.queue_max_attempts):
+            if await self.db.requeue(task_id, reason, refund_attempt=refund):
+                await self.queue.enqueue_many([task_id])
+                if not refund:
+                    _inc("retried")
+            await self.queue.ack(by_task.get(task_id, []))
+            return
+        if not retryable:
+            if await self.db.fail(task_id, reason):
+                _inc("failed")
+            await self.queue.ack(by_task.get(task_id, []))
+            return
+        await self._dead_letter(row, reason, by_task)
+
+    async def _dead_letter(self, row: dict[str, Any], reason: str, by_task: dict[str, list[bytes]]) -> None:
+        attempts = min(row["attempts"], self.settings.queue_max_attempts)
+        if await self.db.fail(row["id"], f"dead-lettered after {attempts} attempt(s): {reason}"):
+            _inc("failed")
+            _inc("dead_lettered")
+        await self.queue.ack(by_task.get(row["id"], []))
+
+
+def _merge_usage(first: LLMItemResult, retry: LLMItemResult) -> LLMItemResult:
+    """The retried item carries both calls' usage: its share of the failed batch was billed too."""
+    return LLMItemResult(
+        retry.id,
+        retry.post,
+        None,
+        first.input_tokens + retry.input_tokens,
+        first.output_tokens + retry.output_tokens,
+        first.cost_usd + retry.cost_usd,
+    )
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+async def _main(settings: Settings) -> None:
+    worker = Worker(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    server = None
+    await worker.start()  # /metrics answering means "ready" (devstack waits for it)
+    if settings.metrics_enabled:
+        server, _thread = start_http_server(settings.worker_metrics_port, addr=settings.host)
+    log.info(
+        "worker %s: batch_size=%d batch_wait_ms=%d concurrency=%d metrics on :%d",
+        worker.consumer,
+        settings.batch_size,
+        settings.batch_wait_ms,
+        settings.worker_concurrency,
+        settings.worker_metrics_port,
+    )
+    try:
+        await worker.run()
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "httpcore", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # one line per LLM call is not a log
+    asyncio.run(_main(get_settings()))
+
+
+if __name__ == "__main__":
+    main()
