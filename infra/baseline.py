@@ -86,13 +86,22 @@ def _url_port(url: str) -> int:
 
 def _peer(p: Peer) -> list[k8s.networking.v1.NetworkPolicyPeerArgs]:
     if p.component:
-        return [k8s.networking.v1.NetworkPolicyPeerArgs(pod_selector=k8s.meta.v1.LabelSelectorArgs(
-            match_labels=c.selector(p.component)))]
+        return [
+            k8s.networking.v1.NetworkPolicyPeerArgs(
+                pod_selector=k8s.meta.v1.LabelSelectorArgs(match_labels=c.selector(p.component))
+            )
+        ]
     if p.namespace:
-        return [k8s.networking.v1.NetworkPolicyPeerArgs(namespace_selector=k8s.meta.v1.LabelSelectorArgs(
-            match_labels={"kubernetes.io/metadata.name": p.namespace}))]
-    return [k8s.networking.v1.NetworkPolicyPeerArgs(ip_block=k8s.networking.v1.IPBlockArgs(cidr=cidr))
-            for cidr in ANYWHERE]
+        return [
+            k8s.networking.v1.NetworkPolicyPeerArgs(
+                namespace_selector=k8s.meta.v1.LabelSelectorArgs(
+                    match_labels={"kubernetes.io/metadata.name": p.namespace}
+                )
+            )
+        ]
+    return [
+        k8s.networking.v1.NetworkPolicyPeerArgs(ip_block=k8s.networking.v1.IPBlockArgs(cidr=cidr)) for cidr in ANYWHERE
+    ]
 
 
 def _ports(flow: Flow) -> list[k8s.networking.v1.NetworkPolicyPortArgs] | None:

@@ -92,9 +92,7 @@ def secret_env(name: str, secret: pulumi.Input[str], key: str) -> k8s.core.v1.En
     """An environment variable read from a Secret, never spelled out in the pod spec."""
     return k8s.core.v1.EnvVarArgs(
         name=name,
-        value_from=k8s.core.v1.EnvVarSourceArgs(
-            secret_key_ref=k8s.core.v1.SecretKeySelectorArgs(name=secret, key=key)
-        ),
+        value_from=k8s.core.v1.EnvVarSourceArgs(secret_key_ref=k8s.core.v1.SecretKeySelectorArgs(name=secret, key=key)),
     )
 
 
@@ -130,4 +128,3 @@ def tcp_probe(port: int, *, period_s: int = 10, failure_threshold: int = 3) -> k
         failure_threshold=failure_threshold,
         timeout_seconds=2,
     )
-

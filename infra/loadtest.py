@@ -207,13 +207,19 @@ class LoadTest(pulumi.ComponentResource):
             command=["python", "-m", "loadtest.k6_start"],
             args=pulumi.Output.all(headless.metadata.apply(lambda m: m.name or ""), self.start_configmap).apply(
                 lambda a: [
-                    "--service", f"{a[0]}.{cfg.namespace}.svc",
-                    "--port", str(c.K6_API_PORT),
-                    "--count", str(lt.runners),
-                    "--timeout-s", str(START_TIMEOUT_S),
-                    "--namespace", cfg.namespace,
-                    "--configmap", a[1],
-                ]  # fmt: skip
+                    "--service",
+                    f"{a[0]}.{cfg.namespace}.svc",
+                    "--port",
+                    str(c.K6_API_PORT),
+                    "--count",
+                    str(lt.runners),
+                    "--timeout-s",
+                    str(START_TIMEOUT_S),
+                    "--namespace",
+                    cfg.namespace,
+                    "--configmap",
+                    a[1],
+                ]
             ),
             resources=c.resources(SMALL),
             security_context=c.container_security(),
@@ -287,4 +293,3 @@ class LoadTest(pulumi.ComponentResource):
             opts=opts,
         )
         return sa.metadata.apply(lambda m: m.name or "")
-

@@ -196,9 +196,7 @@ class Monitoring(pulumi.ComponentResource):
         def cm_volume(vol: str, key: str) -> k8s.core.v1.VolumeArgs:
             return k8s.core.v1.VolumeArgs(
                 name=vol,
-                config_map=k8s.core.v1.ConfigMapVolumeSourceArgs(
-                    name=maps[key].metadata.apply(lambda m: m.name or "")
-                ),
+                config_map=k8s.core.v1.ConfigMapVolumeSourceArgs(name=maps[key].metadata.apply(lambda m: m.name or "")),
             )
 
         mount = k8s.core.v1.VolumeMountArgs
@@ -311,7 +309,9 @@ def grafana_files(cfg: StackConfig, prometheus_url: str) -> dict[str, dict[str, 
         "ini": {"grafana.ini": gc.grafana_ini(g, grafana_root_url(cfg))},
         "datasources": {
             "datasources.yaml": pc.render_yaml(
-                gc.datasource_provisioning(prometheus_url, scrape_interval_s=cfg.monitoring.prometheus.scrape_interval_s)
+                gc.datasource_provisioning(
+                    prometheus_url, scrape_interval_s=cfg.monitoring.prometheus.scrape_interval_s
+                )
             )
         },
         "dashboard-provider": {"dashboards.yaml": pc.render_yaml(gc.dashboard_provider(DASHBOARD_DIR))},
@@ -324,7 +324,9 @@ def prometheus_files(cfg: StackConfig) -> dict[str, str]:
     p = cfg.monitoring.prometheus
     rules_path = f"{CONFIG_DIR}/{pc.RULES_FILE}"
     return {
-        "prometheus.yml": pc.render_yaml(pc.kubernetes_config(cfg.namespace, p.scrape_interval_s, rule_files=[rules_path])),
+        "prometheus.yml": pc.render_yaml(
+            pc.kubernetes_config(cfg.namespace, p.scrape_interval_s, rule_files=[rules_path])
+        ),
         pc.RULES_FILE: pc.render_yaml(pc.rules(cfg.loadtest.thresholds)),
     }
 

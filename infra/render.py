@@ -320,7 +320,9 @@ def render_stack(stack: str, out_root: Path) -> tuple[list[Path], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.render", description="Render and validate the Kubernetes manifests offline.")
+    parser = argparse.ArgumentParser(
+        prog="python -m infra.render", description="Render and validate the Kubernetes manifests offline."
+    )
     parser.add_argument("--stack", default="dev", help="reads Pulumi.<stack>.yaml")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "manifests")
     args = parser.parse_args(argv)

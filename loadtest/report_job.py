@@ -1,0 +1,134 @@
+"""Entry point of the cluster's report Job: measure the finished run and store the result in a ConfigMap.
+
+Runs in the service image after all k6 runners have finished (Pulumi orders it after the runner
+Job). It reads the start time the start barrier recorded (``loadtest/k6_start.py``), waits (bounded)
+for the run's queued tasks to drain, computes every number with the shared
+:func:`loadtest.measure.measure` against the in-cluster Prometheus and Postgres, and writes the JSON
+to the ConfigMap the Pulumi program reads back into stack outputs. Configuration comes from
+``LOADPROOF_REPORT_CONFIG`` (JSON, no secrets) and ``LOADPROOF_DATABASE_URL`` (from a Secret).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from infra.stackconfig import ProfileConfig, ThresholdsConfig
+
+CONFIG_ENV = "LOADPROOF_REPORT_CONFIG"
+REPORT_KEY = "report.json"
+START_KEY = "started_at"
+SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+# k6 pushes every 5 s and Prometheus scrapes every few seconds: the last samples land within this.
+SETTLE_S = 15.0
+
+
+class KubeError(RuntimeError):
+    """The Kubernetes API refused a request; the message carries its status and body."""
+
+
+@dataclass(frozen=True)
+class Kube:
+    """Just enough of the Kubernetes API for one ConfigMap, authenticated as the pod's ServiceAccount."""
+
+    base_url: str
+    token: str
+    verify: str | bool
+
+    @classmethod
+    def in_cluster(cls) -> Kube:
+        host = os.environ.get("KUBERNETES_SERVICE_HOST")
+        port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+        if not host:
+            raise KubeError("not running in a pod: KUBERNETES_SERVICE_HOST is unset")
+        host = f"[{host}]" if ":" in host else host
+        return cls(f"https://{host}:{port}", (SA_DIR / "token").read_text().strip(), str(SA_DIR / "ca.crt"))
+
+    def _client(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {self.token}"},
+            verify=self.verify,
+            timeout=30.0,
+        )
+
+    def put_configmap(self, namespace: str, name: str, data: dict[str, str]) -> None:
+        """Create the ConfigMap, or replace its data if it exists (a retried Job)."""
+        body: dict[str, Any] = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data}
+        path = f"/api/v1/namespaces/{namespace}/configmaps"
+        with self._client() as client:
+            resp = client.post(path, json=body)
+            if resp.status_code == 409:
+                resp = client.put(f"{path}/{name}", json=body)
+            if resp.status_code >= 300:
+                raise KubeError(f"writing ConfigMap {namespace}/{name}: HTTP {resp.status_code}: {resp.text[:500]}")
+
+    def get_configmap(self, namespace: str, name: str) -> dict[str, str] | None:
+        with self._client() as client:
+            resp = client.get(f"/api/v1/namespaces/{namespace}/configmaps/{name}")
+        if resp.status_code == 404:
+            return None
+        if resp.status_code >= 300:
+            raise KubeError(f"reading ConfigMap {namespace}/{name}: HTTP {resp.status_code}: {resp.text[:500]}")
+        return resp.json().get("data") or {}
+
+
+def run(doc: dict[str, Any], kube: Kube, database_url: str | None) -> dict[str, Any]:
+    """Measure the run described by ``doc`` (see ``infra/report.py:report_job_config``) and store the report."""
+    from loadtest.measure import RunWindow, measure, profile_duration_s, wait_for_drain
+
+    ns = doc["namespace"]
+    start = kube.get_configmap(ns, doc["startConfigmap"])
+    if not start or START_KEY not in start:
+        raise KubeError(f"ConfigMap {ns}/{doc['startConfigmap']} has no {START_KEY}: the runners were never started")
+    started_at = float(start[START_KEY])
+    profile = ProfileConfig.model_validate(doc["profile"])
+    # The offered load ends with the last stage; gracefulStop only lets in-flight requests finish.
+    ended_at = started_at + profile_duration_s(profile)
+    drained_at, pending = (time.time(), None)
+    if database_url:
+        drained_at, pending = wait_for_drain(database_url, started_at - 5, float(doc["drainS"]))
+    report = measure(
+        doc["prometheusUrl"],
+        test_id=doc["testId"],
+        profile_name=doc["profileName"],
+        profile=profile,
+        thresholds=ThresholdsConfig.model_validate(doc["thresholds"]),
+        window=RunWindow(started_at, ended_at, float(profile.warmup_s), drained_at=max(drained_at, ended_at)),
+        database_url=database_url,
+        tasks_pending_after_drain=pending,
+        grafana_url=doc.get("grafanaUrl"),
+        machine={
+            "where": "kubernetes",
+            "k6_runners": doc.get("runners"),
+            "orchestrator_replicas": doc.get("orchestratorReplicas"),
+            "workers_replicas": doc.get("workersReplicas"),
+        },
+        settle_s=SETTLE_S,
+    )
+    kube.put_configmap(ns, doc["reportConfigmap"], {REPORT_KEY: json.dumps(report, sort_keys=True)})
+    return report
+
+
+def main() -> int:
+    raw = os.environ.get(CONFIG_ENV)
+    if not raw:
+        print(f"error: {CONFIG_ENV} is not set", file=sys.stderr)
+        return 2
+    doc = json.loads(raw)
+    # Don't start measuring before the last k6 push and scrape can have landed.
+    time.sleep(SETTLE_S)
+    report = run(doc, Kube.in_cluster(), os.environ.get("LOADPROOF_DATABASE_URL") or None)
+    print(json.dumps({k: report.get(k) for k in ("test_id", "p95_latency_ms", "achieved_qps", "thresholds_passed")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
