@@ -387,9 +387,12 @@ class Simulator:
             else:
                 latency = self._jittered(self.settings.sim_ttft_ms)
                 latency += self._jittered(self.settings.sim_itl_ms) * usage["completion_tokens"]
-                sent = await _sleep_or_disconnect(receive, latency * load)
+                latency *= load
+                sent = await _sleep_or_disconnect(receive, latency)
                 if sent:
-                    await _json(send, 200, _completion(model, content, finish_reason, usage))
+                    # The planned latency and load factor, so tests can check the model without timing it.
+                    headers = [(b"x-sim-latency-ms", f"{latency * 1000:.3f}".encode()), _load_header(load)]
+                    await _json(send, 200, _completion(model, content, finish_reason, usage), headers)
             if sent:
                 stats.completed += 1
                 stats.prompt_tokens += usage["prompt_tokens"]
@@ -454,7 +457,11 @@ class Simulator:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+                "headers": [
+                    (b"content-type", b"text/event-stream"),
+                    (b"cache-control", b"no-cache"),
+                    _load_header(load),
+                ],
             }
         )
         step = STREAM_CHUNK_TOKENS * CHARS_PER_TOKEN
@@ -481,6 +488,10 @@ class Simulator:
         except OSError:  # client disconnected mid-stream
             return False
         return True
+
+
+def _load_header(load: float) -> tuple[bytes, bytes]:
+    return (b"x-sim-load", f"{load:.4f}".encode())
 
 
 def _delta(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:

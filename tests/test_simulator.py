@@ -202,3 +202,33 @@ def test_stats_report_the_simulated_model(sim: SimProc) -> None:
     config = sim.stats()["config"]
     assert config["ttft_ms"] == 5 and config["itl_ms"] == 0.1 and config["output_tokens"] == 60
     assert config["faults"]["rate_500"] == 0.25 and config["chars_per_token"] == CHARS_PER_TOKEN
+
+
+def _latency_bounds_ms(ttft: float, itl: float, jitter: float, tokens: int, load: float) -> tuple[float, float]:
+    low = (ttft * (1 - jitter) + itl * (1 - jitter) * tokens) * load
+    high = (ttft * (1 + jitter) + itl * (1 + jitter) * tokens) * load
+    return low, high
+
+
+@pytest.fixture(scope="module")
+def kneed_sim() -> Iterator[SimProc]:
+    env = {"LOADPROOF_SIM_TTFT_MS": "200", "LOADPROOF_SIM_ITL_MS": "1", "LOADPROOF_SIM_CONCURRENCY_KNEE": "4"}
+    with running_simulator(env) as proc:
+        yield proc
+
+
+async def test_latency_follows_the_model_and_grows_past_the_knee(kneed_sim: SimProc) -> None:
+    """Checks the planned latency the simulator reports (x-sim-*), not wall-clock time."""
+    body = {"model": MODEL, "messages": _batch(1)}
+    async with httpx.AsyncClient(base_url=kneed_sim.base_url, timeout=60) as http:
+        alone = await http.post("/chat/completions", json=body)
+        responses = await asyncio.gather(*(http.post("/chat/completions", json=body) for _ in range(24)))
+    for r in [alone, *responses]:
+        assert r.status_code == 200
+        load = float(r.headers["x-sim-load"])
+        low, high = _latency_bounds_ms(200, 1, 0.2, r.json()["usage"]["completion_tokens"], load)
+        assert low <= float(r.headers["x-sim-latency-ms"]) <= high
+    assert float(alone.headers["x-sim-load"]) == 1.0
+    loads = [float(r.headers["x-sim-load"]) for r in responses]
+    assert max(loads) > 1.0  # 24 concurrent calls against a knee of 4
+    assert max(loads) <= 24 / 4 and kneed_sim.stats()["max_inflight"] >= 5
