@@ -142,7 +142,7 @@ def split_evenly(total: int, weights: Sequence[int]) -> list[int]:
     return shares
 
 
-def _strip_fences(text: str) -> str:
+def strip_code_fence(text: str) -> str:
     """Tolerate a reply wrapped in a Markdown code fence (some OpenAI-compatible servers do this)."""
     text = text.strip()
     if text.startswith("```"):
@@ -355,7 +355,7 @@ class LLMClient:
             return {}, {}, f"model refused: {choice.message.refusal[:200]}"
         truncated = " (truncated at max_tokens)" if choice.finish_reason == "length" else ""
         try:
-            doc = json.loads(_strip_fences(choice.message.content or ""))
+            doc = json.loads(strip_code_fence(choice.message.content or ""))
         except ValueError:
             return {}, {}, f"response is not valid JSON{truncated}"
         reply = doc.get(prompts.ITEMS_KEY) if isinstance(doc, dict) else None
