@@ -89,6 +89,27 @@ class _ReplyItem(BaseModel):
     post: StrictStr
 
 
+class LLMBreaker(CircuitBreaker):
+    """The shared circuit breaker with an ``is_open`` that callers can poll without side effects.
+
+    A worker that pauses pulling work while ``is_open`` must see it turn False once the reset time
+    has passed — otherwise nothing would ever send the half-open probe that closes it, and the worker
+    would wait forever. So here ``is_open`` means "a call would be refused right now": open and not
+    yet due for its probe, or the probe is in flight. (The gauge still shows the raw open state.)
+    """
+
+    @property
+    def is_open(self) -> bool:
+        if self._opened_at is None:
+            return False
+        return self._trial_in_flight or self._clock() - self._opened_at < self._reset_s
+
+    @property
+    def probing(self) -> bool:
+        """True while the single half-open trial call is in flight."""
+        return self._trial_in_flight
+
+
 @dataclass(frozen=True, slots=True)
 class _Failure:
     """A failed HTTP attempt, classified."""
@@ -195,7 +216,7 @@ class LLMClient:
             timeout=settings.llm_timeout_s,
             max_retries=0,
         )
-        self.breaker = CircuitBreaker(
+        self.breaker = LLMBreaker(
             settings.llm_breaker_failures, settings.llm_breaker_reset_s, metrics.LLM_BREAKER_OPEN, clock=clock
         )
 
@@ -231,7 +252,7 @@ class LLMClient:
             if not self.breaker.allow():
                 self._count("breaker_open")
                 raise LLMError("LLM circuit breaker is open; failing fast", retryable=True, outcome="breaker_open")
-            probe = self.breaker.is_open  # allowed while open: we are the half-open trial
+            probe = self.breaker.probing  # allowed while open: we are the half-open trial
             remaining = deadline - self._clock()
             if remaining <= 0:
                 self._release_probe(probe)

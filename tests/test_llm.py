@@ -384,9 +384,12 @@ async def test_half_open_lets_exactly_one_probe_through(sim: SimProc, client_fac
     sim.control(script=["500", "timeout"], hang_s=30)
     with pytest.raises(LLMError, match="500"):
         await client.generate(items(1))
+    assert client.breaker.is_open
     vt.now += 10
+    assert not client.breaker.is_open  # due for a probe: a worker polling is_open resumes pulling work
     probe = asyncio.create_task(client.generate(items(1, "probe")))
     await wait_for_inflight(sim)  # the probe is hanging in the simulator
+    assert client.breaker.is_open and client.breaker.probing
     with pytest.raises(LLMError) as info:
         await client.generate(items(1, "other"))
     assert info.value.outcome == "breaker_open"  # half-open admits only the probe
