@@ -518,6 +518,9 @@ class SimulatorServer(_PythonService):
     def base_url(self) -> str:
         return f"{self.url}/v1"
 
+    def __str__(self) -> str:
+        return self.url
+
     def _env(self) -> dict[str, str]:
         return {**self.extra_env, "LOADPROOF_SIM_HOST": "127.0.0.1", "LOADPROOF_SIM_PORT": str(self.port)}
 
