@@ -49,7 +49,8 @@ def normalize_topic(topic: str) -> str:
 
 
 def cache_key(persona_id: str, topic: str, prompt_version: str) -> str:
-    raw = f"{persona_id}\x00{normalize_topic(topic)}\x00{prompt_version}".encode()
+    # JSON array: unambiguous whatever characters the parts contain.
+    raw = json.dumps([persona_id, normalize_topic(topic), prompt_version], ensure_ascii=False).encode()
     return KEY_PREFIX + hashlib.blake2b(raw, digest_size=16).hexdigest()
 
 

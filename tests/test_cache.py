@@ -1,0 +1,107 @@
+"""The post cache against a real Redis: keys, values, TTL, and that no Redis failure ever escapes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+
+from service.cache import Cache, cache_key, clean_topic, decode_hit, encode_hit, normalize_topic
+from service.devstack import PostgresServer, RedisServer, SimulatorServer
+from tests.conftest import make_settings, sample
+
+
+def test_normalization_and_key() -> None:
+    assert clean_topic("  Rust \t in\nprod  ") == "Rust in prod"
+    assert normalize_topic("  RUST   in PROD ") == "rust in prod"
+    assert normalize_topic("Straße") == normalize_topic("STRASSE")  # casefold, not lower
+    k = cache_key("p", "Rust in prod", "v1")
+    assert k == cache_key("p", "  rust IN  prod ", "v1")
+    assert k != cache_key("q", "Rust in prod", "v1")
+    assert k != cache_key("p", "Rust in prod", "v2")  # a new prompt version invalidates
+    assert k != cache_key("p", "Rust in prods", "v1")
+    assert cache_key("a\x00b", "c", "v1") != cache_key("a", "b\x00c", "v1")
+
+
+def test_value_round_trip() -> None:
+    raw = encode_hit("id-1", 'He said "hi" | ok', 42)
+    hit = decode_hit(raw)
+    assert hit is not None and hit.output_tokens == 42
+    assert hit.post() == 'He said "hi" | ok' and hit.task_id() == "id-1"
+    assert decode_hit(b"garbage") is None
+    assert decode_hit(b"x|{}") is None
+
+
+@pytest.mark.usefixtures("clean_state")
+async def test_set_get_ttl_and_metrics(
+    postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer
+) -> None:
+    settings = make_settings(postgres, redis_server, simulator, cache_ttl_s=120)
+    cache = Cache(settings)
+    try:
+        key = cache.key("p", "Topic")
+        misses = sample("loadproof_cache_lookups_total", {"result": "miss"})
+        assert await cache.get(key) is None
+        assert sample("loadproof_cache_lookups_total", {"result": "miss"}) == misses + 1
+        assert await cache.set_many([(key, encode_hit("t1", "a post", 7))])
+        hit = await cache.get(cache.key("p", " topic "))
+        assert hit is not None and hit.post() == "a post" and hit.output_tokens == 7
+        ttl = redis.Redis.from_url(redis_server.url).ttl(key)
+        assert 0 < ttl <= 120
+        redis.Redis.from_url(redis_server.url).set(key, b"not a cached value")
+        assert await cache.get(key) is None  # malformed value is a miss, not an error
+    finally:
+        await cache.aclose()
+
+
+@pytest.mark.usefixtures("clean_state")
+async def test_disabled_cache_never_touches_redis(
+    postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer
+) -> None:
+    cache = Cache(make_settings(postgres, redis_server, simulator, cache_enabled=False))
+    try:
+        key = cache.key("p", "t")
+        redis.Redis.from_url(redis_server.url).set(key, encode_hit("t", "p", 1))
+        lookups = sample("loadproof_cache_lookups_total", {"result": "miss"}) + sample(
+            "loadproof_cache_lookups_total", {"result": "hit"}
+        )
+        assert await cache.get(key) is None
+        assert not await cache.set_many([(key, encode_hit("t", "p", 1))])
+        assert (
+            sample("loadproof_cache_lookups_total", {"result": "miss"})
+            + sample("loadproof_cache_lookups_total", {"result": "hit"})
+            == lookups
+        )
+    finally:
+        await cache.aclose()
+
+
+async def test_dead_redis_is_a_fast_miss_and_opens_the_breaker(
+    postgres: PostgresServer, simulator: SimulatorServer
+) -> None:
+    own = RedisServer()
+    own.start()
+    settings = make_settings(postgres, own, simulator, cache_breaker_failures=3, cache_breaker_reset_s=0.5)
+    cache = Cache(settings)
+    try:
+        key = cache.key("p", "t")
+        assert await cache.set_many([(key, encode_hit("t", "post", 3))])
+        assert await cache.get(key) is not None
+        own.stop()
+        errors = sample("loadproof_cache_errors_total", {"op": "get"})
+        for _ in range(5):
+            assert await cache.get(key) is None
+        assert not await cache.set_many([(key, encode_hit("t", "post", 3))])
+        # 3 real failures opened the breaker; later calls skip Redis entirely.
+        assert sample("loadproof_cache_errors_total", {"op": "get"}) == errors + 3
+        assert sample("loadproof_cache_breaker_open") == 1
+        own.start()  # same port, empty (no persistence)
+        await asyncio.sleep(0.6)  # past cache_breaker_reset_s: the next call is the half-open probe
+        assert await cache.get(key) is None  # probe succeeds (a plain miss): breaker closes
+        assert sample("loadproof_cache_breaker_open") == 0
+        assert await cache.set_many([(key, encode_hit("t", "post", 3))])
+        assert await cache.get(key) is not None
+    finally:
+        await cache.aclose()
+        own.cleanup()
