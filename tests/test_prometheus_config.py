@@ -12,17 +12,19 @@ import json
 import os
 import random
 import subprocess
+import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import start_http_server
 
 from dashboards import queries as q
 from dashboards.build import all_dashboards
@@ -36,8 +38,7 @@ from dashboards.promql_check import (
     series_names,
 )
 from infra import prometheus_config as pc
-from infra.stackconfig import ThresholdsConfig
-from service import metrics as m
+from infra.stackconfig import REPO_ROOT, ThresholdsConfig
 
 SCRAPE_S = 1
 WINDOW = "6s"  # several scrapes of the driven service metrics
@@ -119,48 +120,71 @@ def test_flags_enable_remote_write_and_native_histograms() -> None:
 # ---------------------------------------------------------------- live Prometheus with data
 
 
-class _Driver(threading.Thread):
-    """Moves the real service metric objects at fixed ratios, so every ratio query has a known answer."""
+# Runs in its own Python process: it moves the real service metric objects at fixed ratios, so every
+# ratio query has a known answer, without touching this test process's metrics (other tests use them).
+_DRIVER = """
+import sys, time
+from prometheus_client import start_http_server
+from service import metrics as m
 
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.stop_event = threading.Event()
+start_http_server(int(sys.argv[1]), addr="127.0.0.1")
+while True:
+    time.sleep(0.02)
+    for _ in range(18):
+        m.HTTP_REQUEST_DURATION.labels("/task", "POST", "202").observe(0.1)
+    for _ in range(2):
+        m.HTTP_REQUEST_DURATION.labels("/task", "POST", "503").observe(0.32)
+    m.HTTP_REQUESTS.labels("/task", "POST", "202").inc(19)
+    m.HTTP_REQUESTS.labels("/task", "POST", "503").inc(1)
+    m.HTTP_REJECTED.labels("overload").inc(1)
+    m.CACHE_LOOKUPS.labels("hit").inc(3)
+    m.CACHE_LOOKUPS.labels("miss").inc(1)
+    m.CACHE_ERRORS.labels("get").inc(0)
+    m.LLM_COST.labels("gpt-4o-mini").inc(0.0006)
+    m.LLM_TOKENS.labels("gpt-4o-mini", "input").inc(200)
+    m.LLM_TOKENS.labels("gpt-4o-mini", "output").inc(60)
+    m.TOKENS_DELIVERED.labels("llm").inc(60)
+    m.TOKENS_DELIVERED.labels("cache").inc(180)
+    m.LLM_REQUESTS.labels("gpt-4o-mini", "ok").inc(4)
+    m.LLM_REQUESTS.labels("gpt-4o-mini", "rate_limited").inc(1)
+    m.LLM_DURATION.labels("gpt-4o-mini").observe(1.2)
+    m.LLM_BATCH_SIZE.observe(4)
+    m.TASK_COMPLETION.observe(1.2)
+    m.TASKS.labels("accepted").inc(5)
+    m.TASKS.labels("completed").inc(5)
+    m.TASKS.labels("dead_lettered").inc(0)
+    m.DB_POOL_WAIT.observe(0.002)
+    m.QUEUE_DEPTH.set(7)
+    m.QUEUE_PENDING.set(2)
+    m.DB_POOL_IN_USE.set(3)
+    m.DB_POOL_OVERFLOW.set(0)
+    m.DB_POOL_WAITERS.set(0)
+    m.HTTP_INFLIGHT.set(11)
+    m.LLM_INFLIGHT.set(4)
+    m.CACHE_BREAKER_OPEN.set(0)
+    m.LLM_BREAKER_OPEN.set(1)
+"""
 
-    def run(self) -> None:
-        while not self.stop_event.wait(0.02):
-            for _ in range(18):
-                m.HTTP_REQUEST_DURATION.labels("/task", "POST", "202").observe(0.1)
-            for _ in range(2):
-                m.HTTP_REQUEST_DURATION.labels("/task", "POST", "503").observe(0.32)
-            m.HTTP_REQUESTS.labels("/task", "POST", "202").inc(19)
-            m.HTTP_REQUESTS.labels("/task", "POST", "503").inc(1)
-            m.HTTP_REJECTED.labels("overload").inc(1)
-            m.CACHE_LOOKUPS.labels("hit").inc(3)
-            m.CACHE_LOOKUPS.labels("miss").inc(1)
-            m.CACHE_ERRORS.labels("get").inc(0)
-            m.LLM_COST.labels("gpt-4o-mini").inc(0.0006)
-            m.LLM_TOKENS.labels("gpt-4o-mini", "input").inc(200)
-            m.LLM_TOKENS.labels("gpt-4o-mini", "output").inc(60)
-            m.TOKENS_DELIVERED.labels("llm").inc(60)
-            m.TOKENS_DELIVERED.labels("cache").inc(180)
-            m.LLM_REQUESTS.labels("gpt-4o-mini", "ok").inc(4)
-            m.LLM_REQUESTS.labels("gpt-4o-mini", "rate_limited").inc(1)
-            m.LLM_DURATION.labels("gpt-4o-mini").observe(1.2)
-            m.LLM_BATCH_SIZE.observe(4)
-            m.TASK_COMPLETION.observe(1.2)
-            m.TASKS.labels("accepted").inc(5)
-            m.TASKS.labels("completed").inc(5)
-            m.TASKS.labels("dead_lettered").inc(0)
-            m.DB_POOL_WAIT.observe(0.002)
-            m.QUEUE_DEPTH.set(7)
-            m.QUEUE_PENDING.set(2)
-            m.DB_POOL_IN_USE.set(3)
-            m.DB_POOL_OVERFLOW.set(0)
-            m.DB_POOL_WAITERS.set(0)
-            m.HTTP_INFLIGHT.set(11)
-            m.LLM_INFLIGHT.set(4)
-            m.CACHE_BREAKER_OPEN.set(0)
-            m.LLM_BREAKER_OPEN.set(1)
+
+@contextmanager
+def _driven_service_metrics(port: int) -> Iterator[None]:
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(port)], env=env, cwd=REPO_ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, "metrics driver exited"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "metrics driver did not start"
+                time.sleep(0.1)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 class _SlowHandler(BaseHTTPRequestHandler):
@@ -241,58 +265,56 @@ class Live:
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     work = tmp_path_factory.mktemp("prom-live")
     metrics_port = free_port()
-    metrics_server, metrics_thread = start_http_server(metrics_port, addr="127.0.0.1")
-    driver = _Driver()
-    driver.start()
-    target = ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler)
-    target_thread = threading.Thread(target=target.serve_forever, daemon=True)
-    target_thread.start()
     cfg = pc.local_config({"orchestrator": [f"127.0.0.1:{metrics_port}"]}, SCRAPE_S)
+    with (
+        _driven_service_metrics(metrics_port),
+        _k6_target() as target_url,
+        prometheus_process(cfg, work / "prom") as url,
+    ):
+        testid = f"test-{uuid.uuid4().hex[:8]}"
+        script = work / "script.js"
+        script.write_text(K6_SCRIPT)
+        summary_path = work / "summary.json"
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(work),
+            "TARGET": target_url,
+            "SUMMARY": str(summary_path),
+            "K6_PROMETHEUS_RW_SERVER_URL": f"{url}/api/v1/write",
+            "K6_PROMETHEUS_RW_TREND_AS_NATIVE_HISTOGRAM": "true",
+            "K6_PROMETHEUS_RW_PUSH_INTERVAL": "1s",
+            "K6_NO_USAGE_REPORT": "true",
+        }
+        proc = subprocess.run(
+            ["k6", "run", "--quiet", "-o", "experimental-prometheus-rw", "--tag", f"testid={testid}", str(script)],
+            env=env,
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        k6_end = time.time()
+        # The service metrics need several scrapes before rate() over WINDOW has data.
+        deadline = time.monotonic() + 30
+        while (instant_value(url, f"count_over_time({q.HTTP_REQUESTS}{{status='202'}}[{WINDOW}])") or 0) < 5:
+            assert time.monotonic() < deadline, "service metrics were not scraped"
+            time.sleep(0.5)
+        yield Live(url=url, testid=testid, summary=json.loads(summary_path.read_text()), k6_end=k6_end)
+
+
+@contextmanager
+def _k6_target() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
     try:
-        with prometheus_process(cfg, work / "prom") as url:
-            testid = f"test-{uuid.uuid4().hex[:8]}"
-            script = work / "script.js"
-            script.write_text(K6_SCRIPT)
-            summary_path = work / "summary.json"
-            env = {
-                "PATH": _path(),
-                "HOME": str(work),
-                "TARGET": f"http://127.0.0.1:{target.server_address[1]}",
-                "SUMMARY": str(summary_path),
-                "K6_PROMETHEUS_RW_SERVER_URL": f"{url}/api/v1/write",
-                "K6_PROMETHEUS_RW_TREND_AS_NATIVE_HISTOGRAM": "true",
-                "K6_PROMETHEUS_RW_PUSH_INTERVAL": "1s",
-                "K6_NO_USAGE_REPORT": "true",
-            }
-            proc = subprocess.run(
-                ["k6", "run", "--quiet", "-o", "experimental-prometheus-rw", "--tag", f"testid={testid}", str(script)],
-                env=env,
-                cwd=work,
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
-            assert proc.returncode == 0, proc.stdout + proc.stderr
-            k6_end = time.time()
-            # The service metrics need several scrapes before rate() over WINDOW has data.
-            deadline = time.monotonic() + 30
-            while (instant_value(url, f"count_over_time({q.HTTP_REQUESTS}{{status='202'}}[{WINDOW}])") or 0) < 5:
-                assert time.monotonic() < deadline, "service metrics were not scraped"
-                time.sleep(0.5)
-            yield Live(url=url, testid=testid, summary=json.loads(summary_path.read_text()), k6_end=k6_end)
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
-        driver.stop_event.set()
-        driver.join(timeout=5)
-        target.shutdown()
-        target.server_close()
-        metrics_server.shutdown()
-        metrics_server.server_close()
-        metrics_thread.join(timeout=5)
-
-
-def _path() -> str:
-    return os.environ.get("PATH", "/usr/bin:/bin")
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
 
 
 def _value(live: Live, expr: str) -> float:
