@@ -204,6 +204,11 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def to_plain(inputs: dict[str, Any]) -> dict[str, Any]:
+    """Recorded inputs as plain data (ints for integral floats, secrets unwrapped)."""
+    return _clean(inputs)
+
+
 def to_manifest(rec: Recorded) -> dict[str, Any] | None:
     avk = _api_version_kind(rec.typ)
     if avk is None:

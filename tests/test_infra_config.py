@@ -1,0 +1,191 @@
+"""Stack config: every key is documented in the stack files and consumed by the program.
+
+"Consumed" is checked by behaviour, not by a list: each leaf of the schema is changed on its own and
+the rendered manifests (or the stack outputs) must change. The few keys that only the local demo
+reads are named in :data:`LOCAL_ONLY` with the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from infra import render, stackfile
+from infra.stackconfig import StackConfig, StackConfigError, load, parse, stack_file
+
+# Keys with no cluster effect, and why (they are still consumed: by `make demo`).
+LOCAL_ONLY = {
+    "workers.processes": "local worker processes of `make demo`; in the cluster, replicas scale workers",
+}
+# A key that only matters together with another: set the other first.
+CONTEXT: dict[str, dict[str, Any]] = {
+    "monitoring.grafana.certIssuer": {"monitoring.grafana.tls": True},
+    "llm.baseUrl": {"llm.mode": "external", "llm.baseUrl": "https://a.example.com/v1"},
+    "llm.mode": {"llm.baseUrl": "https://a.example.com/v1"},
+}
+SPECIAL: dict[str, Any] = {
+    "llm.mode": "external",
+    "llm.baseUrl": "https://b.example.com/v1",
+    "loadtest.profile": "smoke",
+    "llm.prices": {"gpt-4o-mini": "0.1/0.2"},
+    "monitoring.grafana.certIssuer": "letsencrypt",
+}
+
+
+def leaves(model: BaseModel, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted camelCase path, value) of every scalar field; only the selected profile's fields."""
+    out: list[tuple[str, Any]] = []
+    for name, field in type(model).model_fields.items():
+        key = f"{prefix}{field.alias or name}"
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out += leaves(value, f"{key}.")
+        elif key == "loadtest.profiles":
+            active = model.profile  # type: ignore[attr-defined]
+            prof = value[active]
+            out += [(p, v) for p, v in leaves(prof, f"{key}.{active}.") if ".stages" not in p]
+            for i, stage in enumerate(prof.stages):
+                out += leaves(stage, f"{key}.{active}.stages.{i}.")
+        else:
+            out.append((key, value))
+    return out
+
+
+def mutate(path: str, value: Any) -> Any:
+    if path in SPECIAL:
+        return SPECIAL[path]
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return round(value + 0.1, 3) if value < 1 else value * 2
+    if isinstance(value, str):
+        if path.endswith("imagePullPolicy"):
+            return "Always"
+        if path.endswith("dbPoolMode"):
+            return "null"
+        if path.endswith(".mode"):
+            return "external"
+        m = re.match(r"^(\d+)(.*)$", value)
+        if m:
+            return f"{int(m.group(1)) + 1}{m.group(2)}"
+        return f"{value}-x"
+    raise AssertionError(f"no mutation for {path}={value!r}")
+
+
+def set_path(doc: dict[str, Any], path: str, value: Any) -> None:
+    node: Any = doc
+    *parents, last = path.split(".")
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node[p]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def fingerprint(cfg: StackConfig) -> str:
+    """Every registered resource's inputs (Kubernetes objects, Helm releases, random ids...) and the outputs."""
+    ev = render.evaluate(cfg)
+    outputs = {k: v for k, v in ev.outputs.items() if k != "report"}
+    recorded = []
+    for r in ev.mocks.resources:
+        inputs = render.to_plain(r.inputs)
+        if r.typ == "random:index/randomId:RandomId":
+            # The run id's config hash covers (almost) every key; it must not make a key look consumed.
+            inputs["keepers"].pop("config")
+        recorded.append((r.typ, r.name, yaml.safe_dump(inputs)))
+    recorded.sort()
+    return repr(recorded) + repr(sorted(outputs.items()))
+
+
+BASE = StackConfig()
+BASE_DOC = BASE.model_dump(mode="json", by_alias=True)
+
+
+@pytest.fixture(scope="module")
+def base_fingerprints() -> dict[str, str]:
+    return {}
+
+
+@pytest.mark.parametrize(("path", "value"), leaves(BASE), ids=[p for p, _ in leaves(BASE)])
+def test_every_key_is_consumed(path: str, value: Any, base_fingerprints: dict[str, str]) -> None:
+    if path in LOCAL_ONLY:
+        pytest.skip(LOCAL_ONLY[path])
+    context = CONTEXT.get(path, {})
+    doc = yaml.safe_load(yaml.safe_dump(BASE_DOC))
+    for k, v in context.items():
+        set_path(doc, k, v)
+    before_cfg = StackConfig.model_validate(doc)
+    key = repr(sorted(context.items()))
+    if key not in base_fingerprints:
+        base_fingerprints[key] = fingerprint(before_cfg)
+    set_path(doc, path, mutate(path, value))
+    after = fingerprint(StackConfig.model_validate(doc))
+    assert after != base_fingerprints[key], f"loadproof:{path} changes nothing in the rendered stack"
+
+
+def test_local_only_keys_are_read_by_the_demo() -> None:
+    import inspect
+
+    import loadtest.stack as local_stack
+
+    assert "workers.processes" in inspect.getsource(local_stack)
+
+
+def test_every_field_has_a_description() -> None:
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            assert field.description, f"{prefix}{name} has no description"
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+
+    walk(StackConfig, "")
+
+
+@pytest.mark.parametrize("stack", ["dev", "kind"])
+def test_stack_files_are_generated_from_the_schema(stack: str) -> None:
+    """Each file equals the generator's output: every key present, each with its description as a comment."""
+    assert stack_file(stack).read_text() == stackfile.render(stackfile.config_for(stack), stackfile.HEADERS[stack]), (
+        f"Pulumi.{stack}.yaml is stale: run `python -m infra.stackfile`"
+    )
+    assert load(stack) == stackfile.config_for(stack)
+
+
+def test_dev_file_documents_every_leaf() -> None:
+    text = stack_file("dev").read_text()
+    for path, _ in leaves(BASE):
+        key = path.split(".")[-1]
+        if key.isdigit() or path.startswith("loadtest.profiles"):
+            continue
+        lines = [ln for ln in text.splitlines() if re.match(rf"^\s*(loadproof:)?{re.escape(key)}:", ln)]
+        assert lines, f"{path} missing from Pulumi.dev.yaml"
+        assert any("  # " in ln for ln in lines), f"{path} has no comment in Pulumi.dev.yaml"
+
+
+def test_kind_stack_is_small_and_local() -> None:
+    cfg = load("kind")
+    assert cfg.loadtest.runners == 1
+    assert cfg.baseline.ingress_controller is True
+    assert cfg.loadtest.profile == "smoke"
+    assert cfg.monitoring.grafana.host == "grafana.127.0.0.1.nip.io"
+    ev = render.evaluate(cfg, stack="kind")
+    assert any(r.typ == "kubernetes:helm.sh/v3:Release" for r in ev.mocks.resources)
+    assert ev.outputs["grafana_url"] == "http://grafana.127.0.0.1.nip.io/"
+
+
+def test_unknown_key_is_rejected_with_its_name() -> None:
+    with pytest.raises(StackConfigError, match=r"loadproof:orchestrator\.dbPoolSise"):
+        parse({"orchestrator": {"dbPoolSise": 3}})
+
+
+def test_external_modes_need_their_secrets() -> None:
+    cfg = StackConfig.model_validate({**BASE_DOC, "postgres": {**BASE_DOC["postgres"], "mode": "external"}})
+    with pytest.raises(Exception, match="databaseUrl"):
+        render.evaluate(cfg, secrets={})

@@ -1,0 +1,286 @@
+"""The rendered cluster: valid Kubernetes objects, hardened pods, secrets only in Secrets, right wiring.
+
+Everything here evaluates the real Pulumi program (``infra/program.py``) under Pulumi's mocks and
+inspects the recorded inputs as manifests (``infra/render.py``); nothing is applied to a cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from infra import render
+from infra.orchestrator import grace_period_s
+from infra.program import REPORT_OUTPUTS
+from infra.stackconfig import StackConfig, load
+
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+
+
+def with_changes(cfg: StackConfig, changes: dict[str, Any]) -> StackConfig:
+    """A copy of ``cfg`` with dotted camelCase paths set (validated by the schema again)."""
+    doc = cfg.model_dump(mode="json", by_alias=True)
+    for path, value in changes.items():
+        node = doc
+        *parents, last = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return StackConfig.model_validate(doc)
+
+
+@pytest.fixture(scope="module")
+def dev() -> render.Evaluation:
+    return render.evaluate(load("dev"))
+
+
+@pytest.fixture(scope="module")
+def objects(dev: render.Evaluation) -> list[dict[str, Any]]:
+    return dev.manifests()
+
+
+def pod_specs(objects: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for o in objects:
+        if o["kind"] in (*WORKLOAD_KINDS, "Job"):
+            out.append((f"{o['kind']}/{o['metadata']['name']}", o["spec"]["template"]["spec"]))
+    return out
+
+
+def container(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return render.find(objects, kind, name)["spec"]["template"]["spec"]["containers"][0]
+
+
+def env_of(c: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+@pytest.mark.parametrize("stack", ["dev", "kind"])
+def test_every_object_is_valid_for_kubernetes_and_promtool_and_k6(stack: str) -> None:
+    objects = render.evaluate(load(stack), stack=stack).manifests()
+    assert len(objects) > 40
+    assert render.check_all(objects) == []
+
+
+def test_validation_catches_a_misspelt_field(objects: list[dict[str, Any]]) -> None:
+    bad = yaml.safe_load(yaml.safe_dump(render.find(objects, "Deployment", "orchestrator")))
+    bad["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
+    problems = render.validate([bad])
+    assert problems and all("livenesProbe" in p for p in problems)
+
+
+def test_rendering_is_idempotent() -> None:
+    first = render.evaluate(load("dev")).manifests()
+    second = render.evaluate(load("dev")).manifests()
+    assert yaml.safe_dump_all(first) == yaml.safe_dump_all(second)
+
+
+def test_render_cli_writes_one_object_per_file(tmp_path: Any) -> None:
+    assert render.main(["--stack", "kind", "--out", str(tmp_path)]) == 0
+    files = sorted((tmp_path / "kind").glob("*.yaml"))
+    assert files[0].name == "00-namespace-loadproof.yaml"
+    assert all(len(list(yaml.safe_load_all(f.read_text()))) == 1 for f in files)
+    assert any(f.name.startswith(f"{len(files) - 1:02d}-job-report-") for f in files)
+
+
+def test_every_pod_is_hardened(objects: list[dict[str, Any]]) -> None:
+    specs = pod_specs(objects)
+    assert len(specs) >= 9
+    for where, spec in specs:
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] > 0, where
+        assert psc["seccompProfile"]["type"] == "RuntimeDefault", where
+        for c in spec["containers"] + spec.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["runAsNonRoot"] is True, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+            assert sc["seccompProfile"]["type"] == "RuntimeDefault", where
+            res = c["resources"]
+            assert set(res["requests"]) == {"cpu", "memory"} and set(res["limits"]) == {"cpu", "memory"}, where
+
+
+def test_long_running_containers_and_k6_runners_have_probes(objects: list[dict[str, Any]]) -> None:
+    for where, spec in pod_specs(objects):
+        if where.startswith("Job/") and "completionMode" not in render.find(objects, "Job", where.split("/", 1)[1]).get(
+            "spec", {}
+        ):
+            continue  # start/report Jobs: run-to-completion scripts, nothing to probe
+        for c in spec["containers"]:
+            assert "livenessProbe" in c and "readinessProbe" in c, f"{where}/{c['name']}"
+
+
+def test_only_pods_that_talk_to_the_api_get_a_token(objects: list[dict[str, Any]]) -> None:
+    with_token = {w for w, spec in pod_specs(objects) if spec.get("automountServiceAccountToken") is not False}
+    assert with_token == {"Deployment/prometheus", "Job/k6-start-1a2b3c4d", "Job/report-1a2b3c4d"}
+
+
+def test_no_secret_outside_secrets() -> None:
+    """Generated passwords and every secret config value appear only in Secret objects."""
+    cfg = with_changes(
+        load("dev"),
+        {
+            "postgres.mode": "external",
+            "redis.mode": "external",
+            "llm.mode": "external",
+            "llm.baseUrl": "https://api.example.com/v1",
+        },
+    )
+    for evaluation in (render.evaluate(cfg), render.evaluate(load("dev"))):
+        objects = evaluation.manifests()
+        needles = [*render.MOCK_SECRETS.values()] + [
+            render.mock_password(r.name) for r in evaluation.mocks.resources if r.typ.endswith("RandomPassword")
+        ]
+        secrets_text = yaml.safe_dump_all([o for o in objects if o["kind"] == "Secret"])
+        for o in objects:
+            if o["kind"] == "Secret":
+                continue
+            text = yaml.safe_dump(o)
+            for needle in needles:
+                assert needle not in text, f"{o['kind']}/{o['metadata']['name']} contains a secret"
+        # ...and they did reach their Secrets (so the scan looked for real values).
+        used = [n for n in needles if n in secrets_text]
+        assert used, "no secret value found in any Secret"
+    assert all(n in yaml.safe_dump_all(render.evaluate(cfg).manifests()) for n in render.MOCK_SECRETS.values())
+
+
+def test_service_env_and_secret_refs_reach_api_and_workers() -> None:
+    cfg = with_changes(load("dev"), {"orchestrator.dbPoolSize": 33, "workers.batchSize": 7})
+    objects = render.evaluate(cfg).manifests()
+    for name in ("orchestrator", "workers"):
+        env = env_of(container(objects, "Deployment", name))
+        assert env["LOADPROOF_DB_POOL_SIZE"] == "33"
+        assert env["LOADPROOF_BATCH_SIZE"] == "7"
+        for key, value in cfg.service_env().items():
+            assert env[key] == value
+        assert env["LOADPROOF_HOST"] == "0.0.0.0"
+        assert env["LOADPROOF_LLM_BASE_URL"] == "http://simulator.loadproof.svc:8090/v1"
+        for var in ("LOADPROOF_DATABASE_URL", "LOADPROOF_REDIS_URL", "LOADPROOF_LLM_API_KEY"):
+            assert set(env[var]) == {"secretKeyRef"}, var
+    sim_env = env_of(container(objects, "Deployment", "simulator"))
+    for key, value in cfg.simulator_env().items():
+        assert sim_env[key] == value
+
+
+def test_api_rollout_drain_and_scaling(objects: list[dict[str, Any]]) -> None:
+    cfg = load("dev")
+    api = render.find(objects, "Deployment", "orchestrator")
+    spec = api["spec"]["template"]["spec"]
+    assert api["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert spec["terminationGracePeriodSeconds"] > cfg.orchestrator.shutdown_timeout_s
+    assert spec["terminationGracePeriodSeconds"] == grace_period_s(cfg.orchestrator.shutdown_timeout_s)
+    c = spec["containers"][0]
+    assert c["command"] == ["python", "-m", "service.orchestrator"]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+    ann = api["spec"]["template"]["metadata"]["annotations"]
+    assert ann == {"prometheus.io/scrape": "true", "prometheus.io/port": "8080", "prometheus.io/path": "/metrics"}
+    labels = api["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/name"] == "loadproof" and labels["app.kubernetes.io/component"] == "orchestrator"
+    workers = container(objects, "Deployment", "workers")
+    assert workers["command"] == ["python", "-m", "service.worker"]
+    hpa = render.find(objects, "HorizontalPodAutoscaler", "orchestrator")["spec"]
+    a = cfg.orchestrator.autoscale
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (a.min_replicas, a.max_replicas)
+    assert hpa["metrics"][0]["resource"]["target"]["averageUtilization"] == a.cpu_utilization
+    assert hpa["scaleTargetRef"]["name"] == "orchestrator"
+    for name in ("orchestrator", "workers"):
+        assert render.find(objects, "PodDisruptionBudget", name)["spec"]["maxUnavailable"] == 1
+
+
+def test_data_stores_are_configured_from_the_stack(objects: list[dict[str, Any]]) -> None:
+    cfg = load("dev")
+    pg = render.find(objects, "StatefulSet", "postgres")["spec"]
+    assert pg["template"]["spec"]["containers"][0]["args"] == ["-c", f"max_connections={cfg.postgres.max_connections}"]
+    assert pg["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == cfg.postgres.storage
+    args = container(objects, "Deployment", "redis")["args"]
+    assert args[args.index("--maxmemory") + 1] == cfg.redis.maxmemory
+    assert args[args.index("--maxmemory-policy") + 1] == cfg.redis.maxmemory_policy
+    assert args[args.index("--appendonly") + 1] == "yes"
+
+
+def test_prometheus_is_private_and_grafana_is_the_public_entry(objects: list[dict[str, Any]]) -> None:
+    assert render.find(objects, "Service", "prometheus")["spec"]["type"] == "ClusterIP"
+    assert all(o["spec"].get("type", "ClusterIP") == "ClusterIP" for o in objects if o["kind"] == "Service")
+    assert [o["metadata"]["name"] for o in objects if o["kind"] == "Ingress"] == ["grafana"]
+    args = container(objects, "Deployment", "prometheus")["args"]
+    assert "--web.enable-remote-write-receiver" in args and "--enable-feature=native-histograms" in args
+    role = render.find(objects, "Role", "prometheus-discovery")
+    assert {r for rule in role["rules"] for r in rule["resources"]} == {"pods", "endpoints", "services"}
+    assert not [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+
+
+def test_grafana_ingress_host_class_and_tls() -> None:
+    plain = render.evaluate(load("dev")).manifests()
+    ing = render.find(plain, "Ingress", "grafana")
+    assert ing["spec"]["rules"][0]["host"] == "grafana.loadproof.local"
+    assert ing["spec"]["ingressClassName"] == "nginx"
+    assert "tls" not in ing["spec"] and "annotations" not in ing["metadata"]
+    cfg = with_changes(
+        load("dev"),
+        {
+            "monitoring.grafana.host": "dash.example.org",
+            "monitoring.grafana.ingressClass": "traefik",
+            "monitoring.grafana.tls": True,
+            "monitoring.grafana.certIssuer": "letsencrypt-prod",
+        },
+    )
+    evaluation = render.evaluate(cfg)
+    ing = render.find(evaluation.manifests(), "Ingress", "grafana")
+    assert ing["spec"]["rules"][0]["host"] == "dash.example.org"
+    assert ing["spec"]["ingressClassName"] == "traefik"
+    assert ing["spec"]["tls"] == [{"hosts": ["dash.example.org"], "secretName": "grafana-tls"}]
+    assert ing["metadata"]["annotations"] == {"cert-manager.io/cluster-issuer": "letsencrypt-prod"}
+    assert evaluation.outputs["grafana_url"] == "https://dash.example.org/"
+    ini = render.find(evaluation.manifests(), "ConfigMap", "grafana-ini")["data"]["grafana.ini"]
+    assert "cookie_secure = true" in ini
+
+
+def test_grafana_is_provisioned_with_datasource_and_dashboards(objects: list[dict[str, Any]]) -> None:
+    ds = yaml.safe_load(render.find(objects, "ConfigMap", "grafana-datasources")["data"]["datasources.yaml"])
+    assert ds["datasources"][0]["uid"] == "loadproof-prometheus"
+    assert ds["datasources"][0]["url"] == "http://prometheus.loadproof.svc:9090"
+    boards = render.find(objects, "ConfigMap", "grafana-dashboards")["data"]
+    assert {"overview.json", "service-internals.json"} <= set(boards)
+    env = env_of(container(objects, "Deployment", "grafana"))
+    assert set(env["GF_SECURITY_ADMIN_PASSWORD"]) == {"secretKeyRef"}
+
+
+def test_outputs_carry_every_measured_key_and_the_secret_password(dev: render.Evaluation) -> None:
+    out = dev.outputs
+    assert set(REPORT_OUTPUTS) <= set(out)
+    assert out["report"]["mock"] is True  # the mock report, never a measured number
+    assert out["test_id"] == f"lp-{render.MOCK_RUN_HEX}"
+    assert out["grafana_url"] == "http://grafana.loadproof.local/"
+    assert out["grafana_admin_password"] == render.mock_password("monitoring-grafana-admin-password")
+
+
+class JobRenamingMocks(render.RecordingMocks):
+    """A provider whose Job outputs carry a name the program could not have computed itself."""
+
+    def output_state(self, args: Any, state: dict[str, Any]) -> dict[str, Any]:
+        if args.typ == "kubernetes:batch/v1:Job" and args.name == "report-job":
+            state = {**state, "metadata": {**state["metadata"], "name": "name-from-job-outputs"}}
+        return state
+
+
+def test_report_read_back_waits_for_the_report_job() -> None:
+    mocks = JobRenamingMocks()
+    render.evaluate(load("dev"), mocks=mocks)
+    assert mocks.reads == [("kubernetes:core/v1:ConfigMap", "loadproof/name-from-job-outputs")]
+
+
+def test_report_job_runs_after_the_runners_and_writes_its_configmap(objects: list[dict[str, Any]]) -> None:
+    job = render.find(objects, "Job", f"report-{render.MOCK_RUN_HEX}")
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["python", "-m", "loadtest.report_job"]
+    assert "pulumi.com/skipAwait" not in job["metadata"].get("annotations", {})
+    role = render.find(objects, "Role", "loadtest-control")
+    named = [r for r in role["rules"] if r.get("resourceNames")]
+    assert named[0]["resourceNames"] == [f"k6-start-{render.MOCK_RUN_HEX}", f"report-{render.MOCK_RUN_HEX}"]
+    assert "create" not in named[0]["verbs"] and "delete" not in str(role["rules"])
