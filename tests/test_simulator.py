@@ -12,10 +12,10 @@ import httpx
 import openai
 import pytest
 
-from service import prompts
+from service import prompts, simulator_bench
 from service.llm import LLMItem
 from service.simulator import CHARS_PER_TOKEN, approx_tokens, generate_post, prompt_tokens
-from tests.simproc import SimProc, running_simulator
+from tests.simproc import FAST_ENV, SimProc, running_simulator
 
 MODEL = "gpt-4o-mini"
 
@@ -232,3 +232,10 @@ async def test_latency_follows_the_model_and_grows_past_the_knee(kneed_sim: SimP
     loads = [float(r.headers["x-sim-load"]) for r in responses]
     assert max(loads) > 1.0  # 24 concurrent calls against a knee of 4
     assert max(loads) <= 24 / 4 and kneed_sim.stats()["max_inflight"] >= 5
+
+
+def test_bench_runs_and_reports_model_and_cpu() -> None:
+    result = simulator_bench.run(calls=40, concurrency=8, batch=2, env=FAST_ENV)
+    assert result["calls"] == 40 and result["batch"] == 2 and result["max_inflight"] <= 8
+    assert result["latency_p95_s"] >= result["latency_p50_s"] > 0
+    assert result["sim_cpu_s"] >= 0 and result["mean_completion_tokens"] > 100  # two ~60-token posts + JSON
