@@ -159,6 +159,18 @@ def _testid_variable() -> dashboard.QueryVariable:
     )
 
 
+def _links() -> dashboard.DashboardLink:
+    """A dropdown to the other loadproof dashboards, keeping the time range (and the testid)."""
+    return (
+        dashboard.DashboardLink("loadproof")
+        .type(dm.DashboardLinkType.DASHBOARDS)
+        .tags(TAGS)
+        .as_dropdown(True)
+        .keep_time(True)
+        .include_vars(True)
+    )
+
+
 def _encode(built: Any) -> dict[str, Any]:
     return json.loads(JSONEncoder(sort_keys=True).encode(built))
 
@@ -177,6 +189,7 @@ def overview(thresholds: ThresholdsConfig) -> dict[str, Any]:
         .time("now-30m", "now")
         .refresh("10s")
         .timezone("utc")
+        .link(_links())
         .with_variable(_testid_variable())
         .with_row(dashboard.Row("Headline numbers over the selected time range").id(ids.id()))
         .with_panel(
@@ -384,6 +397,7 @@ def service_internals() -> dict[str, Any]:
         .time("now-30m", "now")
         .refresh("10s")
         .timezone("utc")
+        .link(_links())
         .with_row(dashboard.Row("Database pool").id(ids.id()))
         .with_panel(
             _series(
