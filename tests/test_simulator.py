@@ -239,3 +239,17 @@ def test_bench_runs_and_reports_model_and_cpu() -> None:
     assert result["calls"] == 40 and result["batch"] == 2 and result["max_inflight"] <= 8
     assert result["latency_p95_s"] >= result["latency_p50_s"] > 0
     assert result["sim_cpu_s"] >= 0 and result["mean_completion_tokens"] > 100  # two ~60-token posts + JSON
+
+
+def test_stream_abandoned_by_client_is_released(kneed_sim: SimProc) -> None:
+    kneed_sim.reset()
+    body = {"model": MODEL, "messages": _batch(3), "stream": True}
+    with httpx.stream("POST", f"{kneed_sim.base_url}/chat/completions", json=body, timeout=30) as r:
+        assert r.headers["content-type"] == "text/event-stream"
+        first = next(r.iter_lines())
+        assert first.startswith("data: ") and json.loads(first[6:])["object"] == "chat.completion.chunk"
+    deadline = time.monotonic() + 10
+    while kneed_sim.stats()["disconnects"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = kneed_sim.stats()
+    assert stats["disconnects"] == 1 and stats["completed"] == 0 and stats["inflight"] == 0
