@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -204,6 +204,7 @@ def run_demo(
     grafana: bool = True,
     label: str | None = None,
     link_latest: bool = True,
+    on_ready: Callable[[ProofStack], None] | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Start the stack, run k6, drain, measure, write the report; returns (outputs, run dir)."""
     if profile not in cfg.loadtest.profiles:
@@ -223,6 +224,8 @@ def run_demo(
     t0 = time.monotonic()
     with ProofStack(cfg, progress=progress, grafana=grafana) as stack:
         say(f"  stack ready in {time.monotonic() - t0:.1f}s")
+        if on_ready is not None:
+            on_ready(stack)
         if stack.grafana_url:
             say(f"  Grafana: {stack.grafana_url}")
         elif stack.grafana_skipped_reason:
@@ -265,6 +268,7 @@ def run_demo(
             (float(t), ms.target_rate_at(prof, t)) for t in range(0, int(window.ended_at - window.started_at) + 1)
         ]
         write_reports(out, series, cfg=cfg, run_dir=run_dir, stack_name=stack_name, profile=profile)
+        _copy_logs(stack, run_dir / "logs")
         if link_latest:
             _link_latest(reports_dir, run_dir)
         if keep:
@@ -287,6 +291,14 @@ def write_reports(
             profile=cfg.loadtest.profiles[profile].model_dump(by_alias=True),
         )
     )
+
+
+def _copy_logs(stack: ProofStack, dest: Path) -> None:
+    """Every process log of the run next to its report (the temp work dir is removed on exit)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for log in stack.workdir.rglob("*.log"):
+        if log.is_file() and log.stat().st_size < 50_000_000:
+            shutil.copy2(log, dest / log.name)
 
 
 def _link_latest(reports_dir: Path, run_dir: Path) -> None:

@@ -120,11 +120,13 @@ def svg_chart(
 ) -> str:
     """A small line chart as inline SVG (no scripts, no external resources)."""
     colors = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd")
-    left, right, top, bottom = 60, 16, 28, 34
+    left, right, top, bottom = 60, 16, 40, 34
     pw, ph = width - left - right, height - top - bottom
     xs = [t for pts in series.values() for t, _ in pts]
     ys = [v for pts in series.values() for _, v in pts]
-    if hline:
+    data_max = max(ys) if ys else 0.0
+    off_scale = hline is not None and data_max > 0 and data_max < hline[0] / 4
+    if hline and not off_scale:
         ys.append(hline[0])
     xmax = x_max or (max(xs) if xs else 1.0) or 1.0
     ymax = _nice_max(max(ys) if ys else 1.0)
@@ -147,11 +149,16 @@ def svg_chart(
         wx = left + pw * min(warmup_s / xmax, 1)
         parts.append(f'<rect x="{left}" y="{top}" width="{wx - left:.1f}" height="{ph}" class="warm"/>')
         parts.append(f'<text x="{left + 4}" y="{top + 12}" class="ax">warm-up (excluded)</text>')
-    if hline:
+    if hline and off_scale:  # keep the data readable; say where the target is
+        parts.append(
+            f'<text x="{left + pw - 4}" y="{top + 12}" class="ax" text-anchor="end">'
+            f"{esc(hline[1])} {hline[0]:g}{esc(unit)} (off scale)</text>"
+        )
+    elif hline:
         hy = top + ph - ph * min(hline[0] / ymax, 1)
         parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{hy:.1f}" y2="{hy:.1f}" class="target"/>')
         parts.append(f'<text x="{left + pw - 4}" y="{hy - 4:.1f}" class="ax" text-anchor="end">{esc(hline[1])}</text>')
-    legend_x = left + 150
+    legend_x = left
     for n, (name, pts) in enumerate(series.items()):
         color = colors[n % len(colors)]
         if pts:
@@ -161,7 +168,7 @@ def svg_chart(
             )
             parts.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="1.6"/>')
         label = name if pts else f"{name} (no data)"
-        parts.append(f'<text x="{legend_x}" y="16" class="ax" fill="{color}">■ {esc(label)}</text>')
+        parts.append(f'<text x="{legend_x}" y="30" class="ax" fill="{color}">■ {esc(label)}</text>')
         legend_x += 10 + 7 * len(label)
     parts.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + ph}" class="axis"/>')
     parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}" class="axis"/>')

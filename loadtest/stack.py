@@ -186,6 +186,7 @@ class ProofStack:
         self.cfg = cfg
         self.progress = progress
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="loadproof-demo-"))
+        self.workdir.chmod(0o755)  # Postgres runs as user `postgres` (when we are root) and must reach its dir
         self.want_grafana = grafana
         self.scrape_interval_s = scrape_interval_s or cfg.monitoring.prometheus.scrape_interval_s
         self.service: LocalStack | None = None

@@ -100,7 +100,16 @@ def uvicorn_options(processes: int) -> dict[str, Any]:
     options: Any = getattr(orchestrator, "uvicorn_options", None)
     if callable(options):
         return cast(dict[str, Any], options(processes))
-    return {"workers": processes, "loop": "uvloop", "http": "httptools", "access_log": False, "log_level": "warning"}
+    # Mirrors service/orchestrator.py main(): uvloop, httptools, no access log, same backlog/keep-alive.
+    return {
+        "workers": processes,
+        "loop": "uvloop",
+        "http": "httptools",
+        "access_log": False,
+        "log_level": "warning",
+        "backlog": 4096,
+        "timeout_keep_alive": 75,
+    }
 
 
 def main() -> None:
