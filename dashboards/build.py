@@ -266,8 +266,7 @@ def overview(thresholds: ThresholdsConfig) -> dict[str, Any]:
                 "llm_cost_per_1k_tokens_usd",
                 q.llm_cost_per_1k_tokens_usd(RANGE),
                 "currencyUSD",
-                "Effective: LLM spend / tokens delivered to clients (cache hits cost $0) x 1000. "
-                f"Red at >= ${cost:g}.",
+                f"Effective: LLM spend / tokens delivered to clients (cache hits cost $0) x 1000. Red at >= ${cost:g}.",
                 bad_at=cost,
                 decimals=5,
             )

@@ -412,7 +412,7 @@ def llm_calls_per_s(window: str) -> str:
 
 def llm_error_ratio(window: str) -> str:
     """Fraction of LLM calls that did not succeed (retries make this differ from task failures)."""
-    failed = f"sum(rate({LLM_REQUESTS}{{outcome!=\"ok\"}}[{window}]))"
+    failed = f'sum(rate({LLM_REQUESTS}{{outcome!="ok"}}[{window}]))'
     return _ratio(failed, f"sum(rate({LLM_REQUESTS}[{window}]))")
 
 

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +31,7 @@ from dashboards import queries as q
 from dashboards.build import all_dashboards
 from dashboards.promql_check import (
     PromQLError,
+    api,
     expand_grafana_variables,
     free_port,
     instant_query,
@@ -73,6 +75,74 @@ def test_kubernetes_config_passes_promtool() -> None:
     assert (("__meta_kubernetes_pod_name",), "pod", "replace") in relabel
     keep = next(r for r in sc["relabel_configs"] if r["action"] == "keep")
     assert keep["regex"] == "true"
+
+
+def _pod(ip: str, *, component: str, name: str, port: str | None, path: str | None = None, **extra: str) -> Any:
+    """A file_sd target carrying the __meta_kubernetes_* labels pod discovery would attach."""
+    labels = {
+        "__meta_kubernetes_namespace": "loadproof",
+        "__meta_kubernetes_pod_name": name,
+        "__meta_kubernetes_pod_ip": ip,
+        "__meta_kubernetes_pod_phase": "Running",
+        "__meta_kubernetes_pod_label_app_kubernetes_io_component": component,
+        "__meta_kubernetes_pod_annotation_prometheus_io_scrape": "true",
+    }
+    if port is not None:
+        labels["__meta_kubernetes_pod_annotation_prometheus_io_port"] = port
+    if path is not None:
+        labels["__meta_kubernetes_pod_annotation_prometheus_io_path"] = path
+    labels.update(extra)
+    address = f"[{ip}]:80" if ":" in ip else f"{ip}:80"
+    return {"targets": [address], "labels": labels}
+
+
+def test_kubernetes_relabelling_in_a_real_prometheus(tmp_path: Path) -> None:
+    """The cluster relabelling, run by a real Prometheus: pods arrive through file_sd with the same
+    __meta_kubernetes_* labels pod discovery attaches (this Prometheus build has no Kubernetes SD)."""
+    cfg = pc.kubernetes_config("loadproof", 1)
+    sc = cfg["scrape_configs"][0]
+    sc.pop("kubernetes_sd_configs")
+    sd_file = tmp_path / "pods.json"
+    sd_file.write_text("[]")
+    sc["file_sd_configs"] = [{"files": [str(sd_file)], "refresh_interval": "1s"}]
+    with prometheus_process(cfg, tmp_path / "prom") as url:
+        own_port = url.rsplit(":", 1)[1]
+        pods = [
+            _pod("127.0.0.1", component="orchestrator", name="orchestrator-a", port=own_port),
+            _pod("127.0.0.1", component="workers", name="workers-a", port="9", path="/custom"),
+            _pod("fd00::1", component="simulator", name="simulator-a", port="9100"),
+            _pod(
+                "127.0.0.1",
+                component="loadtest",
+                name="k6-runner-0",
+                port=own_port,
+                **{"__meta_kubernetes_pod_phase": "Succeeded"},
+            ),
+            _pod(
+                "127.0.0.1",
+                component="postgres",
+                name="postgres-0",
+                port="5432",
+                **{"__meta_kubernetes_pod_annotation_prometheus_io_scrape": "false"},
+            ),
+        ]
+        sd_file.write_text(json.dumps(pods))
+        deadline = time.monotonic() + 30
+        while True:
+            targets = api(url, "/api/v1/targets", {"state": "any"}, method="GET")
+            active = {t["labels"].get("pod"): t for t in targets["activeTargets"]}
+            if len(active) == 3 and active["orchestrator-a"]["health"] == "up":
+                break
+            assert time.monotonic() < deadline, targets
+            time.sleep(0.3)
+    orch = active["orchestrator-a"]
+    assert orch["scrapeUrl"] == f"http://127.0.0.1:{own_port}/metrics"
+    assert orch["labels"]["job"] == "orchestrator" and orch["labels"]["namespace"] == "loadproof"
+    assert active["workers-a"]["scrapeUrl"] == "http://127.0.0.1:9/custom"
+    assert active["workers-a"]["labels"]["job"] == "workers"
+    assert active["simulator-a"]["scrapeUrl"] == "http://[fd00::1]:9100/metrics"
+    dropped = {t["discoveredLabels"]["__meta_kubernetes_pod_name"] for t in targets["droppedTargets"]}
+    assert dropped == {"k6-runner-0", "postgres-0"}
 
 
 def test_promtool_rejects_broken_config_and_rules() -> None:
@@ -397,8 +467,9 @@ def test_k6_measured_phase_matches_k6_summary(live: Live) -> None:
     assert _value_at(live, q.run_total(q.K6_HTTP_REQS, live.testid, phase=q.MEASURED_PHASE), at) == reqs
     assert _value_at(live, q.run_error_rate(live.testid), at) == pytest.approx(failed / reqs)
     assert _value_at(live, q.run_total(q.K6_HTTP_REQS, live.testid), at) == metrics["http_reqs"]["values"]["count"]
-    assert _value_at(live, q.run_total(q.K6_DROPPED_ITERATIONS, live.testid), at) == (
-        metrics["dropped_iterations"]["values"]["count"]
+    assert (
+        _value_at(live, q.run_total(q.K6_DROPPED_ITERATIONS, live.testid), at)
+        == (metrics["dropped_iterations"]["values"]["count"])
     )
 
 
