@@ -1,0 +1,310 @@
+"""The distributed run: segment mapping, the runner wrapper, the start barrier against real k6
+processes, the report Job's Kubernetes writes against a real HTTP server, run ids and timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import socket
+import stat
+import subprocess
+import threading
+import time
+from fractions import Fraction
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra import render
+from infra.loadtest import THRESHOLDS_CROSSED, run_duration_s, runner_script, runner_timeout_s
+from infra.report import parse_report, report_timeout_s
+from infra.stackconfig import StackConfig, load
+from loadtest import k6_start
+from loadtest.k6config import execution_segments, segment_sequence
+from loadtest.report_job import Kube, KubeError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("runners", range(1, 13))
+def test_segments_tile_zero_to_one_exactly_once(runners: int) -> None:
+    segs = [tuple(Fraction(x) for x in s.split(":")) for s in execution_segments(runners)]
+    assert segs[0][0] == 0 and segs[-1][1] == 1
+    for (a0, a1), (b0, _) in itertools.pairwise(segs):
+        assert a0 < a1 == b0  # adjacent, no gap, no overlap
+    assert sum(b - a for a, b in segs) == 1
+    seq = [Fraction(x) for x in segment_sequence(runners).split(",")]
+    assert seq == [segs[0][0], *(b for _, b in segs)]
+
+
+def run_wrapper(tmp_path: Path, runners: int, index: str | None, k6_exit: int = 0) -> tuple[int, str]:
+    """Run the runner's shell entrypoint with a stand-in `k6` that records its arguments."""
+    fake = tmp_path / "k6"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{tmp_path}/args"\nexit {k6_exit}\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    if index is not None:
+        env["JOB_COMPLETION_INDEX"] = index
+    proc = subprocess.run(
+        ["sh", "-c", runner_script(runners, "lp-test")], env=env, capture_output=True, text=True, check=False
+    )
+    args = (tmp_path / "args").read_text() if (tmp_path / "args").exists() else ""
+    return proc.returncode, args
+
+
+@pytest.mark.parametrize("runners", [1, 2, 3, 5])
+def test_runner_wrapper_maps_each_index_to_its_segment(tmp_path: Path, runners: int) -> None:
+    seen = []
+    for i in range(runners):
+        (tmp_path / "args").unlink(missing_ok=True)
+        rc, args = run_wrapper(tmp_path, runners, str(i))
+        assert rc == 0
+        argv = args.splitlines()
+        assert argv[0] == "run" and "--paused" in argv
+        seen.append(argv[argv.index("--execution-segment") + 1])
+        assert argv[argv.index("--execution-segment-sequence") + 1] == segment_sequence(runners)
+        assert argv[argv.index("--tag") + 1] == "testid=lp-test"
+        assert argv[argv.index("-o") + 1] == "experimental-prometheus-rw"
+        assert argv[-1] == "/scripts/task.js"
+    assert seen == execution_segments(runners)
+
+
+def test_runner_wrapper_rejects_unknown_index_and_maps_exit_codes(tmp_path: Path) -> None:
+    assert run_wrapper(tmp_path, 2, "2")[0] == 2
+    assert run_wrapper(tmp_path, 2, None)[0] == 2
+    assert run_wrapper(tmp_path, 2, "0", k6_exit=THRESHOLDS_CROSSED)[0] == 0  # a result, reported
+    assert run_wrapper(tmp_path, 2, "0", k6_exit=107)[0] == 107  # a real failure fails the Job
+
+
+def test_runner_job_shape_and_timeouts() -> None:
+    cfg = load("dev")
+    objects = render.evaluate(cfg).manifests()
+    job = render.runner_job(objects)["spec"]
+    assert job["completionMode"] == "Indexed"
+    assert job["completions"] == job["parallelism"] == cfg.loadtest.runners
+    assert job["backoffLimit"] == 0
+    assert job["activeDeadlineSeconds"] == runner_timeout_s(cfg) > run_duration_s(cfg)
+    c = job["template"]["spec"]["containers"][0]
+    assert c["command"][:2] == ["sh", "-c"] and c["command"][2] == runner_script(cfg.loadtest.runners, "lp-1a2b3c4d")
+    env = {e["name"]: e["value"] for e in c["env"]}
+    doc = json.loads(env["LOADPROOF_K6_CONFIG"])
+    assert doc["baseUrl"] == "http://orchestrator.loadproof.svc:8080"
+    assert doc["testId"] == "lp-1a2b3c4d"
+    assert env["K6_PROMETHEUS_RW_SERVER_URL"] == "http://prometheus.loadproof.svc:9090/api/v1/write"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/v1/status", "port": 6565}
+    start = render.find(objects, "Job", "k6-start-1a2b3c4d")["spec"]["template"]["spec"]["containers"][0]
+    assert start["args"][start["args"].index("--count") + 1] == str(cfg.loadtest.runners)
+    assert start["args"][start["args"].index("--service") + 1] == "k6-1a2b3c4d.loadproof.svc"
+    svc = render.find(objects, "Service", "k6-1a2b3c4d")["spec"]
+    assert svc["clusterIP"] == "None" and "publishNotReadyAddresses" not in svc  # only Ready runners count
+    assert report_timeout_s(cfg) > cfg.loadtest.drain_s
+
+
+def test_run_id_changes_with_run_id_and_measured_config() -> None:
+    def keepers(cfg: StackConfig) -> dict[str, Any]:
+        ev = render.evaluate(cfg)
+        (rid,) = [r for r in ev.mocks.resources if r.typ == "random:index/randomId:RandomId"]
+        return render.to_plain(rid.inputs)["keepers"]
+
+    base = keepers(load("dev"))
+    assert base["runId"] == "1"
+    doc = load("dev").model_dump(mode="json", by_alias=True)
+    doc["loadtest"]["runId"] = "2"
+    assert keepers(StackConfig.model_validate(doc))["runId"] == "2"
+    doc = load("dev").model_dump(mode="json", by_alias=True)
+    doc["orchestrator"]["cacheEnabled"] = False
+    assert keepers(StackConfig.model_validate(doc))["config"] != base["config"]
+    doc = load("dev").model_dump(mode="json", by_alias=True)
+    doc["monitoring"]["grafana"]["host"] = "elsewhere.example.org"  # does not change what is measured
+    assert keepers(StackConfig.model_validate(doc)) == base
+
+
+SCRIPT = """
+export const options = { scenarios: { a: { executor: 'constant-arrival-rate', rate: 20, timeUnit: '1s',
+  duration: '1s', preAllocatedVUs: 2 } } };
+export default function () {}
+"""
+
+
+def test_start_barrier_resumes_real_paused_k6_runners(tmp_path: Path) -> None:
+    script = tmp_path / "s.js"
+    script.write_text(SCRIPT)
+    ports = [free_port(), free_port()]
+    procs = [
+        subprocess.Popen(
+            ["k6", "run", "--paused", "--no-usage-report", "--address", f"127.0.0.1:{p}", "-q", str(script)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for p in ports
+    ]
+    try:
+        targets = [f"127.0.0.1:{p}" for p in ports]
+        # Until both are up, fewer targets "resolve": the barrier must keep waiting, then succeed.
+        found = asyncio.run(k6_start.wait_until_paused(lambda: targets, 2, timeout_s=60, poll_s=0.2))
+        assert found == targets
+        time.sleep(1)
+        assert all(p.poll() is None for p in procs), "paused k6 must not finish on its own"
+        started_at = asyncio.run(k6_start.resume(targets))
+        assert abs(started_at - time.time()) < 30
+        for p in procs:
+            assert p.wait(timeout=60) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_start_barrier_times_out_when_runners_are_missing() -> None:
+    with pytest.raises(TimeoutError, match="only 0 of 2"):
+        asyncio.run(k6_start.wait_until_paused(lambda: [], 2, timeout_s=0.3, poll_s=0.1))
+    port = free_port()  # nothing listens: resolves but never answers "paused"
+    with pytest.raises(TimeoutError):
+        asyncio.run(k6_start.wait_until_paused(lambda: [f"127.0.0.1:{port}"], 1, timeout_s=0.3, poll_s=0.1))
+
+
+def test_resolve_lists_addresses_of_a_name() -> None:
+    assert k6_start.resolve("localhost", 6565)  # at least 127.0.0.1:6565 or [::1]:6565
+    assert k6_start.resolve("no-such-host.invalid", 6565) == []
+
+
+class FakeApiServer(BaseHTTPRequestHandler):
+    """A minimal Kubernetes API for ConfigMaps (real HTTP), with a bearer-token check."""
+
+    store: dict[str, dict[str, Any]] = {}
+    token = "t0ken"
+
+    def _auth(self) -> bool:
+        if self.headers.get("Authorization") != f"Bearer {self.token}":
+            self.send_response(401)
+            self.end_headers()
+            return False
+        return True
+
+    def _json(self, code: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> dict[str, Any]:
+        return json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+
+    def do_POST(self) -> None:
+        if not self._auth():
+            return
+        body = self._body()
+        name = body["metadata"]["name"]
+        if name in self.store:
+            self._json(409, {"reason": "AlreadyExists"})
+            return
+        self.store[name] = body
+        self._json(201, body)
+
+    def do_PUT(self) -> None:
+        if not self._auth():
+            return
+        name = self.path.rsplit("/", 1)[1]
+        self.store[name] = self._body()
+        self._json(200, self.store[name])
+
+    def do_GET(self) -> None:
+        if not self._auth():
+            return
+        name = self.path.rsplit("/", 1)[1]
+        if name not in self.store:
+            self._json(404, {"reason": "NotFound"})
+            return
+        self._json(200, self.store[name])
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def api_server() -> Any:
+    FakeApiServer.store = {}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeApiServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_report_configmap_is_created_then_replaced(api_server: str) -> None:
+    kube = Kube(api_server, FakeApiServer.token, False)
+    assert kube.get_configmap("loadproof", "report-x") is None
+    kube.put_configmap("loadproof", "report-x", {"report.json": '{"a": 1}'})
+    kube.put_configmap("loadproof", "report-x", {"report.json": '{"a": 2}'})  # a retried Job
+    data = kube.get_configmap("loadproof", "report-x")
+    assert parse_report(data) == {"a": 2}
+    with pytest.raises(KubeError, match="HTTP 401"):
+        Kube(api_server, "wrong", False).put_configmap("loadproof", "report-x", {})
+
+
+def test_parse_report_refuses_an_empty_report() -> None:
+    with pytest.raises(ValueError, match=r"report\.json"):
+        parse_report({})
+    with pytest.raises(ValueError, match="not an object"):
+        parse_report({"report.json": "[1]"})
+
+
+def report_doc(cfg: StackConfig) -> dict[str, Any]:
+    from infra.report import report_job_config
+
+    return report_job_config(
+        cfg,
+        test_id="lp-x",
+        prometheus_url="http://prometheus:9090",
+        grafana_url="http://grafana/",
+        start_configmap="k6-start-x",
+        report_configmap="report-x",
+    )
+
+
+def test_report_job_needs_the_recorded_start(api_server: str) -> None:
+    from loadtest import report_job
+
+    kube = Kube(api_server, FakeApiServer.token, False)
+    with pytest.raises(KubeError, match="never started"):
+        report_job.run(report_doc(load("dev")), kube, None)
+
+
+def test_report_job_measures_the_recorded_window_and_stores_the_result(
+    api_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window handed to the shared measurement: start from the barrier, end = start + schedule."""
+    import loadtest.measure
+    from loadtest import report_job
+
+    seen: dict[str, Any] = {}
+
+    def capture(prometheus_url: str, **kwargs: Any) -> dict[str, Any]:
+        seen.update(kwargs, prometheus_url=prometheus_url)
+        return {"test_id": kwargs["test_id"], "p95_latency_ms": 1.5}
+
+    monkeypatch.setattr(loadtest.measure, "measure", capture)
+    cfg = load("dev")
+    kube = Kube(api_server, FakeApiServer.token, False)
+    kube.put_configmap("loadproof", "k6-start-x", {"started_at": "1000.000"})
+    report = report_job.run(report_doc(cfg), kube, None)
+    window = seen["window"]
+    assert window.started_at == 1000.0
+    assert window.ended_at == 1000.0 + 130  # demo: 20s + 30s + 60s + 20s
+    assert window.warmup_s == cfg.loadtest.profiles["demo"].warmup_s
+    assert seen["prometheus_url"] == "http://prometheus:9090" and seen["test_id"] == "lp-x"
+    assert seen["machine"]["where"] == "kubernetes"
+    assert parse_report(kube.get_configmap("loadproof", "report-x")) == report
