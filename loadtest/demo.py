@@ -365,10 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", default=os.environ.get("KEEP", "") not in ("", "0"))
     parser.add_argument("--reports", type=Path, default=REPORTS)
     parser.add_argument("--no-grafana", action="store_true")
+    parser.add_argument("--root", type=Path, default=REPO_ROOT, help="Directory holding Pulumi.<stack>.yaml.")
     args = parser.parse_args(argv)
     console = Console()
     try:
-        cfg = load(args.stack)
+        cfg = load(args.stack, args.root)
     except StackConfigError as exc:
         console.print(f"[red]Pulumi.{args.stack}.yaml is invalid:[/] {exc}")
         return 2
