@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 BACKOFF_BASE_S = 0.25  # first retry waits U(0, 0.25 s), then U(0, 0.5 s), ...
 BACKOFF_CAP_S = 8.0
 CHARS_PER_TOKEN_BOUND = 6  # generous chars/token: a post longer than max_tokens * 6 chars cannot be honest
+RETRY_AFTER_SPREAD = 0.1
 RETRYABLE_STATUS = frozenset({408, 409, 429})  # plus every 5xx
 
 
@@ -269,7 +270,9 @@ class LLMClient:
                 )
             retries += 1
             backoff = self._rand() * min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (retries - 1))
-            delay = max(backoff, failure.retry_after_s or 0.0)
+            # Never sooner than the server asked; up to 10 % later so callers told the same
+            # Retry-After do not all come back in the same instant.
+            delay = max(backoff, (failure.retry_after_s or 0.0) * (1 + RETRY_AFTER_SPREAD * self._rand()))
             if self._clock() + delay >= deadline:
                 raise LLMError(
                     f"{failure.message} (next retry in {delay:.2f}s would pass the {self._settings.llm_deadline_s}s "

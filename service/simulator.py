@@ -532,7 +532,7 @@ def _validate_chat(body: Any) -> dict[str, Any]:
         value = body.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise _BadRequest(f"'{key}' must be a positive integer")
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise _BadRequest("only n=1 is supported by the simulator")
     return body
 

@@ -438,3 +438,12 @@ def test_prompt_is_deterministic_and_carries_ids_as_data() -> None:
 def test_code_fenced_reply_is_tolerated() -> None:
     assert strip_code_fence('```json\n{"items": []}\n```') == '{"items": []}'
     assert strip_code_fence('  {"items": []} ') == '{"items": []}'
+
+
+async def test_retry_after_spread_stays_above_the_server_value(
+    sim: SimProc, client_factory: Any, vt: VirtualTime
+) -> None:
+    client: LLMClient = client_factory(make_settings(sim.base_url)[0], rand=lambda: 0.5)
+    sim.control(script=["429", "ok"], retry_after_s=2)
+    assert (await client.generate(items(1)))[0].post
+    assert vt.sleeps == [pytest.approx(2 * 1.05)]
