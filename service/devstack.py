@@ -477,6 +477,12 @@ class _PythonService:
     def stop(self, timeout: float = 30.0) -> int | None:
         return self.process.stop(timeout=timeout) if self.process is not None else None
 
+    def cleanup(self) -> None:
+        """Stop, and remove the log dir if this object created it."""
+        self.stop()
+        if self._own_logdir:
+            shutil.rmtree(self.logdir, ignore_errors=True)
+
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
@@ -489,9 +495,7 @@ class _PythonService:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
-        if self._own_logdir:
-            shutil.rmtree(self.logdir, ignore_errors=True)
+        self.cleanup()
 
 
 class SimulatorServer(_PythonService):

@@ -59,8 +59,8 @@ def stack(
     try:
         yield api, worker
     finally:
-        worker.stop()
-        api.stop()
+        worker.cleanup()
+        api.cleanup()
 
 
 def test_metric_values_after_a_known_sequence(
@@ -147,7 +147,7 @@ def test_several_processes_share_one_metrics_view(
             m = scrape(f"{api.url}/metrics")
             assert value(m, "loadproof_http_requests_total", route="/task/{task_id}", method="GET", status="404") == n
     finally:
-        api.stop()
+        api.cleanup()
     assert api.process is not None and not api.process.running
 
 
@@ -173,4 +173,4 @@ def test_sigterm_flips_readiness_first_then_drains_and_exits(
         assert not api.process.running
         assert api.process.returncode in (0, -signal.SIGTERM)
     finally:
-        api.stop()
+        api.cleanup()

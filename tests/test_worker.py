@@ -169,6 +169,6 @@ async def test_worker_killed_between_read_and_ack_task_completed_by_another(
         assert 'loadproof_tasks_total{event="reclaimed"} 1.0' in metrics_text
         assert 'loadproof_tasks_total{event="completed"} 1.0' in metrics_text
     finally:
-        await asyncio.to_thread(first.stop)
-        await asyncio.to_thread(second.stop)
+        await asyncio.to_thread(first.cleanup)
+        await asyncio.to_thread(second.cleanup)
         simulator.reset()
