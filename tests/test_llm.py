@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge, Histogram
 
 from service import metrics, prompts
 from service.config import Settings
@@ -101,8 +101,24 @@ def items(n: int, prefix: str = "task") -> list[LLMItem]:
     return [LLMItem(f"{prefix}-{i}", f"persona-{i % 2}", f"topic number {i}") for i in range(n)]
 
 
-def sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+@pytest.fixture
+def private_metrics(monkeypatch: pytest.MonkeyPatch) -> CollectorRegistry:
+    """Fresh LLM metrics in a registry of their own, so unlabeled series are not shared with other tests."""
+    registry = CollectorRegistry()
+    for name in ("LLM_REQUESTS", "LLM_DURATION", "LLM_BATCH_SIZE", "LLM_TOKENS", "LLM_COST", "LLM_BREAKER_OPEN"):
+        original = getattr(metrics, name)
+        kind = type(original)
+        kwargs: dict[str, Any] = {"registry": registry}
+        if isinstance(original, Histogram):
+            kwargs["buckets"] = metrics.BATCH_BUCKETS if name == "LLM_BATCH_SIZE" else metrics.SLOW_BUCKETS
+        fresh = kind(original._name, original._documentation, original._labelnames, **kwargs)
+        monkeypatch.setattr(metrics, name, fresh)
+    monkeypatch.setattr(metrics, "LLM_INFLIGHT", Gauge("loadproof_llm_inflight", "in flight", registry=registry))
+    return registry
+
+
+def sample(name: str, registry: CollectorRegistry = REGISTRY, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
 
 
 async def wait_for_inflight(sim: SimProc) -> None:
@@ -216,19 +232,21 @@ async def test_retry_after_beyond_deadline_fails_now(sim: SimProc, client_factor
     assert info.value.outcome == "rate_limited" and vt.sleeps == []
 
 
-async def test_breaker_opens_fails_fast_and_half_opens(sim: SimProc, client_factory: Any, vt: VirtualTime) -> None:
+async def test_breaker_opens_fails_fast_and_half_opens(
+    sim: SimProc, client_factory: Any, vt: VirtualTime, private_metrics: CollectorRegistry
+) -> None:
     settings, model = make_settings(sim.base_url, llm_max_retries=0, llm_breaker_failures=3, llm_breaker_reset_s=10)
     client: LLMClient = client_factory(settings)
     sim.control(rate_500=1.0)
     for _ in range(3):
         with pytest.raises(LLMError, match="500"):
             await client.generate(items(1))
-    assert client.breaker.is_open and sample("loadproof_llm_breaker_open") == 1
+    assert client.breaker.is_open and sample("loadproof_llm_breaker_open", private_metrics) == 1
     with pytest.raises(LLMError, match="breaker") as info:
         await client.generate(items(1))
     assert info.value.outcome == "breaker_open" and info.value.retryable
     assert sim.stats()["calls"] == 3  # failed fast: no HTTP call
-    assert sample("loadproof_llm_requests_total", model=model, outcome="breaker_open") == 1
+    assert sample("loadproof_llm_requests_total", private_metrics, model=model, outcome="breaker_open") == 1
 
     vt.now += 10  # reset elapsed: one probe goes through; it fails and re-opens the breaker
     with pytest.raises(LLMError, match="500"):
@@ -240,7 +258,7 @@ async def test_breaker_opens_fails_fast_and_half_opens(sim: SimProc, client_fact
     sim.control(rate_500=0)
     vt.now += 10  # the next probe succeeds and closes it
     assert (await client.generate(items(1)))[0].post
-    assert not client.breaker.is_open and sample("loadproof_llm_breaker_open") == 0
+    assert not client.breaker.is_open and sample("loadproof_llm_breaker_open", private_metrics) == 0
     assert (await client.generate(items(2)))[1].post
     assert sim.stats()["calls"] == 6
 
@@ -331,26 +349,36 @@ async def test_connection_refused_is_retried(client_factory: Any, vt: VirtualTim
     assert sample("loadproof_llm_requests_total", model=model, outcome="server_error") == 3
 
 
-async def test_metrics_after_known_sequence(sim: SimProc, client_factory: Any) -> None:
+async def test_metrics_after_known_sequence(
+    sim: SimProc, client_factory: Any, private_metrics: CollectorRegistry
+) -> None:
     settings, model = make_settings(sim.base_url)
     client: LLMClient = client_factory(settings)
-    batch_count = sample("loadproof_llm_batch_size_count")
-    batch_sum = sample("loadproof_llm_batch_size_sum")
     sim.control(script=["429", "ok", "ok"], retry_after_s=0)
     first = await client.generate(items(4, "a"))
     second = await client.generate(items(2, "b"))
     stats = sim.stats()
-    got = {o: sample("loadproof_llm_requests_total", model=model, outcome=o) for o in ("ok", "rate_limited")}
-    assert got == {"ok": 2, "rate_limited": 1}
-    assert sample("loadproof_llm_request_duration_seconds_count", model=model) == 3
-    assert sample("loadproof_llm_batch_size_count") - batch_count == 2  # once per logical call
-    assert sample("loadproof_llm_batch_size_sum") - batch_sum == 6
-    tokens_in = sample("loadproof_llm_tokens_total", model=model, type="input")
-    tokens_out = sample("loadproof_llm_tokens_total", model=model, type="output")
+
+    def value(name: str, **labels: str) -> float:
+        return sample(name, private_metrics, **labels)
+
+    outcomes = ("ok", "rate_limited", "server_error", "timeout", "bad_response", "client_error", "breaker_open")
+    got = {o: value("loadproof_llm_requests_total", model=model, outcome=o) for o in outcomes}
+    assert got == {o: {"ok": 2, "rate_limited": 1}.get(o, 0) for o in outcomes}
+    assert value("loadproof_llm_request_duration_seconds_count", model=model) == 3  # per HTTP attempt
+    assert value("loadproof_llm_batch_size_count") == 2  # once per logical call
+    assert value("loadproof_llm_batch_size_sum") == 6
+    assert (
+        value("loadproof_llm_batch_size_bucket", le="4.0") == 2
+        and value("loadproof_llm_batch_size_bucket", le="3.0") == 1
+    )
+    tokens_in = value("loadproof_llm_tokens_total", model=model, type="input")
+    tokens_out = value("loadproof_llm_tokens_total", model=model, type="output")
     assert (tokens_in, tokens_out) == (stats["prompt_tokens"], stats["completion_tokens"])
     assert tokens_in == sum(r.input_tokens for r in first + second)
-    assert sample("loadproof_llm_cost_usd_total", model=model) == pytest.approx((tokens_in + 2 * tokens_out) / 1e6)
-    assert sample("loadproof_llm_inflight") == 0
+    assert value("loadproof_llm_cost_usd_total", model=model) == pytest.approx((tokens_in + 2 * tokens_out) / 1e6)
+    assert value("loadproof_llm_inflight") == 0
+    assert value("loadproof_llm_breaker_open") == 0
 
 
 async def test_metric_failures_do_not_fail_calls(
