@@ -284,3 +284,144 @@ def test_report_job_runs_after_the_runners_and_writes_its_configmap(objects: lis
     named = [r for r in role["rules"] if r.get("resourceNames")]
     assert named[0]["resourceNames"] == [f"k6-start-{render.MOCK_RUN_HEX}", f"report-{render.MOCK_RUN_HEX}"]
     assert "create" not in named[0]["verbs"] and "delete" not in str(role["rules"])
+
+
+def test_entry_point_runs_the_way_pulumi_runs_it(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``runpy.run_path("infra")`` (what Pulumi's Python host does) from another directory, under mocks."""
+    import runpy
+    import sys
+
+    import pulumi
+
+    from infra.stackconfig import REPO_ROOT
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(REPO_ROOT / "infra"), *sys.path])
+    mocks = render.RecordingMocks()
+    pulumi.runtime.set_mocks(mocks, project="loadproof", stack="dev", preview=False)
+    pulumi.runtime.set_all_config(render.config_values(load("dev")))
+
+    @pulumi.runtime.test
+    def run() -> None:
+        runpy.run_path(str(REPO_ROOT / "infra"), run_name="__main__")
+
+    run()
+    assert yaml.safe_dump_all(render.manifests(mocks.resources)) == yaml.safe_dump_all(
+        render.evaluate(load("dev")).manifests()
+    )
+
+
+def _allowed(objects: list[dict[str, Any]], src: str, dst: str, port: int) -> bool:
+    """Both halves of a connection are open: egress on the source pods and ingress on the destination."""
+    policies = [o["spec"] for o in objects if o["kind"] == "NetworkPolicy"]
+
+    def selects(spec: dict[str, Any], component: str) -> bool:
+        labels = spec["podSelector"].get("matchLabels")
+        return labels is not None and labels.get("app.kubernetes.io/component") == component
+
+    def peer_is(peers: list[dict[str, Any]], component: str) -> bool:
+        return any(
+            p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == component
+            for p in peers
+        )
+
+    def port_ok(rule: dict[str, Any]) -> bool:
+        return "ports" not in rule or any(p["port"] == port for p in rule["ports"])
+
+    egress = any(peer_is(r["to"], dst) and port_ok(r) for s in policies if selects(s, src) for r in s.get("egress", []))
+    ingress = any(
+        peer_is(r["from"], src) and port_ok(r) for s in policies if selects(s, dst) for r in s.get("ingress", [])
+    )
+    return egress and ingress
+
+
+def test_network_is_default_deny_with_exact_flows(objects: list[dict[str, Any]]) -> None:
+    deny = render.find(objects, "NetworkPolicy", "default-deny")["spec"]
+    assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress", "Egress"]
+    dns = render.find(objects, "NetworkPolicy", "allow-dns")["spec"]["egress"][0]
+    assert dns["to"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
+    assert {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
+    expected = [
+        ("k6", "orchestrator", 8080),
+        ("k6", "prometheus", 9090),
+        ("k6-start", "k6", 6565),
+        ("prometheus", "orchestrator", 8080),
+        ("prometheus", "workers", 9101),
+        ("orchestrator", "postgres", 5432),
+        ("workers", "postgres", 5432),
+        ("report", "postgres", 5432),
+        ("orchestrator", "redis", 6379),
+        ("workers", "redis", 6379),
+        ("workers", "simulator", 8090),
+        ("grafana", "prometheus", 9090),
+        ("report", "prometheus", 9090),
+    ]
+    for src, dst, port in expected:
+        assert _allowed(objects, src, dst, port), f"{src} -> {dst}:{port} is blocked"
+    for src, dst, port in [
+        ("k6", "postgres", 5432),
+        ("grafana", "orchestrator", 8080),
+        ("orchestrator", "prometheus", 9090),
+        ("k6", "orchestrator", 5432),
+        ("simulator", "redis", 6379),
+    ]:
+        assert not _allowed(objects, src, dst, port), f"{src} -> {dst}:{port} should be denied"
+    grafana_in = render.find(objects, "NetworkPolicy", "allow-grafana")["spec"]["ingress"]
+    assert grafana_in[0]["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "ingress-nginx"
+    }
+    # Prometheus (discovery) and the report/start Jobs (ConfigMaps) reach the API server; nobody else leaves.
+    leaves_cluster = {
+        o["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+        for o in objects
+        if o["kind"] == "NetworkPolicy" and any("ipBlock" in p for r in o["spec"].get("egress", []) for p in r["to"])
+    }
+    assert leaves_cluster == {"prometheus", "report", "k6-start"}
+
+
+def test_namespace_guard_rails(objects: list[dict[str, Any]]) -> None:
+    cfg = load("dev")
+    ns = render.find(objects, "Namespace", "loadproof")
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    quota = render.find(objects, "ResourceQuota", "loadproof-quota")["spec"]["hard"]
+    assert quota == {
+        "requests.cpu": cfg.baseline.quota_cpu,
+        "requests.memory": cfg.baseline.quota_memory,
+        "pods": str(cfg.baseline.quota_pods),
+    }
+    assert render.find(objects, "LimitRange", "loadproof-limits")["spec"]["limits"][0]["type"] == "Container"
+
+
+def _cpu(q: str) -> float:
+    return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+def _mem(q: str) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    return float(q[:-2]) * units[q[-2:]] if q[-2:] in units else float(q)
+
+
+@pytest.mark.parametrize("stack", ["dev", "kind"])
+def test_quota_fits_the_stack_at_full_scale(stack: str) -> None:
+    """Peak requests (HPA at max, one surge pod per rolling Deployment, all Jobs) fit the ResourceQuota."""
+    cfg = load(stack)
+    objects = render.evaluate(cfg, stack=stack).manifests()
+    cpu = mem = pods = 0.0
+    for o in objects:
+        if o["kind"] not in (*WORKLOAD_KINDS, "Job"):
+            continue
+        spec = o["spec"]
+        if o["kind"] == "Job":
+            n = spec.get("parallelism", 1)
+        elif o["metadata"]["name"] == "orchestrator":
+            n = cfg.orchestrator.autoscale.max_replicas + 1
+        else:
+            n = spec.get("replicas", 1) + (1 if spec.get("strategy", {}).get("type") == "RollingUpdate" else 0)
+        for c in spec["template"]["spec"]["containers"]:
+            cpu += n * _cpu(c["resources"]["requests"]["cpu"])
+            mem += n * _mem(c["resources"]["requests"]["memory"])
+        pods += n
+    hard = render.find(objects, "ResourceQuota", "loadproof-quota")["spec"]["hard"]
+    assert cpu <= _cpu(hard["requests.cpu"]), f"{cpu} CPUs requested"
+    assert mem <= _mem(hard["requests.memory"])
+    assert pods <= int(hard["pods"])
