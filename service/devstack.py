@@ -772,6 +772,8 @@ def main() -> None:
                 time.sleep(1.0)
         except KeyboardInterrupt:
             print("\nstopping...", flush=True)
+        finally:
+            stack.cleanup()  # processes already stopping in __exit__ order; removes the temp data too
     print("stopped.")
 
 
