@@ -173,10 +173,9 @@ class Stats:
     completion_tokens: int = 0
     bad_requests: int = 0
     disconnects: int = 0
-    inflight: int = 0
     max_inflight: int = 0
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, inflight: int) -> dict[str, Any]:
         return {
             "calls": self.calls,
             "completed": self.completed,
@@ -189,7 +188,7 @@ class Stats:
             "completion_tokens": self.completion_tokens,
             "bad_requests": self.bad_requests,
             "disconnects": self.disconnects,
-            "inflight": self.inflight,
+            "inflight": inflight,
             "max_inflight": self.max_inflight,
         }
 
@@ -215,6 +214,7 @@ class Simulator:
             hang_s=hang_s,
         )
         self.stats = Stats()
+        self.inflight = 0  # not a Stats counter: a reset must not forget calls still in flight
 
     # --- ASGI plumbing -------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -230,10 +230,10 @@ class Simulator:
             elif path == "/healthz" and method == "GET":
                 await _json(send, 200, {"status": "ok"})
             elif path == "/stats" and method == "GET":
-                await _json(send, 200, {**self.stats.snapshot(), "config": self._config()})
+                await _json(send, 200, {**self.stats.snapshot(self.inflight), "config": self._config()})
             elif path == "/stats/reset" and method == "POST":
                 self._reset_stats()
-                await _json(send, 200, self.stats.snapshot())
+                await _json(send, 200, self.stats.snapshot(self.inflight))
             elif path == "/control" and method == "POST":
                 await self._control(receive, send)
             elif path == "/v1/models" and method == "GET":
@@ -256,8 +256,7 @@ class Simulator:
 
     # --- control and introspection --------------------------------------------------------------
     def _reset_stats(self) -> None:
-        inflight, self.stats = self.stats.inflight, Stats()
-        self.stats.inflight = inflight
+        self.stats = Stats(max_inflight=self.inflight)
 
     def _config(self) -> dict[str, Any]:
         """The latency model and faults in effect, so a report can say what was simulated."""
@@ -341,10 +340,10 @@ class Simulator:
             stats.batch_calls += 1
 
         outcome = self._decide()
-        stats.inflight += 1
-        stats.max_inflight = max(stats.max_inflight, stats.inflight)
+        self.inflight += 1
+        stats.max_inflight = max(stats.max_inflight, self.inflight)
         try:
-            load = max(1.0, stats.inflight / self.settings.sim_concurrency_knee)
+            load = max(1.0, self.inflight / self.settings.sim_concurrency_knee)
             if outcome == "429":
                 stats.injected["429"] += 1
                 ra = self.faults.retry_after_s
@@ -359,14 +358,14 @@ class Simulator:
                 if await _sleep_or_disconnect(receive, self._jittered(self.settings.sim_ttft_ms) * load):
                     await _error(send, 500, "The server had an error (simulated).", "server_error")
                 else:
-                    stats.disconnects += 1
+                    self.stats.disconnects += 1
                 return
             if outcome == "timeout":
                 stats.injected["timeout"] += 1
                 if await _sleep_or_disconnect(receive, self.faults.hang_s):
                     await _error(send, 504, "Upstream timed out (simulated hang).", "server_error")
                 else:
-                    stats.disconnects += 1
+                    self.stats.disconnects += 1
                 return
 
             content = self._content(request, items, outcome)
@@ -393,6 +392,7 @@ class Simulator:
                     # The planned latency and load factor, so tests can check the model without timing it.
                     headers = [(b"x-sim-latency-ms", f"{latency * 1000:.3f}".encode()), _load_header(load)]
                     await _json(send, 200, _completion(model, content, finish_reason, usage), headers)
+            stats = self.stats  # counters may have been reset while this call was in flight
             if sent:
                 stats.completed += 1
                 stats.prompt_tokens += usage["prompt_tokens"]
@@ -400,7 +400,7 @@ class Simulator:
             else:
                 stats.disconnects += 1
         finally:
-            stats.inflight -= 1
+            self.inflight -= 1
 
     def _content(self, request: dict[str, Any], items: list[dict[str, Any]] | None, outcome: str) -> str:
         tokens = self.settings.sim_output_tokens
@@ -528,6 +528,9 @@ def _validate_chat(body: Any) -> dict[str, Any]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise _BadRequest(f"messages[{i}] must be an object with a 'role'")
+    for key in ("response_format", "stream_options"):
+        if body.get(key) is not None and not isinstance(body[key], dict):
+            raise _BadRequest(f"'{key}' must be an object")
     for key in ("max_tokens", "max_completion_tokens"):
         value = body.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

@@ -253,3 +253,18 @@ def test_stream_abandoned_by_client_is_released(kneed_sim: SimProc) -> None:
         time.sleep(0.05)
     stats = kneed_sim.stats()
     assert stats["disconnects"] == 1 and stats["completed"] == 0 and stats["inflight"] == 0
+
+
+async def test_reset_during_a_call_keeps_inflight_right(kneed_sim: SimProc) -> None:
+    kneed_sim.reset()
+    async with httpx.AsyncClient(base_url=kneed_sim.url, timeout=30) as http:
+        call = asyncio.create_task(http.post("/v1/chat/completions", json={"model": MODEL, "messages": _batch(1)}))
+        for _ in range(500):
+            if (await http.get("/stats")).json()["inflight"] == 1:
+                break
+            await asyncio.sleep(0.005)
+        reset = (await http.post("/stats/reset")).json()
+        assert reset["inflight"] == 1 and reset["calls"] == 0
+        assert (await call).status_code == 200
+        after = (await http.get("/stats")).json()
+    assert after["inflight"] == 0 and after["completed"] == 1 and after["calls"] == 0
