@@ -171,6 +171,9 @@ class Baseline(pulumi.ComponentResource):
                         "controller": {
                             "hostPort": {"enabled": True},
                             "service": {"type": "NodePort"},
+                            # No LoadBalancer Service to publish: report the controller's node address
+                            # in Ingress status instead, which Pulumi's Ingress await waits for.
+                            "publishService": {"enabled": False},
                             "ingressClassResource": {"name": cfg.monitoring.grafana.ingress_class},
                         }
                     },

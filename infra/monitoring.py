@@ -39,6 +39,7 @@ class Monitoring(pulumi.ComponentResource):
     grafana_url: str
     grafana_admin_password: pulumi.Output[str]
     prometheus: k8s.apps.v1.Deployment
+    prometheus_service: k8s.core.v1.Service
 
     def __init__(
         self, name: str, cfg: StackConfig, namespace: pulumi.Input[str], opts: pulumi.ResourceOptions | None = None
@@ -160,7 +161,7 @@ class Monitoring(pulumi.ComponentResource):
             ),
             opts=opts,
         )
-        k8s.core.v1.Service(
+        self.prometheus_service = k8s.core.v1.Service(
             f"{name}-prometheus-service",
             metadata=c.metadata("prometheus", namespace, "prometheus"),
             spec=k8s.core.v1.ServiceSpecArgs(

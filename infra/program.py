@@ -99,8 +99,9 @@ def deploy(cfg: StackConfig, secrets: Secrets) -> dict[str, Any]:
         ns,
         target_base_url=service.base_url,
         remote_write_url=monitoring.remote_write_url,
-        # The run starts only once the service and Prometheus are Ready (Pulumi awaits Deployments).
-        depends_on=[service, monitoring],
+        # The run starts only once the service and Prometheus are Ready (Pulumi awaits Deployments);
+        # Grafana and its Ingress are not needed for it.
+        depends_on=[service, monitoring.prometheus, monitoring.prometheus_service],
     )
     report = Report(
         "report",
