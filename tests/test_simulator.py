@@ -268,3 +268,22 @@ async def test_reset_during_a_call_keeps_inflight_right(kneed_sim: SimProc) -> N
         assert (await call).status_code == 200
         after = (await http.get("/stats")).json()
     assert after["inflight"] == 0 and after["completed"] == 1 and after["calls"] == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"response_format": "json"}, "response_format"),
+        ({"stream_options": True}, "stream_options"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": True}, "max_completion_tokens"),
+        ({"n": 2}, "n=1"),
+        ({"model": ""}, "model"),
+        ({"messages": [{"content": "no role"}]}, "role"),
+    ],
+)
+def test_invalid_chat_requests_get_400_with_reason(sim: SimProc, extra: dict[str, object], reason: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **extra}
+    r = httpx.post(f"{sim.base_url}/chat/completions", json=body, timeout=5)
+    assert r.status_code == 400 and reason in r.json()["error"]["message"]
+    assert sim.stats()["calls"] == 0
