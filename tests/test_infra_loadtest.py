@@ -229,7 +229,7 @@ class FakeApiServer(BaseHTTPRequestHandler):
             return
         self._json(200, self.store[name])
 
-    def log_message(self, *args: object) -> None:
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 
