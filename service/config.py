@@ -21,99 +21,103 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LOADPROOF_", extra="ignore", frozen=True)
 
     # --- HTTP server ---
-    host: str = Field("127.0.0.1", description="Address the orchestrator binds to.")
-    port: int = Field(8080, description="Port of the orchestrator API.")
-    processes: int = Field(1, ge=1, description="uvicorn worker processes for the API.")
+    host: str = Field(default="127.0.0.1", description="Address the orchestrator binds to.")
+    port: int = Field(default=8080, description="Port of the orchestrator API.")
+    processes: int = Field(default=1, ge=1, description="uvicorn worker processes for the API.")
     max_inflight: int = Field(
-        512, ge=1, description="Requests in flight per API process before new ones get 503 + Retry-After."
+        default=512, ge=1, description="Requests in flight per API process before new ones get 503 + Retry-After."
     )
-    max_body_bytes: int = Field(8192, ge=256, description="Largest accepted request body; larger gets 413.")
+    max_body_bytes: int = Field(default=8192, ge=256, description="Largest accepted request body; larger gets 413.")
     shutdown_timeout_s: float = Field(
-        20.0, gt=0, description="Upper bound for draining in-flight requests and batches on SIGTERM."
+        default=20.0, gt=0, description="Upper bound for draining in-flight requests and batches on SIGTERM."
     )
 
     # --- Postgres ---
     database_url: SecretStr = Field(
-        SecretStr("postgresql+psycopg://loadproof@127.0.0.1:5432/loadproof"),
+        default=SecretStr("postgresql+psycopg://loadproof@127.0.0.1:5432/loadproof"),
         description="SQLAlchemy URL of the task store (psycopg 3 driver).",
     )
     db_pool_mode: Literal["queue", "null"] = Field(
-        "queue", description="`queue`: pooled connections; `null`: a new connection per use (baseline)."
+        default="queue", description="`queue`: pooled connections; `null`: a new connection per use (baseline)."
     )
-    db_pool_size: int = Field(20, ge=1, description="Connections kept open per process.")
-    db_max_overflow: int = Field(40, ge=0, description="Extra connections allowed above the pool size.")
-    db_pool_timeout_s: float = Field(5.0, gt=0, description="Longest wait to acquire a pooled connection.")
-    db_pool_recycle_s: int = Field(3600, ge=1, description="Reconnect connections older than this.")
-    db_pool_pre_ping: bool = Field(True, description="Check a connection before handing it out.")
+    db_pool_size: int = Field(default=20, ge=1, description="Connections kept open per process.")
+    db_max_overflow: int = Field(default=40, ge=0, description="Extra connections allowed above the pool size.")
+    db_pool_timeout_s: float = Field(default=5.0, gt=0, description="Longest wait to acquire a pooled connection.")
+    db_pool_recycle_s: int = Field(default=3600, ge=1, description="Reconnect connections older than this.")
+    db_pool_pre_ping: bool = Field(default=True, description="Check a connection before handing it out.")
 
     # --- Redis: cache and queue ---
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for the cache and the task queue.")
-    redis_pool_size: int = Field(64, ge=1, description="Connections in the blocking Redis pool per process.")
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis for the cache and the task queue.")
+    redis_pool_size: int = Field(default=64, ge=1, description="Connections in the blocking Redis pool per process.")
     redis_socket_timeout_s: float = Field(
-        0.25, gt=0, description="Socket timeout for cache calls; a slow Redis is a cache miss, not a stall."
+        default=0.25, gt=0, description="Socket timeout for cache calls; a slow Redis is a cache miss, not a stall."
     )
-    cache_enabled: bool = Field(True, description="Serve finished posts from Redis (off for the baseline).")
-    cache_ttl_s: int = Field(3600, ge=1, description="Lifetime of a cached post.")
+    cache_enabled: bool = Field(default=True, description="Serve finished posts from Redis (off for the baseline).")
+    cache_ttl_s: int = Field(default=3600, ge=1, description="Lifetime of a cached post.")
     cache_breaker_failures: int = Field(
-        5, ge=1, description="Consecutive cache failures that open the cache circuit breaker."
+        default=5, ge=1, description="Consecutive cache failures that open the cache circuit breaker."
     )
-    cache_breaker_reset_s: float = Field(5.0, gt=0, description="How long the open cache breaker skips Redis.")
-    prompt_version: str = Field("v1", description="Part of the cache key; bump to invalidate cached posts.")
+    cache_breaker_reset_s: float = Field(default=5.0, gt=0, description="How long the open cache breaker skips Redis.")
+    prompt_version: str = Field(default="v1", description="Part of the cache key; bump to invalidate cached posts.")
     coalesce_enabled: bool = Field(
-        True, description="Identical in-flight requests join one task (off for the baseline)."
+        default=True, description="Identical in-flight requests join one task (off for the baseline)."
     )
 
     # --- Queue and workers ---
-    queue_stream: str = Field("loadproof:tasks", description="Redis stream holding queued task ids.")
-    queue_group: str = Field("workers", description="Consumer group of the workers.")
+    queue_stream: str = Field(default="loadproof:tasks", description="Redis stream holding queued task ids.")
+    queue_group: str = Field(default="workers", description="Consumer group of the workers.")
     queue_claim_idle_ms: int = Field(
-        30000, ge=1000, description="Entries pending longer than this are reclaimed from dead consumers."
+        default=30000, ge=1000, description="Entries pending longer than this are reclaimed from dead consumers."
     )
-    queue_max_attempts: int = Field(3, ge=1, description="Deliveries before a task is dead-lettered.")
+    queue_max_attempts: int = Field(default=3, ge=1, description="Deliveries before a task is dead-lettered.")
     queue_sweep_interval_s: float = Field(
-        5.0, gt=0, description="How often a worker checks Postgres for accepted tasks missing from the stream."
+        default=5.0, gt=0, description="How often a worker checks Postgres for accepted tasks missing from the stream."
     )
     queue_sweep_grace_s: float = Field(
-        10.0, gt=0, description="Age of an unfinished task before the sweeper may re-enqueue it."
+        default=10.0, gt=0, description="Age of an unfinished task before the sweeper may re-enqueue it."
     )
-    worker_concurrency: int = Field(8, ge=1, description="Concurrent LLM calls per worker process.")
-    batch_size: int = Field(5, ge=1, description="Tasks per LLM call; 1 disables batching (baseline).")
-    batch_wait_ms: int = Field(100, ge=0, description="Longest wait to fill a batch.")
-    worker_metrics_port: int = Field(9101, description="Port of a worker process's own /metrics.")
+    worker_concurrency: int = Field(default=8, ge=1, description="Concurrent LLM calls per worker process.")
+    batch_size: int = Field(default=5, ge=1, description="Tasks per LLM call; 1 disables batching (baseline).")
+    batch_wait_ms: int = Field(default=100, ge=0, description="Longest wait to fill a batch.")
+    worker_metrics_port: int = Field(default=9101, description="Port of a worker process's own /metrics.")
 
     # --- LLM ---
-    llm_base_url: str = Field("http://127.0.0.1:8090/v1", description="OpenAI-compatible endpoint.")
-    llm_api_key: SecretStr = Field(SecretStr("sk-simulator"), description="API key (from a Secret in the cluster).")
-    llm_model: str = Field("gpt-4o-mini", description="Model name sent to the endpoint and priced.")
-    llm_max_tokens: int = Field(400, ge=16, description="Output token cap per item.")
-    llm_timeout_s: float = Field(30.0, gt=0, description="Timeout of one LLM HTTP call.")
-    llm_deadline_s: float = Field(90.0, gt=0, description="Total time budget for one call with retries.")
-    llm_max_retries: int = Field(4, ge=0, description="Retries after a retryable failure (429/5xx/timeout).")
-    llm_breaker_failures: int = Field(10, ge=1, description="Consecutive LLM failures that open its breaker.")
-    llm_breaker_reset_s: float = Field(10.0, gt=0, description="How long the open LLM breaker fails fast.")
+    llm_base_url: str = Field(default="http://127.0.0.1:8090/v1", description="OpenAI-compatible endpoint.")
+    llm_api_key: SecretStr = Field(
+        default=SecretStr("sk-simulator"), description="API key (from a Secret in the cluster)."
+    )
+    llm_model: str = Field(default="gpt-4o-mini", description="Model name sent to the endpoint and priced.")
+    llm_max_tokens: int = Field(default=400, ge=16, description="Output token cap per item.")
+    llm_timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one LLM HTTP call.")
+    llm_deadline_s: float = Field(default=90.0, gt=0, description="Total time budget for one call with retries.")
+    llm_max_retries: int = Field(default=4, ge=0, description="Retries after a retryable failure (429/5xx/timeout).")
+    llm_breaker_failures: int = Field(default=10, ge=1, description="Consecutive LLM failures that open its breaker.")
+    llm_breaker_reset_s: float = Field(default=10.0, gt=0, description="How long the open LLM breaker fails fast.")
     llm_prices: str = Field(
-        "",
+        default="",
         description="Price overrides, `model=input/output` USD per 1M tokens, comma separated "
         "(e.g. `gpt-4o-mini=0.15/0.60`). Merged over the built-in table.",
     )
 
     # --- LLM simulator (`python -m service.simulator`) ---
-    sim_host: str = Field("127.0.0.1", description="Simulator bind address.")
-    sim_port: int = Field(8090, description="Simulator port.")
-    sim_ttft_ms: float = Field(350.0, ge=0, description="Median time to first token.")
-    sim_itl_ms: float = Field(16.0, ge=0, description="Inter-token latency (~60 output tokens/s).")
-    sim_jitter: float = Field(0.2, ge=0, le=1, description="Bounded relative jitter on both latencies.")
-    sim_output_tokens: int = Field(60, ge=1, description="Output tokens per generated post.")
-    sim_concurrency_knee: int = Field(64, ge=1, description="Concurrent requests beyond which latency grows linearly.")
-    sim_rate_429: float = Field(0.0, ge=0, le=1, description="Fraction of calls answered 429 + Retry-After.")
-    sim_rate_500: float = Field(0.0, ge=0, le=1, description="Fraction of calls answered 500.")
-    sim_rate_timeout: float = Field(0.0, ge=0, le=1, description="Fraction of calls that hang past timeout.")
+    sim_host: str = Field(default="127.0.0.1", description="Simulator bind address.")
+    sim_port: int = Field(default=8090, description="Simulator port.")
+    sim_ttft_ms: float = Field(default=350.0, ge=0, description="Median time to first token.")
+    sim_itl_ms: float = Field(default=16.0, ge=0, description="Inter-token latency (~60 output tokens/s).")
+    sim_jitter: float = Field(default=0.2, ge=0, le=1, description="Bounded relative jitter on both latencies.")
+    sim_output_tokens: int = Field(default=60, ge=1, description="Output tokens per generated post.")
+    sim_concurrency_knee: int = Field(
+        default=64, ge=1, description="Concurrent requests beyond which latency grows linearly."
+    )
+    sim_rate_429: float = Field(default=0.0, ge=0, le=1, description="Fraction of calls answered 429 + Retry-After.")
+    sim_rate_500: float = Field(default=0.0, ge=0, le=1, description="Fraction of calls answered 500.")
+    sim_rate_timeout: float = Field(default=0.0, ge=0, le=1, description="Fraction of calls that hang past timeout.")
     sim_rate_malformed: float = Field(
-        0.0, ge=0, le=1, description="Fraction of batch items returned malformed (tests item retry)."
+        default=0.0, ge=0, le=1, description="Fraction of batch items returned malformed (tests item retry)."
     )
 
     # --- Metrics ---
-    metrics_enabled: bool = Field(True, description="Export Prometheus metrics.")
+    metrics_enabled: bool = Field(default=True, description="Export Prometheus metrics.")
 
 
 @lru_cache(maxsize=1)
