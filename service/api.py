@@ -22,7 +22,7 @@ import time
 import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Request
@@ -60,7 +60,6 @@ class Runtime:
     queue: TaskQueue | None = None
     draining: bool = False
     inflight: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _RUNTIME: Runtime | None = None
@@ -319,19 +318,20 @@ def _routes(app: FastAPI, rt: Runtime) -> None:
             Cache.delivered(hit)
             if idempotency_key is None:
                 return Response(hit.body, media_type=JSON)
+            post = hit.post()
             task_id, existing = await db.insert_done_from_cache(
                 str(uuid.uuid4()),
                 body.persona_id,
                 clean_topic(body.topic),
                 key,
                 idempotency_key,
-                hit.post(),
+                post,
                 hit.output_tokens,
             )
             if existing is not None:
                 return _existing(existing, key)
             return Response(
-                _json_bytes({"status": "done", "task_id": task_id, "post": hit.post(), "cached": True}), media_type=JSON
+                _json_bytes({"status": "done", "task_id": task_id, "post": post, "cached": True}), media_type=JSON
             )
         task_id, created, existing = await db.insert_task(
             str(uuid.uuid4()),

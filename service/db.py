@@ -73,7 +73,7 @@ def make_engine(settings: Settings) -> AsyncEngine:
             pool_timeout=settings.db_pool_timeout_s,
             pool_recycle=settings.db_pool_recycle_s,
         )
-    engine = create_async_engine(url, connect_args={"connect_timeout": 5}, **kwargs)
+    engine = create_async_engine(url, connect_args={"connect_timeout": 5}, isolation_level="AUTOCOMMIT", **kwargs)
     _attach_pool_metrics(engine)
     return engine
 
@@ -109,8 +109,14 @@ class Database:
         await self.engine.dispose()
 
     @contextlib.asynccontextmanager
-    async def connect(self) -> AsyncIterator[AsyncConnection]:
-        """A connection in a transaction (committed on success); acquire wait is measured."""
+    async def connect(self, *, transaction: bool = False) -> AsyncIterator[AsyncConnection]:
+        """A pooled connection; acquire wait is measured.
+
+        Every statement of the service is atomic on its own, so by default a connection runs in
+        autocommit mode: one round trip per statement instead of BEGIN + statement + COMMIT.
+        ``transaction=True`` gives a real transaction (committed on success), e.g. to hold an
+        advisory lock for its duration.
+        """
         started = time.perf_counter()
         with contextlib.suppress(Exception):
             metrics.DB_POOL_WAITERS.inc()
@@ -121,7 +127,11 @@ class Database:
                 with contextlib.suppress(Exception):
                     metrics.DB_POOL_WAITERS.dec()
                     metrics.DB_POOL_WAIT.observe(time.perf_counter() - started)
-                async with conn.begin():
+                if transaction:
+                    await conn.execution_options(isolation_level="READ COMMITTED")
+                    async with conn.begin():
+                        yield conn
+                else:
                     yield conn
         finally:
             if waiting:
@@ -130,7 +140,7 @@ class Database:
 
     async def create_schema(self) -> None:
         """Idempotent; safe when several processes start at once (advisory lock)."""
-        async with self.connect() as conn:
+        async with self.connect(transaction=True) as conn:
             await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": SCHEMA_LOCK_ID})
             for statement in SCHEMA:
                 await conn.execute(text(statement))

@@ -192,7 +192,7 @@ async def sweep(queue: TaskQueue, db: Database) -> list[str]:
     Returns the re-enqueued task ids. Raises if Redis is unreachable (the caller retries later).
     """
     grace = queue.settings.queue_sweep_grace_s
-    async with db.connect() as conn:
+    async with db.connect(transaction=True) as conn:
         if not await db.try_lock(conn, SWEEP_LOCK_ID):
             return []
         rows = await conn.execute(
