@@ -262,7 +262,7 @@ def run_demo(
         out["k6_exit_code"] = k6.returncode
         out["stack"] = stack_name
         if note:
-            out["notes"] = [note]
+            out["notes"] = [*out.get("notes", []), note]
         series = ms.timeseries(stack.prometheus_url, test_id=run_id, window=window)
         series["target_qps"] = [
             (float(t), ms.target_rate_at(prof, t)) for t in range(0, int(window.ended_at - window.started_at) + 1)

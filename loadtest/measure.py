@@ -37,6 +37,7 @@ import httpx
 
 from dashboards import queries as q
 from infra.stackconfig import ProfileConfig, ThresholdsConfig
+from service.metrics import HTTP_BUCKETS, SLOW_BUCKETS
 
 # Every outputs.json key a consumer may rely on (tests check all of them).
 OUTPUT_KEYS = (
@@ -438,6 +439,19 @@ def _measure(
     llm_calls = prom.scalar(llm_calls_window(cw), cost_end)
     llm_tokens = prom.scalar(llm_tokens_window(cw), cost_end)
     completion_p95 = prom.scalar(q.completion_p95_ms(q.window_range(cost_end - window.measured_start)), cost_end)
+    # A classic histogram cannot place a quantile beyond its last finite bucket: histogram_quantile then
+    # returns that bound. Say so instead of presenting the bound as the measured value.
+    notes: list[str] = []
+    if server_p95 is not None and server_p95 >= HTTP_BUCKETS[-1] * 1000:
+        notes.append(f"server_p95_latency_ms is at least {HTTP_BUCKETS[-1] * 1000:g} (beyond the last bucket)")
+    if completion_p95 is not None and completion_p95 >= SLOW_BUCKETS[-1] * 1000:
+        notes.append(f"completion_p95_ms is at least {SLOW_BUCKETS[-1] * 1000:g} (beyond the last bucket)")
+    failed_sel = q.k6_selector(q.K6_HTTP_REQS, test_id, {"expected_response": "false", "phase": MEASURED})
+    errors_by_status = {
+        labels.get("status", "?"): round(v)
+        for labels, v in prom.vector(f"sum by (status) ({failed_sel})", end)
+        if v > 0
+    }
 
     # ---- tasks: service counters at two instants (exact, unlike increase()), then Postgres
     def delta(event: str) -> int:
@@ -515,6 +529,8 @@ def _measure(
         # All five must hold; a number that could not be measured fails its check.
         "thresholds_passed": all(checks.values()),
         "k6_cross_check": k6_cross_check(k6_summary, p95, requests),
+        "errors_by_status": errors_by_status,  # k6 status "0" = no response (timeout, connection error)
+        "notes": notes,
         "machine": dict(machine) if machine is not None else machine_info(),
         "grafana_url": grafana_url,
     }

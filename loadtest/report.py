@@ -220,6 +220,11 @@ def render_html(out: Mapping[str, Any], series: Mapping[str, Any] | None, *, com
         if cc.get("available")
         else "k6 summary not available for a cross-check."
     )
+    notes = [str(n) for n in out.get("notes") or []]
+    by_status = out.get("errors_by_status") or {}
+    if by_status:
+        notes.insert(0, "Failed requests by status: " + ", ".join(f"{k}: {v}" for k, v in sorted(by_status.items())))
+    notes_html = "".join(f"<li>{esc(n)}</li>" for n in notes)
     charts = []
     if series:
         xm = float(series.get("end_s") or 0) or None
@@ -288,6 +293,7 @@ excluded; measured window {fmt("x", out.get("measured_window_s"))} s). Machine: 
 <h2>Targets</h2>
 <table id="targets"><tr><th>Target</th><th>Measured</th><th>Required</th><th>Result</th></tr>{"".join(rows)}</table>
 <p class="note">{esc(cross)}</p>
+{f'<ul class="note" id="notes">{notes_html}</ul>' if notes_html else ""}
 <h2>Over time</h2><div class="charts">{"".join(charts) or "<p>No time series.</p>"}</div>
 <h2>Every number</h2>
 <table id="numbers"><tr><th>Number</th><th>Key in outputs.json</th><th>Value</th></tr>{"".join(detail)}</table>
@@ -320,6 +326,12 @@ def render_markdown(
     ]
     for label, measured, target, ok in threshold_rows(out):
         lines.append(f"| {label} | {measured} | {target} | {'PASS' if ok else 'FAIL'} |")
+    by_status = out.get("errors_by_status") or {}
+    if by_status:
+        lines += ["", "Failed requests by status (0 = no response): "
+                  + ", ".join(f"{k}: {v}" for k, v in sorted(by_status.items()))]  # fmt: skip
+    for note in out.get("notes") or []:
+        lines += ["", f"Note: {note}"]
     lines += [
         "",
         "## Every number",

@@ -308,3 +308,9 @@ def test_real_run_matches_k6_summary(tmp_path: Path) -> None:
     assert out["dropped_iterations"] == 0
     assert out["error_rate"] == 0
     assert out["achieved_qps"] == pytest.approx(k6_measured / out["measured_window_s"], rel=0.01)  # type: ignore[operator]
+
+
+def test_quantile_beyond_last_bucket_is_flagged() -> None:
+    out = run_fake({**BASE, "loadproof_task_completion_seconds_bucket": 120000.0})
+    assert any("completion_p95_ms is at least" in n for n in out["notes"])  # type: ignore[union-attr]
+    assert not any("server_p95" in n for n in out["notes"])  # type: ignore[union-attr]

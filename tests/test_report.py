@@ -196,3 +196,12 @@ def test_chart_scales_and_marks_warmup() -> None:
     assert "(off scale)" in off  # a far-away target does not flatten the data
     empty = report.svg_chart("t", {"a": []})
     assert "(no data)" in empty
+
+
+def test_notes_and_errors_by_status_are_shown() -> None:
+    out = {**OUT, "errors_by_status": {"503": 12, "0": 3}, "notes": ["completion_p95_ms is at least 120000"]}
+    text = report.render_html(out, None, commands=COMMANDS)
+    assert "Failed requests by status: 0: 3, 503: 12" in text
+    assert "completion_p95_ms is at least 120000" in text
+    md = report.render_markdown(out, commands=COMMANDS, workload={}, profile={})
+    assert "0: 3, 503: 12" in md and "Note: completion_p95_ms is at least 120000" in md
