@@ -10,6 +10,7 @@ period covers both.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import pulumi
 import pulumi_kubernetes as k8s
@@ -48,9 +49,12 @@ class Orchestrator(pulumi.ComponentResource):
         llm_base_url: str,
         llm_secret: pulumi.Input[str],
         llm_key: str,
+        after: Sequence[pulumi.Resource] = (),
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__("loadproof:infra:Orchestrator", name, None, opts)
+        # Children do not inherit a component's depends_on: the pods themselves wait for their stores.
+        self._after = list(after)
         o, w = cfg.orchestrator, cfg.workers
         self.base_url = f"http://{API_NAME}.{cfg.namespace}.svc:{c.ORCHESTRATOR_PORT}"
         plain = {
@@ -207,5 +211,9 @@ class Orchestrator(pulumi.ComponentResource):
                     ),
                 ),
             ),
-            opts=pulumi.ResourceOptions(parent=self, ignore_changes=["spec.replicas"] if ignore_replicas else None),
+            opts=pulumi.ResourceOptions(
+                parent=self,
+                depends_on=self._after,
+                ignore_changes=["spec.replicas"] if ignore_replicas else None,
+            ),
         )

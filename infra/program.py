@@ -91,7 +91,8 @@ def deploy(cfg: StackConfig, secrets: Secrets) -> dict[str, Any]:
         llm_base_url=llm.base_url,
         llm_secret=llm.secret_name,
         llm_key=llm.api_key_key,
-        opts=pulumi.ResourceOptions(depends_on=[postgres, redis, llm]),
+        # Pulumi awaits the stores' readiness first, so the API does not crash-loop on start.
+        after=[postgres, redis, llm],
     )
     loadtest = LoadTest(
         "loadtest",

@@ -31,6 +31,7 @@ import kubernetes_validate
 import pulumi
 import yaml
 from pulumi.runtime import rpc
+from pulumi.runtime.mocks import MockMonitor
 
 from infra import prometheus_config as pc
 from infra.program import deploy, read_config
@@ -121,11 +122,37 @@ class RecordingMocks(pulumi.runtime.Mocks):
         return {}, None
 
 
+class RecordingMonitor(MockMonitor):
+    """Also records each registration's dependencies (URNs), which ``Mocks.new_resource`` never sees."""
+
+    def __init__(self, mocks: pulumi.runtime.Mocks) -> None:
+        super().__init__(mocks)
+        self.dependencies: dict[str, set[str]] = {}  # logical name -> URNs it waits for
+        self.urns: dict[str, str] = {}  # logical name -> URN
+
+    def RegisterResource(self, request: Any) -> Any:
+        response = super().RegisterResource(request)
+        self.dependencies[request.name] = set(request.dependencies)
+        self.urns[request.name] = response.urn
+        return response
+
+    def ReadResource(self, request: Any) -> Any:
+        response = super().ReadResource(request)
+        self.dependencies[request.name] = set(request.dependencies)
+        self.urns[request.name] = response.urn
+        return response
+
+
 @dataclass
 class Evaluation:
     cfg: StackConfig
     outputs: dict[str, Any]
     mocks: RecordingMocks
+    monitor: RecordingMonitor
+
+    def waits_for(self, name: str, other: str) -> bool:
+        """Whether resource ``name`` was registered with a dependency on resource ``other`` (logical names)."""
+        return self.monitor.urns[other] in self.monitor.dependencies[name]
 
     def manifests(self) -> list[dict[str, Any]]:
         return manifests(self.mocks.resources)
@@ -160,7 +187,8 @@ def evaluate(
         if key not in SECRET_KEYS:
             raise ValueError(f"unknown secret key {key!r}")
         values[f"{PROJECT}:{key}"] = value
-    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False)
+    monitor = RecordingMonitor(mocks)
+    pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
     pulumi.runtime.set_all_config(values, secret_keys=[f"{PROJECT}:{k}" for k in secret_values])
     holder: dict[str, Any] = {}
 
@@ -171,7 +199,7 @@ def evaluate(
         return pulumi.Output.all(**outputs).apply(holder.update)
 
     run()
-    return Evaluation(cfg=cfg, outputs=holder, mocks=mocks)
+    return Evaluation(cfg=cfg, outputs=holder, mocks=mocks, monitor=monitor)
 
 
 # ---------------------------------------------------------------------------- manifests

@@ -425,3 +425,16 @@ def test_quota_fits_the_stack_at_full_scale(stack: str) -> None:
     assert cpu <= _cpu(hard["requests.cpu"]), f"{cpu} CPUs requested"
     assert mem <= _mem(hard["requests.memory"])
     assert pods <= int(hard["pods"])
+
+
+def test_ordering_service_then_runners_then_report(dev: render.Evaluation) -> None:
+    """Registered dependencies: runners wait for the service and Prometheus; the report for the runners."""
+    assert dev.waits_for("report-job", "loadtest-runners-job")
+    assert dev.waits_for("report-job", "loadtest-start-job")
+    for runner_dep in ("orchestrator-api", "orchestrator-workers", "monitoring-prometheus"):
+        assert dev.waits_for("loadtest-runners-job", runner_dep)
+        assert dev.waits_for("loadtest-start-job", runner_dep)
+    assert not dev.waits_for("loadtest-runners-job", "loadtest-start-job")  # created together (barrier)
+    assert not dev.waits_for("loadtest-runners-job", "monitoring-grafana-ingress")
+    assert dev.waits_for("report-result", "report-job")
+    assert dev.waits_for("orchestrator-api", "postgres-statefulset")
