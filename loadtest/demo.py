@@ -148,8 +148,30 @@ def new_run_id(profile: str, label: str | None = None) -> str:
     return f"{stamp}-{profile}" + (f"-{label}" if label else "")
 
 
+def git_commit() -> str | None:
+    """The commit the numbers were measured at (``+dirty`` with uncommitted changes), if in a git checkout."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def reproduce_commands(stack: str, profile: str) -> list[str]:
+    commit = git_commit()
     return [
+        *([f"git checkout {commit.removesuffix('+dirty')}"] if commit else []),
         f"make demo STACK={stack} PROFILE={profile}",
         f"# equivalently: PYTHONPATH=. .venv/bin/python -m loadtest.demo --stack {stack} --profile {profile}",
     ]
@@ -223,7 +245,7 @@ def run_demo(
     say(f"[bold]loadproof demo[/] — stack [cyan]{stack_name}[/], profile [cyan]{profile}[/], run [cyan]{run_id}[/]")
     t0 = time.monotonic()
     with ProofStack(cfg, progress=progress, grafana=grafana) as stack:
-        say(f"  stack ready in {time.monotonic() - t0:.1f}s")
+        say(f"  stack ready in {time.monotonic() - t0:.1f}s (work dir {stack.workdir})", highlight=False)
         if on_ready is not None:
             on_ready(stack)
         if stack.grafana_url:
@@ -261,6 +283,7 @@ def run_demo(
         )
         out["k6_exit_code"] = k6.returncode
         out["stack"] = stack_name
+        out["git_commit"] = git_commit()
         if note:
             out["notes"] = [*out.get("notes", []), note]
         series = ms.timeseries(stack.prometheus_url, test_id=run_id, window=window)
