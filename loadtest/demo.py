@@ -148,6 +148,16 @@ def new_run_id(profile: str, label: str | None = None) -> str:
     return f"{stamp}-{profile}" + (f"-{label}" if label else "")
 
 
+def grafana_run_url(base: str | None, run_id: str, window: ms.RunWindow) -> str | None:
+    """The overview dashboard narrowed to this run (its testid and time range), when Grafana ran."""
+    if not base:
+        return None
+    from dashboards.build import OVERVIEW_UID
+
+    start_ms, end_ms = int(window.started_at * 1000) - 10_000, int(window.drain_end * 1000) + 10_000
+    return f"{base}/d/{OVERVIEW_UID}?var-testid={run_id}&from={start_ms}&to={end_ms}"
+
+
 def git_commit() -> str | None:
     """The commit the numbers were measured at (``+dirty`` with uncommitted changes), if in a git checkout."""
     try:
@@ -278,7 +288,7 @@ def run_demo(
             database_url=None if note else stack.database_url,
             tasks_pending_after_drain=pending,
             k6_summary=k6.summary,
-            grafana_url=stack.grafana_url,
+            grafana_url=grafana_run_url(stack.grafana_url, run_id, window),
             settle_s=K6_PUSH_INTERVAL_S + 1,
         )
         out["k6_exit_code"] = k6.returncode
