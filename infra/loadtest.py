@@ -61,8 +61,19 @@ def measurement_hash(cfg: StackConfig) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def runner_script(runners: int, test_id: str) -> str:
-    """The runner's shell entrypoint: index -> segment, paused k6, exit code 99 -> 0 (see module doc)."""
+def runner_script(
+    runners: int,
+    test_id: str,
+    *,
+    script: str = f"{SCRIPT_DIR}/{SCRIPT_FILE}",
+    address: str = f"0.0.0.0:{c.K6_API_PORT}",
+    remote_write: bool = True,
+) -> str:
+    """The runner's shell entrypoint: index -> segment, paused k6, exit code 99 -> 0 (see module doc).
+
+    ``script``/``address``/``remote_write`` exist so tests can run this very script with real k6 locally.
+    """
+    output = " -o experimental-prometheus-rw" if remote_write else ""
     cases = "\n".join(f'  {i}) SEGMENT="{seg}" ;;' for i, seg in enumerate(execution_segments(runners)))
     return f"""set -u
 case "${{JOB_COMPLETION_INDEX:-}}" in
@@ -70,9 +81,9 @@ case "${{JOB_COMPLETION_INDEX:-}}" in
   *) echo "no execution segment for JOB_COMPLETION_INDEX=${{JOB_COMPLETION_INDEX:-}}" >&2; exit 2 ;;
 esac
 echo "runner $JOB_COMPLETION_INDEX: segment $SEGMENT of {segment_sequence(runners)}"
-k6 run --paused --address 0.0.0.0:{c.K6_API_PORT} --no-usage-report \\
+k6 run --paused --address {shlex.quote(address)} --no-usage-report \\
   --execution-segment "$SEGMENT" --execution-segment-sequence {shlex.quote(segment_sequence(runners))} \\
-  --tag testid={shlex.quote(test_id)} -o experimental-prometheus-rw {SCRIPT_DIR}/{SCRIPT_FILE}
+  --tag testid={shlex.quote(test_id)}{output} {shlex.quote(script)}
 rc=$?
 if [ "$rc" -eq {THRESHOLDS_CROSSED} ]; then
   echo "k6 thresholds crossed: a measured result, judged by the report" >&2

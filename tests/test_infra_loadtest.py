@@ -308,3 +308,88 @@ def test_report_job_measures_the_recorded_window_and_stores_the_result(
     assert seen["prometheus_url"] == "http://prometheus:9090" and seen["test_id"] == "lp-x"
     assert seen["machine"]["where"] == "kubernetes"
     assert parse_report(kube.get_configmap("loadproof", "report-x")) == report
+
+
+class TaskSink(BaseHTTPRequestHandler):
+    """Accepts every POST /task with 202 and counts it (stands in for the API, which is not under test)."""
+
+    count = 0
+    lock = threading.Lock()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with TaskSink.lock:
+            TaskSink.count += 1
+        body = b'{"task_id": "00000000-0000-0000-0000-000000000000", "status": "queued"}'
+        self.send_response(202)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def k6_requests(summary: Path) -> int:
+    return int(json.loads(summary.read_text())["metrics"]["http_reqs"]["values"]["count"])
+
+
+def test_runners_started_by_the_barrier_offer_exactly_the_profiles_arrivals(tmp_path: Path) -> None:
+    """The real runner wrapper, the real task.js and real k6: 3 segmented runners started by the barrier
+    together send exactly as many requests as one unsegmented k6 running the same profile."""
+    from loadtest.k6config import SCRIPT, k6_env
+
+    doc = load("dev").model_dump(mode="json", by_alias=True)
+    doc["loadtest"]["profiles"]["tiny"] = {
+        "startRate": 30,
+        "warmupS": 1,
+        "stages": [{"duration": "3s", "target": 30}],
+        "preAllocatedVus": 10,
+        "maxVus": 30,
+    }
+    doc["loadtest"]["profile"] = "tiny"
+    cfg = StackConfig.model_validate(doc)
+    TaskSink.count = 0
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), TaskSink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    base_url = f"http://127.0.0.1:{sink.server_address[1]}"
+    runners, procs = 3, []
+    ports = [free_port() for _ in range(runners + 1)]
+    try:
+        for i in range(runners + 1):
+            summary = str(tmp_path / f"summary-{i}.json")
+            env = {
+                **os.environ,
+                **k6_env(cfg, base_url=base_url, test_id="lp-e2e", prometheus_rw_url=None, summary_path=summary),
+            }
+            if i < runners:  # a runner pod: the Job's wrapper with its completion index
+                env["JOB_COMPLETION_INDEX"] = str(i)
+                argv = [
+                    "sh",
+                    "-c",
+                    runner_script(
+                        runners, "lp-e2e", script=str(SCRIPT), address=f"127.0.0.1:{ports[i]}", remote_write=False
+                    ),
+                ]
+            else:  # the reference: one unsegmented k6, also paused and resumed by the barrier
+                argv = ["k6", "run", "--paused", "--no-usage-report", "--address", f"127.0.0.1:{ports[i]}", str(SCRIPT)]
+            procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        targets = [f"127.0.0.1:{p}" for p in ports]
+        asyncio.run(k6_start.wait_until_paused(lambda: targets, runners + 1, timeout_s=120, poll_s=0.2))
+        asyncio.run(k6_start.resume(targets))
+        for p in procs:
+            assert p.wait(timeout=120) == 0, p.stderr.read() if p.stderr else ""
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        sink.shutdown()
+        sink.server_close()
+    per_runner = [k6_requests(tmp_path / f"summary-{i}.json") for i in range(runners)]
+    reference = k6_requests(tmp_path / f"summary-{runners}.json")
+    assert reference > 50
+    assert all(n > 0 for n in per_runner)
+    assert sum(per_runner) == reference
+    assert TaskSink.count == 2 * reference
