@@ -20,9 +20,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Section(BaseModel):
-    """camelCase keys in YAML (Pulumi's convention), snake_case in Python; unknown keys rejected."""
+    """camelCase keys in YAML (Pulumi's convention), snake_case in Python; unknown keys rejected.
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+    Numbers are accepted for text fields because ``pulumi config set --path`` stores integers as
+    numbers: ``loadtest.runId 2`` or ``baseline.quotaCpu 8`` must mean "2" and "8".
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True, coerce_numbers_to_str=True
+    )
 
 
 class Resources(Section):

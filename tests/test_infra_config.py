@@ -189,3 +189,11 @@ def test_external_modes_need_their_secrets() -> None:
     cfg = StackConfig.model_validate({**BASE_DOC, "postgres": {**BASE_DOC["postgres"], "mode": "external"}})
     with pytest.raises(Exception, match="databaseUrl"):
         render.evaluate(cfg, secrets={})
+
+
+def test_numbers_from_pulumi_config_set_path_are_accepted_for_text_fields() -> None:
+    """`pulumi config set --path loadproof:loadtest.runId 2` stores the number 2, not "2"."""
+    cfg = parse({"loadtest": {"runId": 2}, "baseline": {"quotaCpu": 8}, "orchestrator": {"dbPoolSize": "30"}})
+    assert cfg.loadtest.run_id == "2"
+    assert cfg.baseline.quota_cpu == "8"
+    assert cfg.orchestrator.db_pool_size == 30
