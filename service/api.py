@@ -250,7 +250,7 @@ def create_app(settings: Settings | None = None, *, drain_delay_s: float | None 
         redis = make_redis(s, socket_timeout=s.redis_socket_timeout_s)
         rt.cache = Cache(s, redis)
         rt.queue = TaskQueue(s, redis)
-        await rt.db.create_schema()
+        await rt.db.wait_and_create_schema()
         with contextlib.suppress(Exception):  # Redis may be down at start: tasks are still accepted
             await rt.queue.ensure_group()
         if drain_delay_s is not None:

@@ -14,6 +14,7 @@ and an index on unfinished rows keeps the queue sweeper's scan cheap.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -21,6 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from sqlalchemy import event, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -144,6 +146,19 @@ class Database:
             await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": SCHEMA_LOCK_ID})
             for statement in SCHEMA:
                 await conn.execute(text(statement))
+
+    async def wait_and_create_schema(self, within_s: float = 60.0) -> None:
+        """``create_schema``, retried while Postgres is still starting (pods start in any order)."""
+        deadline = time.monotonic() + within_s
+        while True:
+            try:
+                await self.create_schema()
+                return
+            except (OSError, SQLAlchemyError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("task store not reachable yet (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(1.0)
 
     async def ping(self) -> None:
         async with self.connect() as conn:

@@ -83,7 +83,7 @@ class Worker:
         if self._started:
             return
         self._started = True
-        await self.db.create_schema()
+        await self.db.wait_and_create_schema()
         while not self.stopping.is_set():
             try:
                 await self.queue.ensure_group()
