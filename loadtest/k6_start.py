@@ -22,6 +22,9 @@ import httpx
 from loadtest.report_job import START_KEY, Kube
 
 RESUME_BODY = {"data": {"type": "status", "id": "default", "attributes": {"paused": False}}}
+# k6's ExecutionStatus "PausedBeforeRun": VUs initialised, executors ready, waiting to be resumed.
+# (The REST API answers earlier, while VUs are still initialising; resuming then would not be "together".)
+K6_PAUSED_BEFORE_RUN = 4
 
 
 def resolve(service: str, port: int) -> list[str]:
@@ -37,7 +40,8 @@ def resolve(service: str, port: int) -> list[str]:
 async def paused(client: httpx.AsyncClient, target: str) -> bool:
     try:
         resp = await client.get(f"http://{target}/v1/status")
-        return resp.status_code == 200 and bool(resp.json()["data"]["attributes"].get("paused"))
+        attributes = resp.json()["data"]["attributes"]
+        return resp.status_code == 200 and attributes.get("status") == K6_PAUSED_BEFORE_RUN and attributes["paused"]
     except (httpx.HTTPError, KeyError, ValueError):
         return False
 
