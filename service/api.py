@@ -22,13 +22,14 @@ import time
 import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.routing import Match
 
 from service import metrics
 from service.cache import Cache, clean_topic, make_redis
@@ -60,6 +61,7 @@ class Runtime:
     queue: TaskQueue | None = None
     draining: bool = False
     inflight: int = 0
+    routes: list[Any] = field(default_factory=list)  # the app's routes, to label requests refused before routing
 
 
 _RUNTIME: Runtime | None = None
@@ -202,12 +204,22 @@ class Guard:
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
 
+    def _template(self, scope: Scope) -> str:
+        """The matched route's template; for a request refused before routing (413/503), match it now."""
+        route = scope.get("route")
+        if route is None:
+            for candidate in self.rt.routes:
+                match, _ = candidate.matches(scope)
+                if match != Match.NONE:
+                    route = candidate
+                    break
+        return getattr(route, "path", None) or "other"
+
     def _observe(self, scope: Scope, status: int, started: float) -> None:
         if not self.enabled:
             return
         try:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "other"
+            template = self._template(scope)
             key = (template, scope["method"], status)
             pair = self._children.get(key)
             if pair is None:
@@ -271,6 +283,7 @@ def create_app(settings: Settings | None = None, *, drain_delay_s: float | None 
     app.state.runtime = rt
     app.add_exception_handler(SQLAlchemyError, _db_unavailable)
     _routes(app, rt)
+    rt.routes = list(app.router.routes)
     app.add_middleware(Guard, runtime=rt)
     return app
 

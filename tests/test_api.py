@@ -216,6 +216,8 @@ async def test_overload_is_503_with_retry_after(
 
     async with api_client(settings) as client:
         before = sample("loadproof_http_rejected_total", {"reason": "overload"})
+        labels = {"route": "/task", "method": "POST", "status": "503"}
+        shed_before = sample("loadproof_http_requests_total", labels)
         slow = asyncio.create_task(
             client.post("/task", content=slow_body(), headers={"content-type": "application/json"})
         )
@@ -227,6 +229,7 @@ async def test_overload_is_503_with_retry_after(
         release.set()
         assert (await slow).status_code == 202
         assert sample("loadproof_http_rejected_total", {"reason": "overload"}) == before + 1
+        assert sample("loadproof_http_requests_total", labels) == shed_before + 1
         r = await client.post("/task", json={"persona_id": "p", "topic": "fast"})
         assert r.status_code == 202
 

@@ -122,6 +122,10 @@ def test_body_limit_over_real_http(stack: tuple[OrchestratorServer, WorkerProces
     assert r.request.headers.get("transfer-encoding") == "chunked"
     assert r.status_code == 413
     assert httpx.get(f"{api.url}/healthz").status_code == 200  # the server is fine afterwards
+    m = scrape(f"{api.url}/metrics")
+    # Refused before routing, still labelled with the route template.
+    assert value(m, "loadproof_http_requests_total", route="/task", method="POST", status="413") == 2
+    assert value(m, "loadproof_http_rejected_total", reason="too_large") == 2
 
 
 def test_several_processes_share_one_metrics_view(
