@@ -23,7 +23,7 @@ from infra.stackconfig import StackConfig
 PROMETHEUS_UID = 65534  # nobody, as in the upstream image
 GRAFANA_UID = 472  # the grafana image's user
 CONFIG_DIR = "/etc/prometheus"
-DASHBOARD_DIR = "/var/lib/grafana/dashboards"
+DASHBOARD_DIR = "/etc/grafana/dashboards"  # not under the data emptyDir: no nested mounts
 
 
 def grafana_root_url(cfg: StackConfig) -> str:

@@ -271,7 +271,7 @@ def write(objects: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     paths = []
     for i, obj in enumerate(objects):
         path = out_dir / file_name(i, obj)
-        path.write_text(yaml.safe_dump(obj, sort_keys=False, width=1000))
+        path.write_text(yaml.safe_dump(obj, sort_keys=True, width=1000))  # the order kubectl prints
         paths.append(path)
     return paths
 

@@ -438,3 +438,55 @@ def test_ordering_service_then_runners_then_report(dev: render.Evaluation) -> No
     assert not dev.waits_for("loadtest-runners-job", "monitoring-grafana-ingress")
     assert dev.waits_for("report-result", "report-job")
     assert dev.waits_for("orchestrator-api", "postgres-statefulset")
+
+
+@pytest.mark.parametrize("stack", ["dev", "kind"])
+def test_references_resolve_within_the_stack(stack: str) -> None:
+    """Every mounted volume exists; every ConfigMap, Secret (and key), PVC, ServiceAccount and Service
+    a pod or object refers to is rendered too; no mount is nested inside another."""
+    objects = render.evaluate(load(stack), stack=stack).manifests()
+    names = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    secret_keys = {o["metadata"]["name"]: set(o.get("stringData", {})) for o in objects if o["kind"] == "Secret"}
+    for where, spec in pod_specs(objects):
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        claim_templates = set()
+        for o in objects:
+            if o["kind"] == "StatefulSet" and f"StatefulSet/{o['metadata']['name']}" == where:
+                claim_templates = {t["metadata"]["name"] for t in o["spec"].get("volumeClaimTemplates", [])}
+        for v in volumes.values():
+            if "configMap" in v:
+                assert ("ConfigMap", v["configMap"]["name"]) in names, where
+            if "persistentVolumeClaim" in v:
+                assert ("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"]) in names, where
+        if "serviceAccountName" in spec:
+            assert ("ServiceAccount", spec["serviceAccountName"]) in names, where
+        for c in spec["containers"]:
+            paths = [m["mountPath"] for m in c.get("volumeMounts", [])]
+            for m in c.get("volumeMounts", []):
+                assert m["name"] in volumes or m["name"] in claim_templates, f"{where}: volume {m['name']}"
+            for a in paths:
+                for b in paths:
+                    assert a == b or not b.startswith(a.rstrip("/") + "/"), f"{where}: {b} nested in {a}"
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["key"] in secret_keys.get(ref["name"], set()), f"{where}: {ref}"
+    for o in objects:
+        if o["kind"] == "Ingress":
+            for rule in o["spec"]["rules"]:
+                for p in rule["http"]["paths"]:
+                    assert ("Service", p["backend"]["service"]["name"]) in names
+        if o["kind"] == "RoleBinding":
+            assert ("Role", o["roleRef"]["name"]) in names
+            assert all(("ServiceAccount", s["name"]) in names for s in o["subjects"])
+        if o["kind"] == "HorizontalPodAutoscaler":
+            assert ("Deployment", o["spec"]["scaleTargetRef"]["name"]) in names
+        if o["kind"] == "Service":
+            sel = o["spec"]["selector"]
+            matches = [
+                p
+                for p in objects
+                if p["kind"] in (*WORKLOAD_KINDS, "Job")
+                and sel.items() <= p["spec"]["template"]["metadata"]["labels"].items()
+            ]
+            assert matches, f"Service/{o['metadata']['name']} selects no pods"
