@@ -208,6 +208,7 @@ class LoadTest(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(
                 parent=self,
                 depends_on=[*depends_on, headless],
+                delete_before_replace=True,  # explicit name: create-before-delete cannot work
                 custom_timeouts=pulumi.CustomTimeouts(create=f"{timeout}s", update=f"{timeout}s"),
             ),
         )
@@ -261,6 +262,7 @@ class LoadTest(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(
                 parent=self,
                 depends_on=[*depends_on, headless],
+                delete_before_replace=True,  # explicit name: create-before-delete cannot work
                 custom_timeouts=pulumi.CustomTimeouts(create=f"{START_TIMEOUT_S + 120}s"),
             ),
         )

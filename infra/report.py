@@ -35,17 +35,19 @@ def report_job_config(
     *,
     test_id: str,
     prometheus_url: str,
-    grafana_url: str,
     start_configmap: str,
     report_configmap: str,
 ) -> dict[str, Any]:
-    """Everything the report Job needs, as one JSON document (``LOADPROOF_REPORT_CONFIG``); no secrets."""
+    """Everything the report Job needs, as one JSON document (``LOADPROOF_REPORT_CONFIG``); no secrets.
+
+    Only what the run id's keepers cover goes in (no Grafana URL): a Job's pod template is immutable,
+    so any other input would force a replacement, i.e. a second measurement under the same run id.
+    """
     lt = cfg.loadtest
     return {
         "testId": test_id,
         "namespace": cfg.namespace,
         "prometheusUrl": prometheus_url,
-        "grafanaUrl": grafana_url,
         "startConfigmap": start_configmap,
         "reportConfigmap": report_configmap,
         "profileName": lt.profile,
@@ -88,7 +90,6 @@ class Report(pulumi.ComponentResource):
                     cfg,
                     test_id=a[0],
                     prometheus_url=prometheus_url,
-                    grafana_url=grafana_url,
                     start_configmap=a[1],
                     report_configmap=a[2],
                 ),
@@ -131,6 +132,7 @@ class Report(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(
                 parent=self,
                 depends_on=after,
+                delete_before_replace=True,  # explicit name: create-before-delete cannot work
                 custom_timeouts=pulumi.CustomTimeouts(create=f"{timeout + 60}s", update=f"{timeout + 60}s"),
             ),
         )
@@ -140,7 +142,8 @@ class Report(pulumi.ComponentResource):
             pulumi.Output.concat(namespace, "/", self.job.metadata.apply(lambda m: m.name or "")),
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.job]),
         )
-        self.report = result.data.apply(parse_report)
+        # Where to look at the run is deployment information, not a measurement: added here.
+        self.report = result.data.apply(lambda d: {**parse_report(d), "grafana_url": grafana_url})
         self.register_outputs({"report": self.report})
 
 

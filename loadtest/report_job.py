@@ -104,7 +104,6 @@ def run(doc: dict[str, Any], kube: Kube, database_url: str | None) -> dict[str, 
         window=RunWindow(started_at, ended_at, float(profile.warmup_s), drained_at=max(drained_at, ended_at)),
         database_url=database_url,
         tasks_pending_after_drain=pending,
-        grafana_url=doc.get("grafanaUrl"),
         machine={
             "where": "kubernetes",
             "k6_runners": doc.get("runners"),

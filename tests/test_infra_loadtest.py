@@ -108,6 +108,18 @@ def test_runner_job_shape_and_timeouts() -> None:
     assert report_timeout_s(cfg) > cfg.loadtest.drain_s
 
 
+def test_jobs_change_only_with_the_run_id() -> None:
+    """Job templates are immutable: a setting outside the run id's keepers must not touch any Job
+    (that would replace it and measure twice under one run id)."""
+    doc = load("dev").model_dump(mode="json", by_alias=True)
+    doc["monitoring"]["grafana"].update({"host": "elsewhere.example.org", "tls": True, "anonymousViewing": False})
+    jobs = [
+        [o for o in render.evaluate(cfg).manifests() if o["kind"] == "Job"]
+        for cfg in (load("dev"), StackConfig.model_validate(doc))
+    ]
+    assert len(jobs[0]) == 3 and jobs[0] == jobs[1]
+
+
 def test_run_id_changes_with_run_id_and_measured_config() -> None:
     def keepers(cfg: StackConfig) -> dict[str, Any]:
         ev = render.evaluate(cfg)
@@ -269,7 +281,6 @@ def report_doc(cfg: StackConfig) -> dict[str, Any]:
         cfg,
         test_id="lp-x",
         prometheus_url="http://prometheus:9090",
-        grafana_url="http://grafana/",
         start_configmap="k6-start-x",
         report_configmap="report-x",
     )
