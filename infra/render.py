@@ -344,12 +344,18 @@ def check_all(objects: list[dict[str, Any]]) -> list[str]:
     return validate(objects) + check_prometheus(objects) + check_k6(objects)
 
 
-def render_stack(stack: str, out_root: Path) -> tuple[list[Path], list[str]]:
+def render_stack(stack: str, out_root: Path) -> tuple[list[Path], list[str], list[str]]:
+    """Write and check one stack's manifests; returns (files, problems, non-Kubernetes resources)."""
     cfg = load(stack)
     evaluation = evaluate(cfg, stack=stack)
     objects = evaluation.manifests()
     paths = write(objects, out_root / stack)
-    return paths, check_all(objects)
+    others = sorted(
+        f"{r.typ.rsplit(':', 1)[-1]} {r.name}"
+        for r in evaluation.mocks.resources
+        if _api_version_kind(r.typ) is None and not r.typ.startswith("loadproof:")
+    )
+    return paths, check_all(objects), others
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,8 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     if not stack_file(args.stack).exists():
         print(f"error: {stack_file(args.stack)} does not exist", file=sys.stderr)
         return 2
-    paths, problems = render_stack(args.stack, args.out)
+    paths, problems, others = render_stack(args.stack, args.out)
     print(f"wrote {len(paths)} manifests to {args.out / args.stack}")
+    if others:
+        print(f"not Kubernetes objects (managed by Pulumi, no manifest): {', '.join(others)}")
     if problems:
         print(f"{len(problems)} problem(s):", file=sys.stderr)
         for p in problems:

@@ -490,3 +490,27 @@ def test_references_resolve_within_the_stack(stack: str) -> None:
                 and sel.items() <= p["spec"]["template"]["metadata"]["labels"].items()
             ]
             assert matches, f"Service/{o['metadata']['name']} selects no pods"
+            container_ports = {
+                cp["containerPort"]
+                for p in matches
+                for c in p["spec"]["template"]["spec"]["containers"]
+                for cp in c.get("ports", [])
+            }
+            for port in o["spec"]["ports"]:
+                assert port["targetPort"] in container_ports, f"Service/{o['metadata']['name']} -> {port}"
+
+
+def test_render_cli_fails_loudly(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert render.main(["--stack", "no-such-stack", "--out", str(tmp_path)]) == 2
+    monkeypatch.setattr(render, "check_k6", lambda objects: ["k6 inspect failed: boom"])
+    assert render.main(["--stack", "dev", "--out", str(tmp_path)]) == 1
+    assert "k6 inspect failed: boom" in capsys.readouterr().err
+
+
+def test_promtool_check_catches_a_broken_prometheus_config(objects: list[dict[str, Any]]) -> None:
+    broken = yaml.safe_load(yaml.safe_dump(objects))
+    cm = render.find(broken, "ConfigMap", "prometheus-config")
+    cm["data"]["prometheus.yml"] = cm["data"]["prometheus.yml"].replace("scrape_interval: 5s", "scrape_interval: 5 s")
+    assert render.check_prometheus(broken)
