@@ -32,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.routing import Match
 
 from service import metrics
-from service.cache import Cache, clean_topic, make_redis
+from service.cache import INFLIGHT_TTL_S, Cache, clean_topic, inflight_key, make_redis
 from service.config import Settings, get_settings
 from service.db import Database
 from service.queue import TaskQueue
@@ -326,7 +326,11 @@ def _routes(app: FastAPI, rt: Runtime) -> None:
             existing = await db.find_by_idempotency_key(idempotency_key)
             if existing is not None:
                 return _existing(existing, key)
-        hit = await cache.get(key)
+        coalesce = rt.settings.coalesce_enabled
+        hit, joined = await cache.lookup(key, coalesce=coalesce and idempotency_key is None)
+        if joined is not None and hit is None:  # identical task in flight: Redis alone answers
+            _inc(coalesced_counter)
+            return Response(_json_bytes({"status": "queued", "task_id": joined}), status_code=202, media_type=JSON)
         if hit is not None:
             Cache.delivered(hit)
             if idempotency_key is None:
@@ -351,15 +355,19 @@ def _routes(app: FastAPI, rt: Runtime) -> None:
             body.persona_id,
             clean_topic(body.topic),
             key,
-            key if rt.settings.coalesce_enabled else None,
+            key if coalesce else None,
             idempotency_key,
         )
         if created:
             _inc(accepted_counter)
-            await rt.queue.enqueue(task_id)  # failure tolerated: the row is durable, the sweeper re-enqueues
+            # XADD (+ the in-flight mark) in one round trip; a failure is tolerated: the row is
+            # durable and the sweeper re-enqueues it.
+            await rt.queue.enqueue(task_id, inflight_key(key) if coalesce else None, INFLIGHT_TTL_S)
         elif existing is not None:
             if existing.get("cache_key") == key and existing.get("status") in ("queued", "running"):
                 _inc(coalesced_counter)
+                if coalesce:
+                    await cache.mark_inflight(key, str(existing["id"]))
             return _existing(existing, key)
         return Response(_json_bytes({"status": "queued", "task_id": task_id}), status_code=202, media_type=JSON)
 

@@ -29,6 +29,8 @@ from service.config import Settings
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "loadproof:post:"
+INFLIGHT_PREFIX = "loadproof:inflight:"
+INFLIGHT_TTL_S = 60  # a hint only: Postgres' unique index is the real coalescing guard
 _WS = re.compile(r"\s+")
 
 _HIT = metrics.CACHE_LOOKUPS.labels("hit")
@@ -52,6 +54,11 @@ def cache_key(persona_id: str, topic: str, prompt_version: str) -> str:
     # JSON array: unambiguous whatever characters the parts contain.
     raw = json.dumps([persona_id, normalize_topic(topic), prompt_version], ensure_ascii=False).encode()
     return KEY_PREFIX + hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def inflight_key(post_key: str) -> str:
+    """Redis key holding the id of the unfinished task for a post key (coalescing fast path)."""
+    return INFLIGHT_PREFIX + post_key.removeprefix(KEY_PREFIX)
 
 
 def encode_hit(task_id: str, post: str, output_tokens: int) -> bytes:
@@ -127,6 +134,73 @@ class Cache:
         hit = decode_hit(raw) if isinstance(raw, bytes) else None
         _count(_HIT if hit is not None else _MISS)
         return hit
+
+    async def lookup(self, key: str, *, coalesce: bool) -> tuple[CachedPost | None, str | None]:
+        """One round trip for the hot path: the cached post and, if ``coalesce``, the in-flight task id.
+
+        An identical request whose task is still queued or running is answered from Redis alone, so
+        hot keys never reach Postgres while their post is being written. Failures are misses.
+        """
+        keys = ([key] if self.enabled else []) + ([inflight_key(key)] if coalesce else [])
+        if not keys:
+            return None, None
+        if not self.breaker.allow():
+            if self.enabled:
+                _count(_MISS)
+            return None, None
+        try:
+            raws = await self.client.mget(keys)
+        except Exception as exc:  # any failure is a miss, never an error
+            self.breaker.record_failure()
+            _count(_ERR_GET)
+            if self.enabled:
+                _count(_MISS)
+            log.debug("cache lookup failed: %r", exc)
+            return None, None
+        self.breaker.record_success()
+        hit: CachedPost | None = None
+        if self.enabled:
+            raw = raws[0]
+            hit = decode_hit(raw) if isinstance(raw, bytes) else None
+            _count(_HIT if hit is not None else _MISS)
+        inflight = raws[-1] if coalesce else None
+        return hit, inflight.decode() if isinstance(inflight, bytes) else None
+
+    async def mark_inflight(self, key: str, task_id: str) -> None:
+        """Best effort: later identical requests join ``task_id`` without a database round trip."""
+        if not self.breaker.allow():
+            return
+        try:
+            await self.client.set(inflight_key(key), task_id, nx=True, ex=INFLIGHT_TTL_S)
+        except Exception as exc:
+            self.breaker.record_failure()
+            _count(_ERR_SET)
+            log.debug("marking in-flight failed: %r", exc)
+            return
+        self.breaker.record_success()
+
+    async def finish(self, posts: list[tuple[str, bytes]], finished_keys: list[str]) -> bool:
+        """Worker side, one round trip: store posts (if enabled) and clear the in-flight marks of
+        finished tasks (``finished_keys`` are post keys). False on failure (best effort)."""
+        posts = posts if self.enabled else []
+        if not posts and not finished_keys:
+            return False
+        if not self.breaker.allow():
+            return False
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key, value in posts:
+                    pipe.set(key, value, ex=self.ttl)
+                if finished_keys:
+                    pipe.delete(*[inflight_key(k) for k in finished_keys])
+                await pipe.execute()
+        except Exception as exc:
+            self.breaker.record_failure()
+            _count(_ERR_SET)
+            log.debug("cache finish failed: %r", exc)
+            return False
+        self.breaker.record_success()
+        return True
 
     async def set_many(self, entries: list[tuple[str, bytes]]) -> bool:
         """Store ``(key, encode_hit(...))`` pairs with the TTL in one round trip; False on failure."""

@@ -86,12 +86,19 @@ class TaskQueue:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def enqueue(self, task_id: str) -> bool:
-        """``XADD``; False (never raises) if Redis is unavailable: the row is durable, the sweeper catches up."""
+    async def enqueue(self, task_id: str, inflight_key: str | None = None, inflight_ttl_s: int = 60) -> bool:
+        """``XADD`` (and, for coalescing, ``SET inflight_key task_id NX EX``) in one round trip.
+
+        Returns False (never raises) if Redis is unavailable: the row is durable, the sweeper catches up.
+        """
         if not self.breaker.allow():
             return False
         try:
-            await self.client.xadd(self.stream, {FIELD: task_id.encode()})
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.xadd(self.stream, {FIELD: task_id.encode()})
+                if inflight_key is not None:
+                    pipe.set(inflight_key, task_id, nx=True, ex=inflight_ttl_s)
+                await pipe.execute()
         except Exception as exc:
             self.breaker.record_failure()
             log.warning("enqueue of %s failed (sweeper will retry): %r", task_id, exc)

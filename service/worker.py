@@ -265,8 +265,9 @@ class Worker:
                 for row in stored:
                     metrics.TASK_COMPLETION.observe(max(0.0, float(row["completion_s"] or 0.0)))
                     delivered.inc(int(row["output_tokens"] or 0))
-        await self.cache.set_many(
-            [(rows[r.id]["cache_key"], encode_hit(r.id, r.post or "", r.output_tokens)) for r in results]
+        await self.cache.finish(
+            [(rows[r.id]["cache_key"], encode_hit(r.id, r.post or "", r.output_tokens)) for r in results],
+            [rows[r.id]["cache_key"] for r in results],
         )
         await self.queue.ack([eid for r in results for eid in by_task.get(r.id, [])])
 
@@ -285,6 +286,7 @@ class Worker:
         if not retryable:
             if await self.db.fail(task_id, reason):
                 _inc("failed")
+            await self.cache.finish([], [row["cache_key"]])
             await self.queue.ack(by_task.get(task_id, []))
             return
         await self._dead_letter(row, reason, by_task)
@@ -294,6 +296,7 @@ class Worker:
         if await self.db.fail(row["id"], f"dead-lettered after {attempts} attempt(s): {reason}"):
             _inc("failed")
             _inc("dead_lettered")
+        await self.cache.finish([], [row["cache_key"]])  # the next identical request starts afresh
         await self.queue.ack(by_task.get(row["id"], []))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -294,3 +295,43 @@ async def test_unknown_route_is_labelled_other(
         sample("loadproof_http_requests_total", {"route": "/some/random/path/123", "method": "GET", "status": "404"})
         == 0
     )
+
+
+async def test_identical_request_in_flight_is_answered_without_postgres(
+    postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis as sync_redis
+
+    from service.cache import cache_key, inflight_key
+    from service.db import Database
+
+    calls = 0
+    original = Database.insert_task
+
+    async def counting(self: Database, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Database, "insert_task", counting)
+    settings = make_settings(postgres, redis_server, simulator)
+    mark = inflight_key(cache_key("p", "hot topic", settings.prompt_version))
+    r = sync_redis.Redis.from_url(redis_server.url)
+    async with api_client(settings) as client:
+        first = await client.post("/task", json={"persona_id": "p", "topic": "hot topic"})
+        assert first.status_code == 202 and calls == 1
+        assert r.get(mark) == first.json()["task_id"].encode()
+        for _ in range(5):
+            again = await client.post("/task", json={"persona_id": "p", "topic": "HOT topic "})
+            assert again.status_code == 202 and again.json()["task_id"] == first.json()["task_id"]
+        assert calls == 1  # joined through Redis alone
+        r.delete(mark)  # Redis forgot (TTL, restart): Postgres' unique index still coalesces, and re-marks
+        again = await client.post("/task", json={"persona_id": "p", "topic": "hot topic"})
+        assert again.json()["task_id"] == first.json()["task_id"] and calls == 2
+        assert r.get(mark) == first.json()["task_id"].encode()
+        async with running_worker(settings):
+            await wait_done(client, first.json()["task_id"])
+        assert r.get(mark) is None  # cleared on completion
+        done = await client.post("/task", json={"persona_id": "p", "topic": "hot topic"})
+        assert done.status_code == 200 and done.json()["cached"] is True
+    r.close()
