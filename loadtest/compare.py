@@ -99,7 +99,7 @@ def render_markdown(result: Mapping[str, Any], commands: list[str]) -> str:
     hit_b = report.fmt("cache_hit_ratio", base.get("cache_hit_ratio"))
     hit_o = report.fmt("cache_hit_ratio", opt.get("cache_hit_ratio"))
     for key in SHOWN_KEYS:
-        b, o = report.fmt(key, base.get(key)), report.fmt(key, opt.get(key))
+        b, o = report.show(base, key), report.show(opt, key)
         if key in report.LATENCY_KEYS:
             b, o = f"{b} (hit {hit_b})", f"{o} (hit {hit_o})"
         r = ratios.get(key) if key in ratios else None
@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     for key in SHOWN_KEYS:
         table.add_row(
             key,
-            report.fmt(key, result["baseline"].get(key)),
-            report.fmt(key, result["optimized"].get(key)),
+            report.show(result["baseline"], key),
+            report.show(result["optimized"], key),
             report.fmt("x", ratios.get(key)) if key in ratios else "",
         )
     console.print(table)

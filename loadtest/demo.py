@@ -384,7 +384,7 @@ def results_table(out: Mapping[str, Any]) -> Table:
         "cost_per_request_usd",
         "tasks_pending_after_drain",
     ):
-        value = report.fmt(key, out.get(key))
+        value = report.show(out, key)
         if key.endswith("latency_ms"):
             value += f" (hit ratio {report.fmt('cache_hit_ratio', out.get('cache_hit_ratio'))})"
         table.add_row(f"[dim]{key}[/]", value, "", "")

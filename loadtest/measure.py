@@ -442,9 +442,12 @@ def _measure(
     # A classic histogram cannot place a quantile beyond its last finite bucket: histogram_quantile then
     # returns that bound. Say so instead of presenting the bound as the measured value.
     notes: list[str] = []
+    lower_bounds: list[str] = []
     if server_p95 is not None and server_p95 >= HTTP_BUCKETS[-1] * 1000:
+        lower_bounds.append("server_p95_latency_ms")
         notes.append(f"server_p95_latency_ms is at least {HTTP_BUCKETS[-1] * 1000:g} (beyond the last bucket)")
     if completion_p95 is not None and completion_p95 >= SLOW_BUCKETS[-1] * 1000:
+        lower_bounds.append("completion_p95_ms")
         notes.append(f"completion_p95_ms is at least {SLOW_BUCKETS[-1] * 1000:g} (beyond the last bucket)")
     failed_sel = q.k6_selector(q.K6_HTTP_REQS, test_id, {"expected_response": "false", "phase": MEASURED})
     errors_by_status = {
@@ -531,6 +534,7 @@ def _measure(
         "k6_cross_check": k6_cross_check(k6_summary, p95, requests),
         "errors_by_status": errors_by_status,  # k6 status "0" = no response (timeout, connection error)
         "notes": notes,
+        "lower_bounds": lower_bounds,  # keys whose value is only a lower bound (see notes)
         "machine": dict(machine) if machine is not None else machine_info(),
         "grafana_url": grafana_url,
     }

@@ -69,6 +69,12 @@ def fmt(key: str, value: Any) -> str:
     return str(value)
 
 
+def show(out: Mapping[str, Any], key: str) -> str:
+    """``fmt`` of ``out[key]``, marked "≥" when the value is a histogram's last bucket bound (a lower bound)."""
+    text = fmt(key, out.get(key))
+    return f"≥ {text}" if key in (out.get("lower_bounds") or ()) else text
+
+
 def target_text(key: str, thresholds: Mapping[str, Any]) -> str:
     if key not in THRESHOLD_TEXT or key not in thresholds:
         return ""
@@ -87,7 +93,7 @@ def threshold_rows(out: Mapping[str, Any]) -> list[tuple[str, str, str, bool]]:
     }
     rows = []
     for key, passed in out.get("threshold_results", {}).items():
-        measured = fmt(key, out.get(key))
+        measured = show(out, key)
         if key in LATENCY_KEYS:
             measured += f" (hit ratio {fmt('cache_hit_ratio', out.get('cache_hit_ratio'))})"
         rows.append((labels.get(key, key), measured, target_text(key, out.get("thresholds", {})), bool(passed)))
@@ -208,7 +214,7 @@ def render_html(out: Mapping[str, Any], series: Mapping[str, Any] | None, *, com
         )
     detail = []
     for key, label, _unit in HEADLINE:
-        value = fmt(key, out.get(key))
+        value = show(out, key)
         if key in LATENCY_KEYS:
             value += f" (cache hit ratio {hit})"
         detail.append(f"<tr><td>{esc(label)}</td><td><code>{key}</code></td><td class='num'>{esc(value)}</td></tr>")
@@ -340,7 +346,7 @@ def render_markdown(
         "|---|---|",
     ]
     for key, label, _unit in HEADLINE:
-        value = fmt(key, out.get(key))
+        value = show(out, key)
         if key in LATENCY_KEYS:
             value += f" (cache hit ratio {hit})"
         lines.append(f"| {label} (`{key}`) | {value} |")

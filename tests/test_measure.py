@@ -313,4 +313,5 @@ def test_real_run_matches_k6_summary(tmp_path: Path) -> None:
 def test_quantile_beyond_last_bucket_is_flagged() -> None:
     out = run_fake({**BASE, "loadproof_task_completion_seconds_bucket": 120000.0})
     assert any("completion_p95_ms is at least" in n for n in out["notes"])  # type: ignore[union-attr]
+    assert out["lower_bounds"] == ["completion_p95_ms"]
     assert not any("server_p95" in n for n in out["notes"])  # type: ignore[union-attr]

@@ -205,3 +205,10 @@ def test_notes_and_errors_by_status_are_shown() -> None:
     assert "completion_p95_ms is at least 120000" in text
     md = report.render_markdown(out, commands=COMMANDS, workload={}, profile={})
     assert "0: 3, 503: 12" in md and "Note: completion_p95_ms is at least 120000" in md
+
+
+def test_lower_bounds_are_marked() -> None:
+    out = {**OUT, "completion_p95_ms": 120000.0, "lower_bounds": ["completion_p95_ms"]}
+    assert report.show(out, "completion_p95_ms") == "≥ 120000.0 ms"
+    assert report.show(out, "p95_latency_ms") == "123.5 ms"
+    assert "≥ 120000.0 ms" in report.render_html(out, None, commands=COMMANDS)
