@@ -28,7 +28,7 @@ from rich.table import Table
 from infra.stackconfig import REPO_ROOT, StackConfig, StackConfigError, load
 from loadtest import measure as ms
 from loadtest import report
-from loadtest.k6config import SCRIPT, k6_env
+from loadtest.k6config import REQUEST_TIMEOUT_S, SCRIPT, k6_env
 from loadtest.stack import ProofStack, StackStartError
 
 REPORTS = REPO_ROOT / "reports"
@@ -294,6 +294,8 @@ def run_demo(
         out["k6_exit_code"] = k6.returncode
         out["stack"] = stack_name
         out["git_commit"] = git_commit()
+        # Client latencies cannot exceed the k6 request timeout: slower requests fail (status 0) instead.
+        out["request_timeout_s"] = REQUEST_TIMEOUT_S
         if note:
             out["notes"] = [*out.get("notes", []), note]
         series = ms.timeseries(stack.prometheus_url, test_id=run_id, window=window)

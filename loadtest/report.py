@@ -261,8 +261,17 @@ def render_html(out: Mapping[str, Any], series: Mapping[str, Any] | None, *, com
         )
         charts.append(
             svg_chart(
-                "Errors",
-                {"error rate": series.get("error_rate", []), "dropped iterations/s": series.get("dropped_per_s", [])},
+                "Error rate (%)",
+                {"failed requests": [(t, 100 * v) for t, v in series.get("error_rate", [])]},
+                unit="%",
+                x_max=xm,
+                warmup_s=warm,
+            )
+        )
+        charts.append(
+            svg_chart(
+                "Dropped iterations/s (arrivals k6 could not start)",
+                {"dropped/s": series.get("dropped_per_s", [])},
                 x_max=xm,
                 warmup_s=warm,
             )
@@ -287,6 +296,13 @@ def render_html(out: Mapping[str, Any], series: Mapping[str, Any] | None, *, com
         else "<p class='note'>No Grafana ran for this run.</p>"
     )
     verdict = "ALL TARGETS MET" if passed else "TARGETS NOT MET"
+    timeout = out.get("request_timeout_s")
+    timeout_note = (
+        f"; a request still unanswered after {timeout} s is aborted and counted as failed (status 0), so no "
+        f"latency exceeds {timeout} s"
+        if timeout
+        else ""
+    )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>loadproof report {esc(str(out.get("test_id")))}</title>
 <style>{_CSS}</style></head><body>
@@ -304,7 +320,7 @@ excluded; measured window {fmt("x", out.get("measured_window_s"))} s). Machine: 
 <h2>Every number</h2>
 <table id="numbers"><tr><th>Number</th><th>Key in outputs.json</th><th>Value</th></tr>{"".join(detail)}</table>
 <p class="note">Client latencies are percentiles of the merged k6 histogram of measured-phase requests (open
-model: arrivals do not wait for responses). Dropped iterations count arrivals k6 could not start at all;
+model: arrivals do not wait for responses){timeout_note}. Dropped iterations count arrivals k6 could not start at all;
 any non-zero value means the offered load was not offered. Cost covers the run plus the drain.</p>
 {grafana_html}
 <h2>Reproduce</h2>{cmd_html}
