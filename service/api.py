@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+import psycopg
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
@@ -282,6 +283,7 @@ def create_app(settings: Settings | None = None, *, drain_delay_s: float | None 
     )
     app.state.runtime = rt
     app.add_exception_handler(SQLAlchemyError, _db_unavailable)
+    app.add_exception_handler(psycopg.OperationalError, _db_unavailable)
     _routes(app, rt)
     rt.routes = list(app.router.routes)
     app.add_middleware(Guard, runtime=rt)

