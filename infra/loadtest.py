@@ -4,13 +4,13 @@
   ``execution_segments(runners)[i]`` from ``JOB_COMPLETION_INDEX`` and all share one
   ``--execution-segment-sequence``, so the segments cover [0,1] once and every runner partitions
   VUs and arrivals identically (``loadtest/k6config.py``).
-* **Start barrier**: every runner starts k6 ``--paused`` with its REST API on :6565 and turns Ready
-  only once k6 has initialised (script compiled, VUs pre-allocated). A headless Service lists only
-  Ready runners; the ``k6-start`` Job (``python -m loadtest.k6_start``) waits until all N are
-  listed, then resumes them within milliseconds and records the start time. Image pulls, scheduling
-  and VU allocation therefore never skew the schedule between runners (the approach k6-operator's
-  starter takes). A shared wall-clock start time would be unsound: nobody knows at plan time how
-  long pods take to come up.
+* **Start barrier**: every runner starts k6 ``--paused`` with its REST API on :6565 (the readiness
+  probe). A headless Service lists only Ready runners; the ``k6-start`` Job
+  (``python -m loadtest.k6_start``) waits until all N are listed and each reports k6's
+  ``PausedBeforeRun`` state (script compiled, VUs pre-allocated), then resumes them within
+  milliseconds and records the start time. Image pulls, scheduling and VU allocation therefore
+  never skew the schedule between runners (the approach k6-operator's starter takes). A shared
+  wall-clock start time would be unsound: nobody knows at plan time how long pods take to come up.
 * **Re-runs**: the run id is a ``random.RandomId`` whose keepers are ``loadtest.runId`` and a hash of
   everything that affects the measurement, so changing either replaces the id, hence the Job names,
   hence a new run on the next ``pulumi up``.
