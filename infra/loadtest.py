@@ -165,7 +165,7 @@ class LoadTest(pulumi.ComponentResource):
             ports=[k8s.core.v1.ContainerPortArgs(name="k6-api", container_port=c.K6_API_PORT)],
             resources=c.resources(lt.runner_resources),
             security_context=c.container_security(),
-            # Ready = k6 initialised and paused, waiting for the barrier to resume it.
+            # Ready = the REST API answers (the barrier additionally checks k6 is initialised and paused).
             readiness_probe=c.http_probe("/v1/status", c.K6_API_PORT, period_s=2, failure_threshold=1),
             liveness_probe=c.tcp_probe(c.K6_API_PORT, period_s=20, failure_threshold=6),
             volume_mounts=[
