@@ -30,6 +30,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 import pulumi_random as random
 
+from dashboards.queries import K6_RUNNER_LABEL
 from infra import common as c
 from infra.stackconfig import Resources, StackConfig
 from loadtest.k6config import GRACEFUL_STOP_S, execution_segments, k6_env, script_text, segment_sequence
@@ -83,7 +84,7 @@ esac
 echo "runner $JOB_COMPLETION_INDEX: segment $SEGMENT of {segment_sequence(runners)}"
 k6 run --paused --address {shlex.quote(address)} --no-usage-report \\
   --execution-segment "$SEGMENT" --execution-segment-sequence {shlex.quote(segment_sequence(runners))} \\
-  --tag testid={shlex.quote(test_id)}{output} {shlex.quote(script)}
+  --tag testid={shlex.quote(test_id)} --tag {K6_RUNNER_LABEL}="$JOB_COMPLETION_INDEX"{output} {shlex.quote(script)}
 rc=$?
 if [ "$rc" -eq {THRESHOLDS_CROSSED} ]; then
   echo "k6 thresholds crossed: a measured result, judged by the report" >&2

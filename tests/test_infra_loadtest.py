@@ -71,7 +71,10 @@ def test_runner_wrapper_maps_each_index_to_its_segment(tmp_path: Path, runners: 
         assert argv[0] == "run" and "--paused" in argv
         seen.append(argv[argv.index("--execution-segment") + 1])
         assert argv[argv.index("--execution-segment-sequence") + 1] == segment_sequence(runners)
-        assert argv[argv.index("--tag") + 1] == "testid=lp-test"
+        tags = [argv[j + 1] for j, a in enumerate(argv) if a == "--tag"]
+        # Each runner's series must differ by a label, or Prometheus drops one runner's samples
+        # as out-of-order duplicates and every client-side total is silently divided by N.
+        assert tags == ["testid=lp-test", f"runner={i}"]
         assert argv[argv.index("-o") + 1] == "experimental-prometheus-rw"
         assert argv[-1] == "/scripts/task.js"
     assert seen == execution_segments(runners)
