@@ -126,8 +126,11 @@ def test_smoke_demo(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(150)
 def test_missed_target_is_reported_as_failed(tmp_path: Path) -> None:
-    """An unreachable p95 target: k6 exits 99, the run is still measured and reported, and fails."""
+    """An unreachable p95 target and a slow LLM: k6 exits 99, the run is still measured and reported, and
+    fails; the drain stays bounded and reports the unfinished tasks instead of waiting for them."""
     cfg = load("dev")
+    slow_llm = cfg.llm.model_copy(update={"simulator": cfg.llm.simulator.model_copy(update={"ttft_ms": 4000.0})})
+    cfg = cfg.model_copy(update={"llm": slow_llm})
     quick = ProfileConfig(
         start_rate=20, warmup_s=2, stages=[Stage(duration="8s", target=20)], pre_allocated_vus=10, max_vus=50
     )
@@ -141,5 +144,9 @@ def test_missed_target_is_reported_as_failed(tmp_path: Path) -> None:
     assert out["k6_exit_code"] == 99
     assert out["threshold_results"]["p95_latency_ms"] is False
     assert out["thresholds_passed"] is False
+    assert out["drain_s"] < 15  # bounded by drain_s (5 s) plus one poll
+    assert out["tasks_pending_after_drain"] > 0
+    assert out["tasks_completed"] + out["tasks_failed"] + out["tasks_pending_after_drain"] == out["tasks_accepted"]
+    assert out["tasks_lost"] == 0
     html = (run_dir / "report.html").read_text()
     assert "TARGETS NOT MET" in html and "FAIL" in html
