@@ -89,16 +89,28 @@ class RedisConfig(Section):
 
 
 class SimulatorConfig(Section):
-    """The built-in OpenAI-compatible simulator (defaults near gpt-4o-mini's public measurements)."""
+    """The built-in OpenAI-compatible simulator.
 
-    ttft_ms: float = Field(default=350.0, description="Median time to first token.")
-    itl_ms: float = Field(default=16.0, description="Inter-token latency (~60 output tokens/s).")
+    Its latency defaults are approximations of publicly reported gpt-4o-mini speed (time to first
+    token, output tokens/s), not measurements of the real API: a run against the simulator proves the
+    service, not the provider.
+    """
+
+    ttft_ms: float = Field(
+        default=350.0, description="Median time to first token (approximates public gpt-4o-mini reports)."
+    )
+    itl_ms: float = Field(
+        default=16.0, description="Inter-token latency, ~60 output tokens/s (approximates public reports)."
+    )
     jitter: float = Field(default=0.2, description="Bounded relative jitter.")
     output_tokens: int = Field(default=60, description="Output tokens per post.")
     concurrency_knee: int = Field(default=64, description="Concurrent calls beyond which latency grows.")
     rate429: float = Field(default=0.0, description="Injected 429 rate.")
     rate500: float = Field(default=0.0, description="Injected 500 rate.")
     rate_timeout: float = Field(default=0.0, description="Injected timeout rate.")
+    rate_malformed: float = Field(
+        default=0.0, description="Injected rate of malformed batch items (exercises per-item retry)."
+    )
     replicas: int = Field(default=1, description="Simulator pods.")
     resources: Resources = Field(default_factory=Resources, description="Container resources.")
 
@@ -114,11 +126,17 @@ class LlmConfig(Section):
     max_tokens: int = Field(default=400, description="Output token cap per item.")
     timeout_s: float = Field(default=30.0, description="Timeout of one call.")
     max_retries: int = Field(default=4, description="Retries within the deadline.")
+    deadline_s: float = Field(default=90.0, description="Total time budget of one call including its retries.")
+    breaker_failures: int = Field(default=10, description="Consecutive LLM failures that open the circuit breaker.")
+    breaker_reset_s: float = Field(default=10.0, description="How long the open LLM breaker fails fast.")
     prices: dict[str, str] = Field(
         default_factory=dict,
         description="Price overrides: model -> `input/output` USD per 1M tokens (e.g. `0.15/0.60`).",
     )
-    simulator: SimulatorConfig = Field(default_factory=SimulatorConfig, description="Simulator settings.")
+    simulator: SimulatorConfig = Field(
+        default_factory=SimulatorConfig,
+        description="Simulator settings; latency defaults approximate public gpt-4o-mini reports (not measurements).",
+    )
 
 
 class AutoscaleConfig(Section):
@@ -343,6 +361,9 @@ class StackConfig(Section):
             "LLM_MAX_TOKENS": llm.max_tokens,
             "LLM_TIMEOUT_S": llm.timeout_s,
             "LLM_MAX_RETRIES": llm.max_retries,
+            "LLM_DEADLINE_S": llm.deadline_s,
+            "LLM_BREAKER_FAILURES": llm.breaker_failures,
+            "LLM_BREAKER_RESET_S": llm.breaker_reset_s,
             "LLM_PRICES": ",".join(f"{m}={p}" for m, p in sorted(llm.prices.items())),
         }
         return {f"LOADPROOF_{k}": _env_str(v) for k, v in env.items()}
@@ -359,6 +380,7 @@ class StackConfig(Section):
             "SIM_RATE_429": s.rate429,
             "SIM_RATE_500": s.rate500,
             "SIM_RATE_TIMEOUT": s.rate_timeout,
+            "SIM_RATE_MALFORMED": s.rate_malformed,
         }
         return {f"LOADPROOF_{k}": _env_str(v) for k, v in env.items()}
 
