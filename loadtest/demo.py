@@ -307,6 +307,9 @@ def run_demo(
         if link_latest:
             _link_latest(reports_dir, run_dir)
         if keep:
+            if console is not None:
+                console.print(results_table(out))
+                console.print(f"report: {run_dir / 'report.html'}")
             _keep_alive(stack, console)
     return out, run_dir
 
@@ -437,8 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ms.MeasureError, RuntimeError, FileNotFoundError) as exc:
         console.print("[red]demo failed:[/]", str(exc), highlight=False)
         return 1
-    console.print(results_table(out))
-    console.print(f"report: {run_dir / 'report.html'}  (also reports/latest/)")
+    if not args.keep:  # with KEEP=1 the table was printed before the stack was kept up
+        console.print(results_table(out))
+        console.print(f"report: {run_dir / 'report.html'}  (also reports/latest/)")
     return 0 if out.get("thresholds_passed") else 1
 
 
