@@ -74,8 +74,7 @@ def flows(cfg: StackConfig) -> list[Flow]:
         f.append(Flow(src, rd, rd_ports, "cache and task queue"))
     sim = cfg.llm.mode == "simulator"
     llm, llm_ports = (pods("simulator"), (c.SIMULATOR_PORT,)) if sim else (out, (_url_port(cfg.llm.base_url),))
-    for src in (api, workers):
-        f.append(Flow(src, llm, llm_ports, "LLM calls"))
+    f.append(Flow(workers, llm, llm_ports, "LLM calls (only the workers call the LLM; the API queues)"))
     return f
 
 

@@ -17,6 +17,7 @@ import pulumi_kubernetes as k8s
 
 from infra import common as c
 from infra.stackconfig import Resources, StackConfig
+from service.orchestrator import drain_delay_s
 
 APP_UID = 10001  # the service image's user (Dockerfile)
 PRESTOP_SLEEP_S = 5
@@ -24,9 +25,18 @@ API_NAME = "orchestrator"
 WORKERS_NAME = "workers"
 
 
+GRACE_HEADROOM_S = 10  # lifespan shutdown (closing pools) after the drain, and scheduling slack
+
+
 def grace_period_s(shutdown_timeout_s: float) -> int:
-    """preStop sleep + the service's drain bound + headroom, so the kubelet never SIGKILLs a drain."""
-    return PRESTOP_SLEEP_S + math.ceil(shutdown_timeout_s) + 10
+    """Everything between the kubelet's "stop" and the process exiting, plus headroom, so no drain is SIGKILLed.
+
+    preStop sleep (endpoint removal propagates) -> SIGTERM -> the API keeps serving while readiness
+    is 503 (``service.orchestrator.drain_delay_s``) -> uvicorn drains in-flight requests within
+    ``shutdown_timeout_s`` -> pools close. Workers finish their batches within ``shutdown_timeout_s``.
+    """
+    drain = drain_delay_s(shutdown_timeout_s) + shutdown_timeout_s
+    return PRESTOP_SLEEP_S + math.ceil(drain) + GRACE_HEADROOM_S
 
 
 class Orchestrator(pulumi.ComponentResource):
@@ -50,11 +60,13 @@ class Orchestrator(pulumi.ComponentResource):
         llm_secret: pulumi.Input[str],
         llm_key: str,
         after: Sequence[pulumi.Resource] = (),
+        workers_after: Sequence[pulumi.Resource] = (),
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__("loadproof:infra:Orchestrator", name, None, opts)
-        # Children do not inherit a component's depends_on: the pods themselves wait for their stores.
-        self._after = list(after)
+        # Children do not inherit a component's depends_on: the Deployments themselves wait for
+        # their stores (``after``); only the workers call the LLM, so only they wait for it.
+        after = list(after)
         o, w = cfg.orchestrator, cfg.workers
         self.base_url = f"http://{API_NAME}.{cfg.namespace}.svc:{c.ORCHESTRATOR_PORT}"
         plain = {
@@ -62,12 +74,16 @@ class Orchestrator(pulumi.ComponentResource):
             "LOADPROOF_HOST": "0.0.0.0",
             "LOADPROOF_PORT": str(c.ORCHESTRATOR_PORT),
             "LOADPROOF_WORKER_METRICS_PORT": str(c.WORKER_METRICS_PORT),
-            "LOADPROOF_LLM_BASE_URL": llm_base_url,
         }
-        env = [
-            *c.env_list(plain),
+        stores = [
             c.secret_env("LOADPROOF_DATABASE_URL", database_secret, database_key),
             c.secret_env("LOADPROOF_REDIS_URL", redis_secret, redis_key),
+        ]
+        # The API never calls the LLM (it queues tasks): only the workers get its URL and key.
+        api_env = [*c.env_list(plain), *stores]
+        workers_env = [
+            *c.env_list({**plain, "LOADPROOF_LLM_BASE_URL": llm_base_url}),
+            *stores,
             c.secret_env("LOADPROOF_LLM_API_KEY", llm_secret, llm_key),
         ]
         grace = grace_period_s(o.shutdown_timeout_s)
@@ -79,11 +95,12 @@ class Orchestrator(pulumi.ComponentResource):
             replicas=o.replicas,
             resources=o.resources,
             command=["python", "-m", "service.orchestrator"],
-            env=env,
+            env=api_env,
             port=c.ORCHESTRATOR_PORT,
             liveness=c.http_probe("/healthz", c.ORCHESTRATOR_PORT, period_s=10, failure_threshold=3),
             readiness=c.http_probe("/readyz", c.ORCHESTRATOR_PORT, period_s=5, failure_threshold=2),
             grace=grace,
+            after=after,
             # The HPA owns the replica count once it exists; don't fight it on every `pulumi up`.
             ignore_replicas=True,
         )
@@ -95,12 +112,13 @@ class Orchestrator(pulumi.ComponentResource):
             replicas=w.replicas,
             resources=w.resources,
             command=["python", "-m", "service.worker"],
-            env=env,
+            env=workers_env,
             port=c.WORKER_METRICS_PORT,
             # Workers serve only /metrics; an open port means the process and its loop are up.
             liveness=c.tcp_probe(c.WORKER_METRICS_PORT, period_s=15, failure_threshold=4),
             readiness=c.http_probe("/metrics", c.WORKER_METRICS_PORT, period_s=10),
             grace=grace,
+            after=[*after, *workers_after],
             ignore_replicas=False,
         )
         k8s.core.v1.Service(
@@ -167,6 +185,7 @@ class Orchestrator(pulumi.ComponentResource):
         liveness: k8s.core.v1.ProbeArgs,
         readiness: k8s.core.v1.ProbeArgs,
         grace: int,
+        after: list[pulumi.Resource],
         ignore_replicas: bool,
     ) -> k8s.apps.v1.Deployment:
         container = k8s.core.v1.ContainerArgs(
@@ -213,7 +232,7 @@ class Orchestrator(pulumi.ComponentResource):
             ),
             opts=pulumi.ResourceOptions(
                 parent=self,
-                depends_on=self._after,
+                depends_on=after,
                 ignore_changes=["spec.replicas"] if ignore_replicas else None,
             ),
         )

@@ -92,7 +92,8 @@ def deploy(cfg: StackConfig, secrets: Secrets) -> dict[str, Any]:
         llm_secret=llm.secret_name,
         llm_key=llm.api_key_key,
         # Pulumi awaits the stores' readiness first, so the API does not crash-loop on start.
-        after=[postgres, redis, llm],
+        after=[postgres, redis],
+        workers_after=[llm],
     )
     loadtest = LoadTest(
         "loadtest",

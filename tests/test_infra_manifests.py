@@ -11,10 +11,13 @@ from typing import Any
 import pytest
 import yaml
 
-from infra import render
-from infra.orchestrator import grace_period_s
+from infra import common, render
+from infra.orchestrator import PRESTOP_SLEEP_S, grace_period_s
 from infra.program import REPORT_OUTPUTS
 from infra.stackconfig import StackConfig, load
+from loadtest import k6config, report_job
+from service.config import Settings
+from service.orchestrator import drain_delay_s
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 
@@ -157,9 +160,14 @@ def test_service_env_and_secret_refs_reach_api_and_workers() -> None:
         for key, value in cfg.service_env().items():
             assert env[key] == value
         assert env["LOADPROOF_HOST"] == "0.0.0.0"
-        assert env["LOADPROOF_LLM_BASE_URL"] == "http://simulator.loadproof.svc:8090/v1"
-        for var in ("LOADPROOF_DATABASE_URL", "LOADPROOF_REDIS_URL", "LOADPROOF_LLM_API_KEY"):
+        for var in ("LOADPROOF_DATABASE_URL", "LOADPROOF_REDIS_URL"):
             assert set(env[var]) == {"secretKeyRef"}, var
+    workers_env = env_of(container(objects, "Deployment", "workers"))
+    assert workers_env["LOADPROOF_LLM_BASE_URL"] == "http://simulator.loadproof.svc:8090/v1"
+    assert set(workers_env["LOADPROOF_LLM_API_KEY"]) == {"secretKeyRef"}
+    # The API only queues tasks: it never gets the LLM's key (least privilege).
+    api_env = env_of(container(objects, "Deployment", "orchestrator"))
+    assert "LOADPROOF_LLM_API_KEY" not in api_env and "LOADPROOF_LLM_BASE_URL" not in api_env
     sim_env = env_of(container(objects, "Deployment", "simulator"))
     for key, value in cfg.simulator_env().items():
         assert sim_env[key] == value
@@ -362,6 +370,7 @@ def test_network_is_default_deny_with_exact_flows(objects: list[dict[str, Any]])
         ("k6", "postgres", 5432),
         ("grafana", "orchestrator", 8080),
         ("orchestrator", "prometheus", 9090),
+        ("orchestrator", "simulator", 8090),
         ("k6", "orchestrator", 5432),
         ("simulator", "redis", 6379),
     ]:
@@ -438,6 +447,8 @@ def test_ordering_service_then_runners_then_report(dev: render.Evaluation) -> No
     assert not dev.waits_for("loadtest-runners-job", "monitoring-grafana-ingress")
     assert dev.waits_for("report-result", "report-job")
     assert dev.waits_for("orchestrator-api", "postgres-statefulset")
+    assert dev.waits_for("orchestrator-workers", "simulator-deployment")
+    assert not dev.waits_for("orchestrator-api", "simulator-deployment")
 
 
 @pytest.mark.parametrize("stack", ["dev", "kind"])
@@ -514,3 +525,58 @@ def test_promtool_check_catches_a_broken_prometheus_config(objects: list[dict[st
     cm = render.find(broken, "ConfigMap", "prometheus-config")
     cm["data"]["prometheus.yml"] = cm["data"]["prometheus.yml"].replace("scrape_interval: 5s", "scrape_interval: 5 s")
     assert render.check_prometheus(broken)
+
+
+# Variables that are not Settings fields on purpose: documents read by other entry points.
+NON_SETTINGS_ENV = {k6config.CONFIG_ENV: "the k6 script's config", report_job.CONFIG_ENV: "the report Job's config"}
+
+
+@pytest.mark.parametrize("stack", ["dev", "kind"])
+def test_every_loadproof_env_var_is_a_settings_field(stack: str) -> None:
+    """pydantic-settings ignores unknown variables (``extra="ignore"``): a misspelt one would silently do nothing."""
+    fields = {f"LOADPROOF_{name.upper()}" for name in Settings.model_fields}
+    cfg = with_changes(load(stack), {"llm.mode": "external", "llm.baseUrl": "https://api.example.com/v1"})
+    seen = set()
+    for objects in (render.evaluate(load(stack), stack=stack).manifests(), render.evaluate(cfg).manifests()):
+        for where, spec in pod_specs(objects):
+            for c in spec["containers"] + spec.get("initContainers", []):
+                for e in c.get("env", []):
+                    name = e["name"]
+                    if name.startswith("LOADPROOF_"):
+                        seen.add(name)
+                        assert name in fields or name in NON_SETTINGS_ENV, f"{where}/{c['name']}: {name}"
+    assert {"LOADPROOF_DB_POOL_SIZE", "LOADPROOF_SIM_TTFT_MS", "LOADPROOF_LLM_DEADLINE_S"} <= seen
+    assert set(NON_SETTINGS_ENV) <= seen
+
+
+def test_scrape_annotations_point_at_the_metrics_ports(objects: list[dict[str, Any]]) -> None:
+    """Each scraped pod's annotated port is a container port and the port its process serves /metrics on."""
+    scraped = {}
+    for o in objects:
+        if o["kind"] not in WORKLOAD_KINDS:
+            continue
+        ann = o["spec"]["template"]["metadata"].get("annotations", {})
+        if ann.get("prometheus.io/scrape") != "true":
+            continue
+        c = o["spec"]["template"]["spec"]["containers"][0]
+        port = int(ann["prometheus.io/port"])
+        assert port in {p["containerPort"] for p in c["ports"]}, o["metadata"]["name"]
+        assert ann["prometheus.io/path"] == "/metrics"
+        scraped[o["metadata"]["name"]] = (port, env_of(c))
+    assert set(scraped) == {"orchestrator", "workers"}
+    api_port, api_env = scraped["orchestrator"]
+    assert api_port == int(api_env["LOADPROOF_PORT"]) == common.ORCHESTRATOR_PORT  # /metrics on the HTTP port
+    workers_port, workers_env = scraped["workers"]
+    assert workers_port == int(workers_env["LOADPROOF_WORKER_METRICS_PORT"]) == common.WORKER_METRICS_PORT
+
+
+@pytest.mark.parametrize("timeout_s", [1.0, 20.0, 45.5, 120.0])
+def test_grace_period_covers_prestop_and_the_whole_drain(timeout_s: float) -> None:
+    """preStop sleep, then the API's readiness-503 delay, then the bounded drain: all before SIGKILL."""
+    cfg = with_changes(load("dev"), {"orchestrator.shutdownTimeoutS": timeout_s})
+    objects = render.evaluate(cfg).manifests()
+    for name in ("orchestrator", "workers"):
+        spec = render.find(objects, "Deployment", name)["spec"]["template"]["spec"]
+        prestop = spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+        assert prestop == ["sleep", str(PRESTOP_SLEEP_S)]
+        assert spec["terminationGracePeriodSeconds"] > PRESTOP_SLEEP_S + drain_delay_s(timeout_s) + timeout_s
