@@ -419,9 +419,9 @@ def _measure(
     measured_s = window.measured_s
     achieved_qps = requests / measured_s
     error_rate = failed / requests if requests else None
-    # Peak of the achieved rate (10 s rate windows) within the measured window: the ramp's top.
-    peak_start = min(window.measured_start + 10, end)
-    peak_points = prom.series(q.achieved_qps("10s", test_id), peak_start, end, 2)
+    # Peak of the achieved rate (15 s rate windows: >= 3 pushes even at the cluster's 5 s push interval).
+    peak_start = min(window.measured_start + 15, end)
+    peak_points = prom.series(q.achieved_qps("15s", test_id), peak_start, end, 2)
     peak_qps = max((v for _, v in peak_points), default=None)
 
     # ---- server side over the measured window
@@ -548,7 +548,7 @@ def timeseries(prometheus_url: str, *, test_id: str, window: RunWindow, step_s: 
     start, end = window.started_at, window.drain_end
     span = max(end - start, 1.0)
     step = step_s or max(1.0, round(span / 150))
-    rate_w = f"{max(10, int(4 * step))}s"
+    rate_w = f"{max(15, int(4 * step))}s"
     queries = {
         "p50_latency_ms": q.latency_quantile_ms(0.5, rate_w, test_id),
         "p95_latency_ms": q.p95_latency_ms(rate_w, test_id),

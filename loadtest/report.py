@@ -22,7 +22,7 @@ HEADLINE: tuple[tuple[str, str, str], ...] = (
     ("p50_latency_ms", "Client p50 latency", "ms"),
     ("server_p95_latency_ms", "Server p95 latency (POST /task)", "ms"),
     ("achieved_qps", "Achieved QPS (measured-window average)", "req/s"),
-    ("peak_achieved_qps", "Peak achieved QPS (10 s rate)", "req/s"),
+    ("peak_achieved_qps", "Peak achieved QPS (15 s rate)", "req/s"),
     ("target_qps", "Target (peak arrival rate)", "req/s"),
     ("error_rate", "Error rate", ""),
     ("dropped_iterations", "Dropped iterations (whole run)", ""),
