@@ -113,6 +113,9 @@ class Baseline(pulumi.ComponentResource):
     """Namespace + ResourceQuota + LimitRange + NetworkPolicies (+ ingress-nginx when asked)."""
 
     namespace: pulumi.Output[str]
+    # The ingress-nginx release when installed: Ingresses must wait for it, or its admission
+    # webhook (registered before the controller is Ready) refuses them.
+    ingress_controller: k8s.helm.v3.Release | None = None
 
     def __init__(self, name: str, cfg: StackConfig, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("loadproof:infra:Baseline", name, None, opts)
@@ -157,7 +160,7 @@ class Baseline(pulumi.ComponentResource):
         )
         self._policies(name, cfg, ns_name)
         if b.ingress_controller:
-            k8s.helm.v3.Release(
+            self.ingress_controller = k8s.helm.v3.Release(
                 f"{name}-ingress-nginx",
                 k8s.helm.v3.ReleaseArgs(
                     chart="ingress-nginx",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 
 import pulumi
 import pulumi_kubernetes as k8s
@@ -42,9 +43,17 @@ class Monitoring(pulumi.ComponentResource):
     prometheus_service: k8s.core.v1.Service
 
     def __init__(
-        self, name: str, cfg: StackConfig, namespace: pulumi.Input[str], opts: pulumi.ResourceOptions | None = None
+        self,
+        name: str,
+        cfg: StackConfig,
+        namespace: pulumi.Input[str],
+        *,
+        ingress_after: Sequence[pulumi.Resource] = (),
+        opts: pulumi.ResourceOptions | None = None,
     ) -> None:
+        """``ingress_after``: what the Grafana Ingress waits for (the ingress controller this stack installs)."""
         super().__init__("loadproof:infra:Monitoring", name, None, opts)
+        self._ingress_after = list(ingress_after)
         port = cfg.monitoring.prometheus.port
         self.prometheus_url = f"http://prometheus.{cfg.namespace}.svc:{port}"
         self.remote_write_url = f"{self.prometheus_url}/api/v1/write"
@@ -292,7 +301,7 @@ class Monitoring(pulumi.ComponentResource):
                     )
                 ],
             ),
-            opts=opts,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=self._ingress_after),
         )
         return pulumi.Output.secret(password.result)
 

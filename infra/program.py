@@ -79,7 +79,8 @@ def deploy(cfg: StackConfig, secrets: Secrets) -> dict[str, Any]:
     postgres = Postgres("postgres", cfg, ns, external_url=secrets.database_url)
     redis = Redis("redis", cfg, ns, external_url=secrets.redis_url)
     llm = Llm("simulator", cfg, ns, external_api_key=secrets.llm_api_key)
-    monitoring = Monitoring("monitoring", cfg, ns)
+    controller = [baseline.ingress_controller] if baseline.ingress_controller else []
+    monitoring = Monitoring("monitoring", cfg, ns, ingress_after=controller)
     service = Orchestrator(
         "orchestrator",
         cfg,

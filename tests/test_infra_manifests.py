@@ -580,3 +580,12 @@ def test_grace_period_covers_prestop_and_the_whole_drain(timeout_s: float) -> No
         prestop = spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
         assert prestop == ["sleep", str(PRESTOP_SLEEP_S)]
         assert spec["terminationGracePeriodSeconds"] > PRESTOP_SLEEP_S + drain_delay_s(timeout_s) + timeout_s
+
+
+def test_grafana_ingress_waits_for_the_ingress_controller_it_installs() -> None:
+    """ingress-nginx's admission webhook refuses Ingresses until its controller is Ready."""
+    kind = render.evaluate(load("kind"), stack="kind")
+    assert kind.waits_for("monitoring-grafana-ingress", "baseline-ingress-nginx")
+    assert not kind.waits_for("monitoring-grafana", "baseline-ingress-nginx")  # only the Ingress waits
+    dev = render.evaluate(load("dev"))
+    assert "baseline-ingress-nginx" not in dev.monitor.urns
