@@ -6,7 +6,13 @@ no JSON encoding, no response-model validation (routes return ``Response`` objec
 
 One pure-ASGI middleware (:class:`Guard`; ``BaseHTTPMiddleware`` costs too much per request) does
 admission control (``max_inflight`` → 503 + Retry-After), the body limit (``Content-Length`` and
-streamed bodies → 413) and HTTP metrics labelled by route *template*.
+streamed bodies → 413) and HTTP metrics labelled by route *template*. It also serves well-formed
+``POST /task`` requests itself (same model, same handler as the FastAPI route, which still documents
+it and answers every error case): FastAPI's per-request machinery profiled at over half the CPU.
+
+An identical request whose task is still in flight is joined through Redis alone (one ``MGET``
+looks up the post and the in-flight task id), so hot keys do not reach Postgres while their post is
+written; Postgres' unique index on unfinished tasks remains the race-free guard behind it.
 """
 
 from __future__ import annotations

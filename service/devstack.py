@@ -605,6 +605,9 @@ class LocalStack:
 
     ``env`` holds ``LOADPROOF_*`` overrides for the service processes (e.g. ``StackConfig.service_env()``);
     connection URLs are filled in here. ``progress(name, seconds)`` is called as each part becomes ready.
+    Children run in their own sessions, so a script killed by SIGTERM would orphan them: scripts should
+    pass ``handle_signals=True`` (SIGTERM/SIGINT then unwind through ``__exit__``); an ``atexit`` hook
+    covers normal exits.
     """
 
     def __init__(
