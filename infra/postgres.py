@@ -18,6 +18,37 @@ URL_KEY = "database-url"
 DB_NAME = "loadproof"
 DB_USER = "loadproof"
 POSTGRES_UID = 70  # the postgres user of the alpine image
+SUPERUSER_RESERVED = 3  # Postgres' superuser_reserved_connections default: not usable by the app
+REPORT_CONNECTIONS = 1  # the report Job's one psycopg connection
+SHM_SIZE = "256Mi"  # parallel query workers share memory through /dev/shm (the runtime's default is 64Mi)
+
+
+def connection_demand(cfg: StackConfig) -> int | None:
+    """Connections the service can hold at full scale; None when unbounded (``dbPoolMode: null``).
+
+    Every pool is per process and may grow to ``dbPoolSize + dbMaxOverflow``: API pods at the HPA
+    ceiling plus one rolling-update surge pod, worker pods plus one surge pod (one process each),
+    the report Job, and the superuser slots Postgres keeps back.
+    """
+    o, w = cfg.orchestrator, cfg.workers
+    if o.db_pool_mode == "null":
+        return None  # the baseline opens one connection per statement: bounded only by load
+    per_process = o.db_pool_size + o.db_max_overflow
+    api = (o.autoscale.max_replicas + 1) * o.processes * per_process
+    workers = (w.replicas + 1) * per_process
+    return api + workers + REPORT_CONNECTIONS + SUPERUSER_RESERVED
+
+
+def check_connections(cfg: StackConfig) -> None:
+    """Refuse a stack whose pools could exhaust ``max_connections`` (errors under exactly the load we test)."""
+    demand = connection_demand(cfg)
+    if demand is not None and demand > cfg.postgres.max_connections:
+        raise ValueError(
+            f"loadproof:postgres.maxConnections={cfg.postgres.max_connections} is below the {demand} connections "
+            "the pools can open at full scale (orchestrator.autoscale.maxReplicas+1 API pods x processes x "
+            "(dbPoolSize+dbMaxOverflow), workers.replicas+1 worker pods x the same, the report Job, "
+            f"{SUPERUSER_RESERVED} superuser slots): raise it or shrink the pools"
+        )
 
 
 class Postgres(pulumi.ComponentResource):
@@ -51,6 +82,7 @@ class Postgres(pulumi.ComponentResource):
             self.register_outputs({"secret_name": self.secret_name})
             return
 
+        check_connections(cfg)
         password = random.RandomPassword(
             f"{name}-password", length=32, special=False, opts=pulumi.ResourceOptions(parent=self)
         )
@@ -99,12 +131,17 @@ class Postgres(pulumi.ComponentResource):
             ports=[k8s.core.v1.ContainerPortArgs(name="postgres", container_port=c.POSTGRES_PORT)],
             resources=c.resources(p.resources),
             security_context=c.container_security(),
+            # initdb on first start and crash recovery after a kill can take minutes: liveness only
+            # begins once the server has answered once.
+            startup_probe=c.exec_probe(ready, period_s=5, failure_threshold=60),
             liveness_probe=c.exec_probe(ready, period_s=15, failure_threshold=4),
             readiness_probe=c.exec_probe(ready, period_s=5),
             volume_mounts=[
+                # PGDATA is a subdirectory: initdb refuses a non-empty directory (lost+found on many volumes).
                 k8s.core.v1.VolumeMountArgs(name="data", mount_path="/var/lib/postgresql/data"),
                 k8s.core.v1.VolumeMountArgs(name="run", mount_path="/var/run/postgresql"),
                 k8s.core.v1.VolumeMountArgs(name="tmp", mount_path="/tmp"),
+                k8s.core.v1.VolumeMountArgs(name="shm", mount_path="/dev/shm"),
             ],
         )
         k8s.apps.v1.StatefulSet(
@@ -121,7 +158,14 @@ class Postgres(pulumi.ComponentResource):
                         security_context=c.pod_security(POSTGRES_UID),
                         termination_grace_period_seconds=60,
                         containers=[container],
-                        volumes=[c.empty_dir("run", "16Mi"), c.empty_dir("tmp")],
+                        volumes=[
+                            c.empty_dir("run", "16Mi"),
+                            c.empty_dir("tmp"),
+                            k8s.core.v1.VolumeArgs(
+                                name="shm",
+                                empty_dir=k8s.core.v1.EmptyDirVolumeSourceArgs(medium="Memory", size_limit=SHM_SIZE),
+                            ),
+                        ],
                     ),
                 ),
                 volume_claim_templates=[

@@ -62,7 +62,10 @@ class PostgresConfig(Section):
     )
     image: str = Field(default="postgres:15-alpine", description="Postgres image (internal mode).")
     storage: str = Field(default="2Gi", description="PVC size (internal mode).")
-    max_connections: int = Field(default=300, description="Server max_connections; must exceed all pools.")
+    max_connections: int = Field(
+        default=640,
+        description="Server max_connections; must cover every pool at full scale (checked by the program).",
+    )
     resources: Resources = Field(
         default_factory=lambda: Resources(
             cpu_request="250m", cpu_limit="2", memory_request="256Mi", memory_limit="1Gi"

@@ -43,6 +43,9 @@ KIND_OVERRIDES: dict[str, Any] = {
     "redis": {"resources": {"cpuRequest": "50m", "cpuLimit": "500m", "memoryRequest": "64Mi", "memoryLimit": "384Mi"}},
     "orchestrator": {
         "replicas": 1,
+        # Smaller pools so that 3+1 API pods, 1+1 workers and the report fit maxConnections 200.
+        "dbPoolSize": 10,
+        "dbMaxOverflow": 20,
         "autoscale": {"minReplicas": 1, "maxReplicas": 3},
         "resources": {"cpuRequest": "250m", "cpuLimit": "1", "memoryRequest": "128Mi", "memoryLimit": "512Mi"},
     },

@@ -26,6 +26,10 @@ CONTEXT: dict[str, dict[str, Any]] = {
     "monitoring.grafana.certIssuer": {"monitoring.grafana.tls": True},
     "llm.baseUrl": {"llm.mode": "external", "llm.baseUrl": "https://a.example.com/v1"},
     "llm.mode": {"llm.baseUrl": "https://a.example.com/v1"},
+    # More pods or processes need more Postgres connections (infra/postgres.py:check_connections).
+    "orchestrator.processes": {"postgres.maxConnections": 5000},
+    "orchestrator.autoscale.maxReplicas": {"postgres.maxConnections": 5000},
+    "workers.replicas": {"postgres.maxConnections": 5000},
 }
 SPECIAL: dict[str, Any] = {
     "llm.mode": "external",

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from infra import common, render
+from infra import common, postgres, render
 from infra.orchestrator import PRESTOP_SLEEP_S, grace_period_s
 from infra.program import REPORT_OUTPUTS
 from infra.stackconfig import StackConfig, load
@@ -589,3 +589,39 @@ def test_grafana_ingress_waits_for_the_ingress_controller_it_installs() -> None:
     assert not kind.waits_for("monitoring-grafana", "baseline-ingress-nginx")  # only the Ingress waits
     dev = render.evaluate(load("dev"))
     assert "baseline-ingress-nginx" not in dev.monitor.urns
+
+
+@pytest.mark.parametrize("stack", ["dev", "kind"])
+def test_postgres_max_connections_cover_every_pool_at_full_scale(stack: str) -> None:
+    cfg = load(stack)
+    demand = postgres.connection_demand(cfg)
+    assert demand is not None and demand <= cfg.postgres.max_connections
+    o = cfg.orchestrator
+    per_process = o.db_pool_size + o.db_max_overflow
+    assert (
+        demand >= (o.autoscale.max_replicas + 1) * o.processes * per_process + (cfg.workers.replicas + 1) * per_process
+    )
+    objects = render.evaluate(cfg, stack=stack).manifests()
+    args = container(objects, "StatefulSet", "postgres")["args"]
+    assert args == ["-c", f"max_connections={cfg.postgres.max_connections}"]
+    too_small = with_changes(cfg, {"postgres.maxConnections": demand - 1})
+    with pytest.raises(Exception, match=r"postgres\.maxConnections"):
+        render.evaluate(too_small, stack=stack)
+    # The unpooled baseline has no bound to check; an external server's limit is not ours to know.
+    render.evaluate(with_changes(too_small, {"orchestrator.dbPoolMode": "null"}), stack=stack)
+    render.evaluate(with_changes(too_small, {"postgres.mode": "external"}), stack=stack)
+
+
+def test_postgres_pod_suits_the_image(objects: list[dict[str, Any]]) -> None:
+    """PGDATA below the mount point, a writable socket dir, /dev/shm in memory, a startup probe before liveness."""
+    sts = render.find(objects, "StatefulSet", "postgres")["spec"]
+    spec = sts["template"]["spec"]
+    c = spec["containers"][0]
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert env_of(c)["PGDATA"].startswith(mounts["data"].rstrip("/") + "/")
+    assert {mounts["run"], mounts["shm"]} == {"/var/run/postgresql", "/dev/shm"}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["shm"]["emptyDir"]["medium"] == "Memory"
+    assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsUser"] == postgres.POSTGRES_UID
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
