@@ -42,7 +42,7 @@ from starlette.routing import Match
 from service import metrics
 from service.cache import INFLIGHT_TTL_S, Cache, clean_topic, inflight_key, make_redis
 from service.config import Settings, get_settings
-from service.db import Database
+from service.db import Database, TaskStoreBusy
 from service.queue import TaskQueue
 from service.schemas import ErrorOut, HealthOut, TaskAccepted, TaskDone, TaskIn, TaskView, Timings, Usage
 
@@ -209,7 +209,7 @@ class Guard:
         scope["route"] = self.task_route  # the metrics label, as if routed
         try:
             response = await create_task_response(self.rt, task, None)
-        except (SQLAlchemyError, psycopg.OperationalError) as exc:
+        except (SQLAlchemyError, psycopg.OperationalError, TaskStoreBusy) as exc:
             response = _db_unavailable_response(exc)
         await response(scope, replay_receive, send)
         return None
@@ -345,6 +345,7 @@ def create_app(settings: Settings | None = None, *, drain_delay_s: float | None 
     app.state.runtime = rt
     app.add_exception_handler(SQLAlchemyError, _db_unavailable)
     app.add_exception_handler(psycopg.OperationalError, _db_unavailable)
+    app.add_exception_handler(TaskStoreBusy, _db_unavailable)
     _routes(app, rt)
     rt.routes = list(app.router.routes)
     app.add_middleware(Guard, runtime=rt)

@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 
 SCHEMA_LOCK_ID = 0x10AD9800F  # advisory lock: concurrent processes create the schema one at a time
 UNFINISHED = ("queued", "running")
+ATTEMPTS = 5  # insert-or-join rounds before giving up (see Database.insert_task)
+
+
+class TaskStoreBusy(Exception):
+    """The task store could not settle a request in time (contention); the API answers 503."""
+
 
 SCHEMA = (
     """
@@ -208,7 +214,7 @@ class Database:
             "coalesce_key": coalesce_key,
             "idem": idempotency_key,
         }
-        for _ in range(3):
+        for _ in range(ATTEMPTS):
             if await self._rows(
                 "INSERT INTO tasks (id, persona_id, topic, cache_key, coalesce_key, idempotency_key, status) "
                 "VALUES (%(id)s, %(persona_id)s, %(topic)s, %(cache_key)s, %(coalesce_key)s, %(idem)s, 'queued') "
@@ -225,7 +231,9 @@ class Database:
             )
             if existing:
                 return str(existing[0]["id"]), False, existing[0]
-        raise RuntimeError("could not insert or find the task after 3 attempts")
+        # Each round lost a race: the conflicting task finished between our INSERT and SELECT. Only a
+        # saturated process is that slow between two statements; answer as overloaded, not as a bug.
+        raise TaskStoreBusy(f"identical task kept finishing while this one was being accepted ({ATTEMPTS} rounds)")
 
     async def insert_done_from_cache(
         self, task_id: str, persona_id: str, topic: str, cache_key: str, idempotency_key: str, post: str, tokens: int

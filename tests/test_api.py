@@ -335,3 +335,22 @@ async def test_identical_request_in_flight_is_answered_without_postgres(
         done = await client.post("/task", json={"persona_id": "p", "topic": "hot topic"})
         assert done.status_code == 200 and done.json()["cached"] is True
     r.close()
+
+
+async def test_contention_is_503_on_both_paths(
+    postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.db import Database, TaskStoreBusy
+
+    async def busy(self: Database, *args: Any, **kwargs: Any) -> Any:
+        raise TaskStoreBusy("lost every race")
+
+    monkeypatch.setattr(Database, "insert_task", busy)
+    async with api_client(make_settings(postgres, redis_server, simulator)) as client:
+        fast = await client.post("/task", json={"persona_id": "p", "topic": "contended"})
+        routed = await client.post(
+            "/task", json={"persona_id": "p", "topic": "contended"}, headers={"Idempotency-Key": "c1"}
+        )
+    for r in (fast, routed):
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert r.json() == {"detail": "task store unavailable; retry shortly"}
