@@ -139,7 +139,13 @@ class Baseline(pulumi.ComponentResource):
             f"{name}-quota",
             metadata=c.metadata("loadproof-quota", ns_name, "baseline"),
             spec=k8s.core.v1.ResourceQuotaSpecArgs(
-                hard={"requests.cpu": b.quota_cpu, "requests.memory": b.quota_memory, "pods": str(b.quota_pods)}
+                hard={
+                    "requests.cpu": b.quota_cpu,
+                    "requests.memory": b.quota_memory,
+                    "limits.cpu": b.quota_cpu_limits,
+                    "limits.memory": b.quota_memory_limits,
+                    "pods": str(b.quota_pods),
+                }
             ),
             opts=pulumi.ResourceOptions(parent=self),
         )

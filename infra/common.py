@@ -27,6 +27,24 @@ GRAFANA_PORT = 3000
 K6_API_PORT = 6565
 
 
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_DECIMAL = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def memory_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (``512Mi``, ``1G``, ``1048576``) in bytes."""
+    for units in (_BINARY, _DECIMAL):
+        for suffix, factor in units.items():
+            if quantity.endswith(suffix):
+                return int(float(quantity[: -len(suffix)]) * factor)
+    return int(float(quantity))
+
+
+def cpu_cores(quantity: str) -> float:
+    """A Kubernetes CPU quantity (``250m``, ``2``) in cores."""
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
 def selector(component: str) -> dict[str, str]:
     """The labels a Service, NetworkPolicy or PDB selects one component's pods by."""
     return {NAME_LABEL: PART_OF, COMPONENT_LABEL: component}

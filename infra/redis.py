@@ -14,6 +14,31 @@ from infra.stackconfig import StackConfig
 
 URL_KEY = "redis-url"
 REDIS_UID = 999  # the redis user of the alpine image
+# maxmemory may use at most this share of the container limit: the rest is allocator
+# fragmentation, client buffers and the AOF rewrite's copy-on-write, so eviction (not the OOM
+# killer) is what happens when the cache fills.
+MAXMEMORY_SHARE = 0.75
+_REDIS_UNITS = {"kb": 2**10, "mb": 2**20, "gb": 2**30, "k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def redis_bytes(value: str) -> int:
+    """A Redis memory setting (``256mb``, ``1gb``, ``100m``, bytes) in bytes, as redis.conf reads it."""
+    text = value.strip().lower()
+    for suffix, factor in _REDIS_UNITS.items():
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * factor)
+    return int(text)
+
+
+def check_memory(cfg: StackConfig) -> None:
+    """Refuse a maxmemory that the container limit cannot hold with headroom (see :data:`MAXMEMORY_SHARE`)."""
+    r = cfg.redis
+    limit = c.memory_bytes(r.resources.memory_limit)
+    if not 0 < redis_bytes(r.maxmemory) <= MAXMEMORY_SHARE * limit:
+        raise ValueError(
+            f"loadproof:redis.maxmemory={r.maxmemory} must be positive and at most {MAXMEMORY_SHARE:.0%} of "
+            f"redis.resources.memoryLimit={r.resources.memory_limit}, or the OOM killer strikes before eviction"
+        )
 
 
 class Redis(pulumi.ComponentResource):
@@ -49,6 +74,7 @@ class Redis(pulumi.ComponentResource):
             self.register_outputs({"secret_name": self.secret_name})
             return
 
+        check_memory(cfg)
         sel = c.selector("redis")
         pvc = k8s.core.v1.PersistentVolumeClaim(
             f"{name}-data",

@@ -46,6 +46,10 @@ class BaselineConfig(Section):
     quota_cpu: str = Field(default="16", description="ResourceQuota: total CPU requests in the namespace.")
     quota_memory: str = Field(default="32Gi", description="ResourceQuota: total memory requests.")
     quota_pods: int = Field(default=60, description="ResourceQuota: pods.")
+    quota_cpu_limits: str = Field(default="40", description="ResourceQuota: total CPU limits (worst-case burst).")
+    quota_memory_limits: str = Field(
+        default="32Gi", description="ResourceQuota: total memory limits (what the namespace can ever hold)."
+    )
     ingress_controller: bool = Field(
         default=False, description="Install ingress-nginx (helm) when the cluster has no ingress controller."
     )
@@ -149,6 +153,12 @@ class AutoscaleConfig(Section):
     max_replicas: int = Field(default=6, description="HPA ceiling.")
     cpu_utilization: int = Field(default=70, description="Target average CPU utilization, percent.")
 
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscaleConfig:
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"need 1 <= minReplicas ({self.min_replicas}) <= maxReplicas ({self.max_replicas})")
+        return self
+
 
 class OrchestratorConfig(Section):
     """The FastAPI service: pooling, cache, coalescing, admission control."""
@@ -174,6 +184,16 @@ class OrchestratorConfig(Section):
         ),
         description="Container resources.",
     )
+
+    @model_validator(mode="after")
+    def _replicas_within_autoscale(self) -> OrchestratorConfig:
+        a = self.autoscale
+        if not a.min_replicas <= self.replicas <= a.max_replicas:
+            raise ValueError(
+                f"replicas ({self.replicas}) must lie within autoscale.minReplicas..maxReplicas "
+                f"({a.min_replicas}..{a.max_replicas}): the HPA would override it at once"
+            )
+        return self
 
 
 class WorkersConfig(Section):

@@ -34,7 +34,13 @@ HEADERS = {
     ],
 }
 KIND_OVERRIDES: dict[str, Any] = {
-    "baseline": {"quotaCpu": "8", "quotaMemory": "12Gi", "ingressController": True},
+    "baseline": {
+        "quotaCpu": "8",
+        "quotaMemory": "12Gi",
+        "quotaCpuLimits": "16",
+        "quotaMemoryLimits": "12Gi",
+        "ingressController": True,
+    },
     "postgres": {
         "storage": "1Gi",
         "maxConnections": 200,

@@ -30,6 +30,8 @@ CONTEXT: dict[str, dict[str, Any]] = {
     "orchestrator.processes": {"postgres.maxConnections": 5000},
     "orchestrator.autoscale.maxReplicas": {"postgres.maxConnections": 5000},
     "workers.replicas": {"postgres.maxConnections": 5000},
+    # The API's replicas must lie within the HPA's bounds.
+    "orchestrator.autoscale.minReplicas": {"orchestrator.replicas": 3},
 }
 SPECIAL: dict[str, Any] = {
     "llm.mode": "external",
@@ -201,3 +203,17 @@ def test_numbers_from_pulumi_config_set_path_are_accepted_for_text_fields() -> N
     assert cfg.loadtest.run_id == "2"
     assert cfg.baseline.quota_cpu == "8"
     assert cfg.orchestrator.db_pool_size == 30
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"replicas": 1}, r"replicas \(1\) must lie within"),
+        ({"replicas": 7}, r"replicas \(7\) must lie within"),
+        ({"autoscale": {"minReplicas": 4, "maxReplicas": 3}, "replicas": 3}, r"minReplicas \(4\) <= maxReplicas"),
+        ({"autoscale": {"minReplicas": 0}}, r"1 <= minReplicas"),
+    ],
+)
+def test_api_replicas_and_hpa_bounds_are_consistent(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(StackConfigError, match=message):
+        parse({"orchestrator": changes})

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from infra import common, postgres, render
+from infra import common, postgres, redis, render
 from infra.orchestrator import PRESTOP_SLEEP_S, grace_period_s
 from infra.program import REPORT_OUTPUTS
 from infra.stackconfig import StackConfig, load
@@ -151,11 +151,11 @@ def test_no_secret_outside_secrets() -> None:
 
 
 def test_service_env_and_secret_refs_reach_api_and_workers() -> None:
-    cfg = with_changes(load("dev"), {"orchestrator.dbPoolSize": 33, "workers.batchSize": 7})
+    cfg = with_changes(load("dev"), {"orchestrator.dbPoolSize": 13, "workers.batchSize": 7})
     objects = render.evaluate(cfg).manifests()
     for name in ("orchestrator", "workers"):
         env = env_of(container(objects, "Deployment", name))
-        assert env["LOADPROOF_DB_POOL_SIZE"] == "33"
+        assert env["LOADPROOF_DB_POOL_SIZE"] == "13"
         assert env["LOADPROOF_BATCH_SIZE"] == "7"
         for key, value in cfg.service_env().items():
             assert env[key] == value
@@ -396,44 +396,55 @@ def test_namespace_guard_rails(objects: list[dict[str, Any]]) -> None:
     assert quota == {
         "requests.cpu": cfg.baseline.quota_cpu,
         "requests.memory": cfg.baseline.quota_memory,
+        "limits.cpu": cfg.baseline.quota_cpu_limits,
+        "limits.memory": cfg.baseline.quota_memory_limits,
         "pods": str(cfg.baseline.quota_pods),
     }
     assert render.find(objects, "LimitRange", "loadproof-limits")["spec"]["limits"][0]["type"] == "Container"
 
 
-def _cpu(q: str) -> float:
-    return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
-
-
-def _mem(q: str) -> float:
-    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
-    return float(q[:-2]) * units[q[-2:]] if q[-2:] in units else float(q)
-
-
 @pytest.mark.parametrize("stack", ["dev", "kind"])
 def test_quota_fits_the_stack_at_full_scale(stack: str) -> None:
-    """Peak requests (HPA at max, one surge pod per rolling Deployment, all Jobs) fit the ResourceQuota."""
+    """Peak requests and limits (HPA at max, one surge pod per rolling Deployment, all Jobs) fit the ResourceQuota."""
     cfg = load(stack)
     objects = render.evaluate(cfg, stack=stack).manifests()
-    cpu = mem = pods = 0.0
+    totals = {"requests.cpu": 0.0, "requests.memory": 0.0, "limits.cpu": 0.0, "limits.memory": 0.0, "pods": 0.0}
     for o in objects:
         if o["kind"] not in (*WORKLOAD_KINDS, "Job"):
             continue
         spec = o["spec"]
         if o["kind"] == "Job":
             n = spec.get("parallelism", 1)
-        elif o["metadata"]["name"] == "orchestrator":
-            n = cfg.orchestrator.autoscale.max_replicas + 1
+        elif o["kind"] == "StatefulSet":
+            n = spec.get("replicas", 1)
         else:
-            n = spec.get("replicas", 1) + (1 if spec.get("strategy", {}).get("type") == "RollingUpdate" else 0)
+            base = (
+                cfg.orchestrator.autoscale.max_replicas if o["metadata"]["name"] == "orchestrator" else spec["replicas"]
+            )
+            # RollingUpdate (also the default when no strategy is set) runs a surge pod; Recreate does not.
+            n = base + (0 if spec.get("strategy", {}).get("type") == "Recreate" else 1)
         for c in spec["template"]["spec"]["containers"]:
-            cpu += n * _cpu(c["resources"]["requests"]["cpu"])
-            mem += n * _mem(c["resources"]["requests"]["memory"])
-        pods += n
+            for kind in ("requests", "limits"):
+                totals[f"{kind}.cpu"] += n * common.cpu_cores(c["resources"][kind]["cpu"])
+                totals[f"{kind}.memory"] += n * common.memory_bytes(c["resources"][kind]["memory"])
+        totals["pods"] += n
     hard = render.find(objects, "ResourceQuota", "loadproof-quota")["spec"]["hard"]
-    assert cpu <= _cpu(hard["requests.cpu"]), f"{cpu} CPUs requested"
-    assert mem <= _mem(hard["requests.memory"])
-    assert pods <= int(hard["pods"])
+    assert set(hard) == set(totals)
+    for key, used in totals.items():
+        limit = common.cpu_cores(hard[key]) if key.endswith("cpu") else common.memory_bytes(hard[key])
+        assert used <= limit, f"{key}: {used} needed at full scale, quota {hard[key]}"
+
+
+@pytest.mark.parametrize("stack", ["dev", "kind"])
+def test_redis_evicts_before_the_oom_killer(stack: str) -> None:
+    cfg = load(stack)
+    r = cfg.redis
+    assert redis.redis_bytes(r.maxmemory) <= redis.MAXMEMORY_SHARE * common.memory_bytes(r.resources.memory_limit)
+    assert redis.redis_bytes("256mb") == 256 * 2**20 and redis.redis_bytes("1g") == 10**9
+    with pytest.raises(Exception, match=r"redis\.maxmemory"):
+        render.evaluate(with_changes(cfg, {"redis.maxmemory": r.resources.memory_limit.replace("Mi", "mb")}))
+    # Eviction only touches keys with a TTL (cached posts), never the queue stream.
+    assert r.maxmemory_policy.startswith("volatile-")
 
 
 def test_ordering_service_then_runners_then_report(dev: render.Evaluation) -> None:
