@@ -210,7 +210,9 @@ class LoadTest(pulumi.ComponentResource):
                 parent=self,
                 depends_on=[*depends_on, headless],
                 delete_before_replace=True,  # explicit name: create-before-delete cannot work
-                custom_timeouts=pulumi.CustomTimeouts(create=f"{timeout}s", update=f"{timeout}s"),
+                # Longer than the Job's own deadline, so a stuck run fails with Kubernetes' reason
+                # (DeadlineExceeded) rather than an opaque Pulumi timeout.
+                custom_timeouts=pulumi.CustomTimeouts(create=f"{timeout + 60}s", update=f"{timeout + 60}s"),
             ),
         )
         starter = k8s.core.v1.ContainerArgs(

@@ -129,11 +129,13 @@ class RecordingMonitor(MockMonitor):
         super().__init__(mocks)
         self.dependencies: dict[str, set[str]] = {}  # logical name -> URNs it waits for
         self.urns: dict[str, str] = {}  # logical name -> URN
+        self.create_timeouts: dict[str, str] = {}  # logical name -> customTimeouts.create ("" = provider default)
 
     def RegisterResource(self, request: Any) -> Any:
         response = super().RegisterResource(request)
         self.dependencies[request.name] = set(request.dependencies)
         self.urns[request.name] = response.urn
+        self.create_timeouts[request.name] = request.customTimeouts.create
         return response
 
     def ReadResource(self, request: Any) -> Any:
@@ -153,6 +155,14 @@ class Evaluation:
     def waits_for(self, name: str, other: str) -> bool:
         """Whether resource ``name`` was registered with a dependency on resource ``other`` (logical names)."""
         return self.monitor.urns[other] in self.monitor.dependencies[name]
+
+    def create_timeout_s(self, name: str) -> float | None:
+        """The ``customTimeouts.create`` of resource ``name`` in seconds; None when unset."""
+        text = self.monitor.create_timeouts.get(name, "")
+        if not text:
+            return None
+        units = {"s": 1, "m": 60, "h": 3600}
+        return float(text[:-1]) * units[text[-1]]
 
     def manifests(self) -> list[dict[str, Any]]:
         return manifests(self.mocks.resources)

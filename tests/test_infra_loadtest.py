@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from infra import render
-from infra.loadtest import THRESHOLDS_CROSSED, run_duration_s, runner_script, runner_timeout_s
+from infra.loadtest import START_TIMEOUT_S, THRESHOLDS_CROSSED, run_duration_s, runner_script, runner_timeout_s
 from infra.report import parse_report, report_timeout_s
 from infra.stackconfig import StackConfig, load
 from loadtest import k6_start
@@ -109,6 +109,25 @@ def test_runner_job_shape_and_timeouts() -> None:
     svc = render.find(objects, "Service", "k6-1a2b3c4d")["spec"]
     assert svc["clusterIP"] == "None" and "publishNotReadyAddresses" not in svc  # only Ready runners count
     assert report_timeout_s(cfg) > cfg.loadtest.drain_s
+
+
+@pytest.mark.parametrize("stack", ["dev", "kind"])
+def test_pulumi_waits_longer_than_every_job_may_run(stack: str) -> None:
+    """customTimeouts exceed each Job's activeDeadlineSeconds, which exceeds what the Job has to do."""
+    cfg = load(stack)
+    ev = render.evaluate(cfg, stack=stack)
+    objects = ev.manifests()
+    by_name = {
+        "loadtest-runners-job": "k6-1a2b3c4d",
+        "loadtest-start-job": "k6-start-1a2b3c4d",
+        "report-job": "report-1a2b3c4d",
+    }
+    for logical, job_name in by_name.items():
+        deadline = render.find(objects, "Job", job_name)["spec"]["activeDeadlineSeconds"]
+        timeout = ev.create_timeout_s(logical)
+        assert timeout is not None and timeout > deadline, logical
+    runner_deadline = render.find(objects, "Job", "k6-1a2b3c4d")["spec"]["activeDeadlineSeconds"]
+    assert runner_deadline > START_TIMEOUT_S + run_duration_s(cfg)
 
 
 def test_jobs_change_only_with_the_run_id() -> None:
