@@ -503,6 +503,18 @@ def test_references_resolve_within_the_stack(stack: str) -> None:
             assert all(("ServiceAccount", s["name"]) in names for s in o["subjects"])
         if o["kind"] == "HorizontalPodAutoscaler":
             assert ("Deployment", o["spec"]["scaleTargetRef"]["name"]) in names
+            target = render.find(objects, "Deployment", o["spec"]["scaleTargetRef"]["name"])
+            assert o["spec"]["minReplicas"] <= target["spec"]["replicas"] <= o["spec"]["maxReplicas"]
+        if o["kind"] == "PodDisruptionBudget":
+            sel = o["spec"]["selector"]["matchLabels"]
+            guarded = [
+                p
+                for p in objects
+                if p["kind"] in WORKLOAD_KINDS and sel.items() <= p["spec"]["template"]["metadata"]["labels"].items()
+            ]
+            assert len(guarded) == 1, f"PodDisruptionBudget/{o['metadata']['name']} guards {len(guarded)} workloads"
+            # maxUnavailable (not minAvailable): a node drain is never blocked, even at one replica.
+            assert o["spec"]["maxUnavailable"] == 1 and "minAvailable" not in o["spec"]
         if o["kind"] == "Service":
             sel = o["spec"]["selector"]
             matches = [
@@ -512,6 +524,9 @@ def test_references_resolve_within_the_stack(stack: str) -> None:
                 and sel.items() <= p["spec"]["template"]["metadata"]["labels"].items()
             ]
             assert matches, f"Service/{o['metadata']['name']} selects no pods"
+            # ...and only one component's pods (a Service spanning two would mix unrelated backends).
+            components = {p["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] for p in matches}
+            assert components == {o["metadata"]["labels"]["app.kubernetes.io/component"]}, o["metadata"]["name"]
             container_ports = {
                 cp["containerPort"]
                 for p in matches
