@@ -101,6 +101,18 @@ def pod_security(uid: int) -> k8s.core.v1.PodSecurityContextArgs:
     )
 
 
+def spread(match_labels: pulumi.Input[Mapping[str, str]]) -> list[k8s.core.v1.TopologySpreadConstraintArgs]:
+    """Prefer one pod per node for replicas of one thing (a node loss takes one, not all); never blocks scheduling."""
+    return [
+        k8s.core.v1.TopologySpreadConstraintArgs(
+            max_skew=1,
+            topology_key="kubernetes.io/hostname",
+            when_unsatisfiable="ScheduleAnyway",
+            label_selector=k8s.meta.v1.LabelSelectorArgs(match_labels=match_labels),
+        )
+    ]
+
+
 def env_list(values: Mapping[str, pulumi.Input[str]]) -> list[k8s.core.v1.EnvVarArgs]:
     """Plain (non-secret) environment variables, sorted for stable manifests."""
     return [k8s.core.v1.EnvVarArgs(name=k, value=values[k]) for k in sorted(values)]

@@ -192,6 +192,8 @@ class LoadTest(pulumi.ComponentResource):
                     spec=k8s.core.v1.PodSpecArgs(
                         restart_policy="Never",
                         automount_service_account_token=False,
+                        # Load generators on separate nodes where possible: they compete for CPU.
+                        topology_spread_constraints=c.spread(runner_sel),
                         security_context=c.pod_security(K6_UID),
                         containers=[runner],
                         volumes=[

@@ -225,6 +225,7 @@ class Orchestrator(pulumi.ComponentResource):
                         automount_service_account_token=False,
                         security_context=c.pod_security(APP_UID),
                         termination_grace_period_seconds=grace,
+                        topology_spread_constraints=c.spread(c.selector(component)),
                         containers=[container],
                         volumes=[c.empty_dir("tmp")],
                     ),

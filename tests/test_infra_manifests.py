@@ -651,3 +651,12 @@ def test_postgres_pod_suits_the_image(objects: list[dict[str, Any]]) -> None:
     assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsUser"] == postgres.POSTGRES_UID
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+
+
+def test_replicas_and_runners_prefer_separate_nodes(objects: list[dict[str, Any]]) -> None:
+    for kind, name in (("Deployment", "orchestrator"), ("Deployment", "workers"), ("Job", f"k6-{render.MOCK_RUN_HEX}")):
+        template = render.find(objects, kind, name)["spec"]["template"]
+        (constraint,) = template["spec"]["topologySpreadConstraints"]
+        assert constraint["topologyKey"] == "kubernetes.io/hostname"
+        assert constraint["whenUnsatisfiable"] == "ScheduleAnyway"  # a one-node cluster still schedules them
+        assert constraint["labelSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
