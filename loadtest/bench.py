@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_bench(cfg, out_dir=args.out, budget_s=args.budget, step_s=args.step, console=console)
     except StackStartError as exc:
-        console.print(f"[red]✗ {exc.part} failed to start:[/] {exc.reason}")
+        console.print(f"✗ {exc}", style="red", markup=False, highlight=False)
         console.print(exc.log_tail, markup=False, highlight=False)
         return 3
     except KeyboardInterrupt:

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]Pulumi.{args.stack}.yaml is invalid:[/] {exc}")
         return 2
     except StackStartError as exc:
-        console.print(f"[red]✗ {exc.part} failed to start:[/] {exc.reason}")
+        console.print(f"✗ {exc}", style="red", markup=False, highlight=False)
         console.print(exc.log_tail, markup=False, highlight=False)
         return 3
     except KeyboardInterrupt:

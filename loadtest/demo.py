@@ -251,8 +251,7 @@ def run_demo(
             f"loadproof:loadtest.profiles: no profile {profile!r} (have {sorted(cfg.loadtest.profiles)})"
         )
     run_id = run_id or new_run_id(profile, label)
-    run_dir = reports_dir / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = reports_dir / run_id  # created by run_k6: a stack that never came up leaves no empty report
     say = console.print if console else (lambda *a, **k: None)
     prof = cfg.loadtest.profiles[profile]
 
@@ -436,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]config error:[/] {exc}")
         return 2
     except StackStartError as exc:
-        console.print(f"[red]✗ {exc.part} failed to start:[/] {exc.reason}")
+        console.print(f"✗ {exc}", style="red", markup=False, highlight=False)
         if exc.log_tail:
             console.print(f"[dim]--- last lines of the {exc.part} log ---[/]")
             console.print(exc.log_tail, markup=False, highlight=False)

@@ -28,10 +28,10 @@ Progress = Callable[[str, float], None]
 
 
 class StackStartError(RuntimeError):
-    """One part of the stack did not come up; ``part`` names it, ``log_tail`` shows why."""
+    """One part of the stack did not come up (or died later); ``part`` names it, ``log_tail`` shows why."""
 
-    def __init__(self, part: str, reason: str, log_tail: str = "") -> None:
-        super().__init__(f"{part} failed to start: {reason}")
+    def __init__(self, part: str, reason: str, log_tail: str = "", *, started: bool = False) -> None:
+        super().__init__(f"{part} {'died' if started else 'failed to start'}: {reason}")
         self.part = part
         self.reason = reason
         self.log_tail = log_tail
@@ -242,7 +242,9 @@ class ProofStack:
         parts = [self.service.orchestrator, *self.service.workers]
         for part in parts:
             if part is not None and part.process is not None and not part.process.running:
-                raise StackStartError(part.name, f"exited with {part.process.returncode}", part.log_tail(40))
+                raise StackStartError(
+                    part.name, f"exited with {part.process.returncode}", part.log_tail(40), started=True
+                )
 
     # ---- lifecycle
     def _report(self, name: str, seconds: float) -> None:
