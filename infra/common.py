@@ -11,8 +11,10 @@ from collections.abc import Mapping
 
 import pulumi
 import pulumi_kubernetes as k8s
+from pydantic import ValidationError
 
 from infra.stackconfig import Resources
+from service.config import Settings
 
 PART_OF = "loadproof"
 NAME_LABEL = "app.kubernetes.io/name"
@@ -111,6 +113,21 @@ def spread(match_labels: pulumi.Input[Mapping[str, str]]) -> list[k8s.core.v1.To
             label_selector=k8s.meta.v1.LabelSelectorArgs(match_labels=match_labels),
         )
     ]
+
+
+def check_settings(env: Mapping[str, str], where: str) -> None:
+    """Validate ``LOADPROOF_*`` values with the service's own ``Settings`` now, at ``pulumi up``/render time.
+
+    The stack schema only checks types; ``Settings`` also has the bounds (``ge``/``le``). Without this a
+    bad value would surface as a crash-looping pod in the cluster instead of an error naming the variable.
+    """
+    prefix = "LOADPROOF_"
+    values = {k[len(prefix) :].lower(): v for k, v in env.items() if k.startswith(prefix)}
+    try:
+        Settings.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{prefix}{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"{where}: the service would refuse its settings: {problems}") from exc
 
 
 def env_list(values: Mapping[str, pulumi.Input[str]]) -> list[k8s.core.v1.EnvVarArgs]:

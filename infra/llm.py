@@ -65,6 +65,7 @@ class Llm(pulumi.ComponentResource):
             # The simulator's injected timeouts hang for 2x the client's timeout.
             "LOADPROOF_LLM_TIMEOUT_S": str(cfg.llm.timeout_s),
         }
+        c.check_settings(env, "simulator")
         container = k8s.core.v1.ContainerArgs(
             name="simulator",
             image=cfg.image,

@@ -75,6 +75,7 @@ class Orchestrator(pulumi.ComponentResource):
             "LOADPROOF_PORT": str(c.ORCHESTRATOR_PORT),
             "LOADPROOF_WORKER_METRICS_PORT": str(c.WORKER_METRICS_PORT),
         }
+        c.check_settings({**plain, "LOADPROOF_LLM_BASE_URL": llm_base_url}, "orchestrator/workers")
         stores = [
             c.secret_env("LOADPROOF_DATABASE_URL", database_secret, database_key),
             c.secret_env("LOADPROOF_REDIS_URL", redis_secret, redis_key),

@@ -660,3 +660,18 @@ def test_replicas_and_runners_prefer_separate_nodes(objects: list[dict[str, Any]
         assert constraint["topologyKey"] == "kubernetes.io/hostname"
         assert constraint["whenUnsatisfiable"] == "ScheduleAnyway"  # a one-node cluster still schedules them
         assert constraint["labelSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize(
+    ("changes", "variable"),
+    [
+        ({"orchestrator.maxBodyBytes": 100}, "LOADPROOF_MAX_BODY_BYTES"),
+        ({"workers.claimIdleMs": 10}, "LOADPROOF_QUEUE_CLAIM_IDLE_MS"),
+        ({"llm.simulator.jitter": 1.5}, "LOADPROOF_SIM_JITTER"),
+        ({"llm.simulator.rateMalformed": 2.0}, "LOADPROOF_SIM_RATE_MALFORMED"),
+    ],
+)
+def test_values_the_service_would_refuse_fail_the_program(changes: dict[str, Any], variable: str) -> None:
+    """Settings' bounds are checked when the program runs, not discovered as a crash-looping pod."""
+    with pytest.raises(ValueError, match=variable):
+        render.evaluate(with_changes(load("dev"), changes))
