@@ -274,6 +274,23 @@ def file_name(index: int, manifest: dict[str, Any]) -> str:
     return f"{index:02d}-{manifest['kind'].lower()}-{manifest['metadata'].get('name', 'unnamed')}.yaml"
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (scripts, configs, dashboards in ConfigMaps) as ``|`` blocks, readable in review."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    # PyYAML falls back to quoting by itself when a block cannot carry the text exactly.
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def dump(obj: dict[str, Any]) -> str:
+    """One object as YAML: keys sorted (the order kubectl prints), multi-line text as blocks."""
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=True, width=1000, allow_unicode=True)
+
+
 def write(objects: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*.yaml"):
@@ -281,7 +298,7 @@ def write(objects: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     paths = []
     for i, obj in enumerate(objects):
         path = out_dir / file_name(i, obj)
-        path.write_text(yaml.safe_dump(obj, sort_keys=True, width=1000))  # the order kubectl prints
+        path.write_text(dump(obj), encoding="utf-8")
         paths.append(path)
     return paths
 

@@ -85,6 +85,11 @@ def test_render_cli_writes_one_object_per_file(tmp_path: Any) -> None:
     files = sorted((tmp_path / "kind").glob("*.yaml"))
     assert files[0].name == "00-namespace-loadproof.yaml"
     assert all(len(list(yaml.safe_load_all(f.read_text()))) == 1 for f in files)
+    # The files read back as exactly the rendered objects; multi-line text is a readable block.
+    objects = render.evaluate(load("kind"), stack="kind").manifests()
+    assert [yaml.safe_load(f.read_text()) for f in files] == objects
+    script = next(f for f in files if f.name.endswith("-configmap-k6-script.yaml")).read_text()
+    assert "task.js: |" in script and "\n  task.js:" in script
     assert any(f.name.startswith(f"{len(files) - 1:02d}-job-report-") for f in files)
 
 
