@@ -72,12 +72,9 @@ class Monitoring(pulumi.ComponentResource):
         role = k8s.rbac.v1.Role(
             f"{name}-prometheus-role",
             metadata=c.metadata("prometheus-discovery", namespace, "prometheus"),
-            # Namespace-scoped discovery only: no ClusterRole, nothing outside this namespace is visible.
-            rules=[
-                k8s.rbac.v1.PolicyRuleArgs(
-                    api_groups=[""], resources=["pods", "endpoints", "services"], verbs=["get", "list", "watch"]
-                )
-            ],
+            # Namespace-scoped pod discovery only (the scrape config's one role): no ClusterRole, no
+            # Services or Endpoints, nothing outside this namespace is visible.
+            rules=[k8s.rbac.v1.PolicyRuleArgs(api_groups=[""], resources=["pods"], verbs=["get", "list", "watch"])],
             opts=opts,
         )
         k8s.rbac.v1.RoleBinding(
@@ -119,6 +116,8 @@ class Monitoring(pulumi.ComponentResource):
                 f"--config.file={CONFIG_DIR}/prometheus.yml",
                 "--storage.tsdb.path=/prometheus",
                 f"--storage.tsdb.retention.time={p.retention}",
+                # A full volume stops ingestion (and the run's samples with it): drop old blocks first.
+                f"--storage.tsdb.retention.size={retention_size_mb(p.storage)}MB",
                 f"--web.listen-address=:{p.port}",
                 *pc.PROMETHEUS_FLAGS,
             ],
@@ -339,6 +338,14 @@ def prometheus_files(cfg: StackConfig) -> dict[str, str]:
         ),
         pc.RULES_FILE: pc.render_yaml(pc.rules(cfg.loadtest.thresholds)),
     }
+
+
+RETENTION_SHARE = 0.8  # of the PVC: head block, WAL and compaction need the rest
+
+
+def retention_size_mb(storage: str) -> int:
+    """Prometheus' size-based retention for a PVC of ``storage`` (its MB are MiB)."""
+    return int(c.memory_bytes(storage) * RETENTION_SHARE) // 2**20
 
 
 def _hash(text: str) -> str:

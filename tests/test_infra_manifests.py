@@ -224,7 +224,13 @@ def test_prometheus_is_private_and_grafana_is_the_public_entry(objects: list[dic
     args = container(objects, "Deployment", "prometheus")["args"]
     assert "--web.enable-remote-write-receiver" in args and "--enable-feature=native-histograms" in args
     role = render.find(objects, "Role", "prometheus-discovery")
-    assert {r for rule in role["rules"] for r in rule["resources"]} == {"pods", "endpoints", "services"}
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    scrape = yaml.safe_load(render.find(objects, "ConfigMap", "prometheus-config")["data"]["prometheus.yml"])
+    roles = {sd["role"] for job in scrape["scrape_configs"] for sd in job.get("kubernetes_sd_configs", [])}
+    assert roles == {"pod"}  # what the Role grants is exactly what discovery uses
+    (size,) = [a.split("=", 1)[1] for a in args if a.startswith("--storage.tsdb.retention.size=")]
+    pvc = render.find(objects, "PersistentVolumeClaim", "prometheus-data")["spec"]["resources"]["requests"]["storage"]
+    assert int(size.removesuffix("MB")) * 2**20 < common.memory_bytes(pvc)
     assert not [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
 
 
