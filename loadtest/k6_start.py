@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import httpx
 
-from loadtest.report_job import START_KEY, Kube
+from loadtest.report_job import START_KEY, Kube, result_labels
 
 RESUME_BODY = {"data": {"type": "status", "id": "default", "attributes": {"paused": False}}}
 # k6's ExecutionStatus "PausedBeforeRun": VUs initialised, executors ready, waiting to be resumed.
@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     targets = asyncio.run(wait_until_paused(lambda: resolve(args.service, args.port), args.count, args.timeout_s))
     started_at = asyncio.run(resume(targets))
     print(f"resumed {len(targets)} runners at {started_at:.3f}: {', '.join(targets)}", flush=True)
-    Kube.in_cluster().put_configmap(args.namespace, args.configmap, {START_KEY: f"{started_at:.3f}"})
+    Kube.in_cluster().put_configmap(
+        args.namespace, args.configmap, {START_KEY: f"{started_at:.3f}"}, result_labels("k6-start")
+    )
     return 0
 
 

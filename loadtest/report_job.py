@@ -28,6 +28,16 @@ START_KEY = "started_at"
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 # k6 pushes every 5 s and Prometheus scrapes every few seconds: the last samples land within this.
 SETTLE_S = 15.0
+PART_OF = "loadproof"
+
+
+def result_labels(component: str) -> dict[str, str]:
+    """Labels of the ConfigMaps the Jobs write: ``kubectl get cm -l app.kubernetes.io/component=report`` lists runs."""
+    return {
+        "app.kubernetes.io/name": PART_OF,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": PART_OF,
+    }
 
 
 class KubeError(RuntimeError):
@@ -59,9 +69,12 @@ class Kube:
             timeout=30.0,
         )
 
-    def put_configmap(self, namespace: str, name: str, data: dict[str, str]) -> None:
+    def put_configmap(
+        self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str] | None = None
+    ) -> None:
         """Create the ConfigMap, or replace its data if it exists (a retried Job)."""
-        body: dict[str, Any] = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data}
+        metadata: dict[str, Any] = {"name": name, **({"labels": labels} if labels else {})}
+        body: dict[str, Any] = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
         path = f"/api/v1/namespaces/{namespace}/configmaps"
         with self._client() as client:
             resp = client.post(path, json=body)
@@ -112,7 +125,9 @@ def run(doc: dict[str, Any], kube: Kube, database_url: str | None) -> dict[str, 
         },
         settle_s=SETTLE_S,
     )
-    kube.put_configmap(ns, doc["reportConfigmap"], {REPORT_KEY: json.dumps(report, sort_keys=True)})
+    kube.put_configmap(
+        ns, doc["reportConfigmap"], {REPORT_KEY: json.dumps(report, sort_keys=True)}, result_labels("report")
+    )
     return report
 
 

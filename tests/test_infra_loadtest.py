@@ -341,6 +341,8 @@ def test_report_job_measures_the_recorded_window_and_stores_the_result(
     assert seen["prometheus_url"] == "http://prometheus:9090" and seen["test_id"] == "lp-x"
     assert seen["machine"]["where"] == "kubernetes"
     assert parse_report(kube.get_configmap("loadproof", "report-x")) == report
+    labels = FakeApiServer.store["report-x"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "report" and labels["app.kubernetes.io/part-of"] == "loadproof"
 
 
 class TaskSink(BaseHTTPRequestHandler):
