@@ -110,7 +110,11 @@ def _ports(flow: Flow) -> list[k8s.networking.v1.NetworkPolicyPortArgs] | None:
 
 
 class Baseline(pulumi.ComponentResource):
-    """Namespace + ResourceQuota + LimitRange + NetworkPolicies (+ ingress-nginx when asked)."""
+    """Namespace + ResourceQuota + LimitRange + NetworkPolicies (+ ingress-nginx when asked).
+
+    Args: ``name``, ``cfg`` (sections ``namespace``, ``baseline``; the flows also read the modes of
+    ``postgres``/``redis``/``llm`` and the ports), ``opts``. Outputs ``namespace``.
+    """
 
     namespace: pulumi.Output[str]
     # The ingress-nginx release when installed: Ingresses must wait for it, or its admission

@@ -18,7 +18,12 @@ APP_UID = 10001  # the service image's user (Dockerfile)
 
 
 class Llm(pulumi.ComponentResource):
-    """``simulator``: Deployment + Service running ``python -m service.simulator``; ``external``: a Secret."""
+    """``simulator``: Deployment + Service running ``python -m service.simulator``; ``external``: a Secret.
+
+    Args: ``name``, ``cfg`` (section ``llm``), ``namespace``, ``external_api_key`` (secret config
+    ``loadproof:llmApiKey``; default None, required when ``llm.mode`` is ``external``), ``opts``.
+    Outputs ``base_url`` and the Secret holding the key.
+    """
 
     base_url: str
     secret_name: pulumi.Output[str]

@@ -95,7 +95,12 @@ exit "$rc"
 
 
 class LoadTest(pulumi.ComponentResource):
-    """RandomId run id, script ConfigMap, headless Service, the Indexed runner Job and the start Job."""
+    """RandomId run id, script ConfigMap, headless Service, the Indexed runner Job and the start Job.
+
+    Args: ``name``, ``cfg`` (section ``loadtest``; the run id's keepers hash everything measured),
+    ``namespace``, ``target_base_url`` (the API Service), ``remote_write_url`` (Prometheus),
+    ``depends_on`` (what must be Ready before the run starts), ``opts``.
+    """
 
     run_hex: pulumi.Output[str]
     test_id: pulumi.Output[str]

@@ -33,7 +33,11 @@ def grafana_root_url(cfg: StackConfig) -> str:
 
 
 class Monitoring(pulumi.ComponentResource):
-    """Prometheus (SA + Role for namespace-scoped discovery, ConfigMap, PVC, Deployment, Service) and Grafana."""
+    """Prometheus (SA + Role for namespace-scoped discovery, ConfigMap, PVC, Deployment, Service) and Grafana.
+
+    Args: ``name``, ``cfg`` (section ``monitoring``; thresholds for rules and dashboards),
+    ``namespace``, ``ingress_after`` (default none: what the Ingress waits for), ``opts``.
+    """
 
     prometheus_url: str
     remote_write_url: str

@@ -40,7 +40,13 @@ def grace_period_s(shutdown_timeout_s: float) -> int:
 
 
 class Orchestrator(pulumi.ComponentResource):
-    """API Deployment + Service + PDB + HPA, and the workers Deployment + PDB."""
+    """API Deployment + Service + PDB + HPA, and the workers Deployment + PDB.
+
+    Args: ``name``, ``cfg`` (sections ``orchestrator``, ``workers``, ``llm``; ``service_env()``),
+    ``namespace``, the Secret names/keys of the database and Redis URLs and the LLM key,
+    ``llm_base_url``, ``after`` (default none: stores both Deployments wait for) and
+    ``workers_after`` (default none: what only the workers wait for, the LLM), ``opts``.
+    """
 
     base_url: str
     api: k8s.apps.v1.Deployment

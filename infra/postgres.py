@@ -52,7 +52,12 @@ def check_connections(cfg: StackConfig) -> None:
 
 
 class Postgres(pulumi.ComponentResource):
-    """``internal``: StatefulSet + PVC template + headless and ClusterIP Services; ``external``: a Secret only."""
+    """``internal``: StatefulSet + PVC template + headless and ClusterIP Services; ``external``: a Secret only.
+
+    Args: ``name`` (also the Service's DNS name), ``cfg`` (section ``postgres``; the pools for the
+    connection check), ``namespace``, ``external_url`` (secret config ``loadproof:databaseUrl``;
+    default None, required when ``postgres.mode`` is ``external``), ``opts``.
+    """
 
     secret_name: pulumi.Output[str]
     url_key: str = URL_KEY

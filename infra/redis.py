@@ -42,7 +42,12 @@ def check_memory(cfg: StackConfig) -> None:
 
 
 class Redis(pulumi.ComponentResource):
-    """``internal``: Deployment (Recreate: one writer of the AOF) + PVC + Service; ``external``: a Secret."""
+    """``internal``: Deployment (Recreate: one writer of the AOF) + PVC + Service; ``external``: a Secret.
+
+    Args: ``name`` (also the Service's DNS name), ``cfg`` (section ``redis``), ``namespace``,
+    ``external_url`` (secret config ``loadproof:redisUrl``; default None, required when
+    ``redis.mode`` is ``external``), ``opts``.
+    """
 
     secret_name: pulumi.Output[str]
     url_key: str = URL_KEY

@@ -61,7 +61,13 @@ def report_job_config(
 
 
 class Report(pulumi.ComponentResource):
-    """The report Job and the ConfigMap read that turns its JSON into stack outputs."""
+    """The report Job and the ConfigMap read that turns its JSON into stack outputs.
+
+    Args: ``name``, ``cfg`` (section ``loadtest``), ``namespace``, the run's ``test_id`` and
+    ConfigMap names, ``prometheus_url``, ``grafana_url`` (added to the report, not measured),
+    ``service_account`` (may write the run's ConfigMaps), the database Secret name/key, ``after``
+    (the runner and start Jobs), ``opts``.
+    """
 
     report: pulumi.Output[dict[str, Any]]
     job: k8s.batch.v1.Job
