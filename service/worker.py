@@ -265,8 +265,16 @@ class Worker:
                 for row in stored:
                     metrics.TASK_COMPLETION.observe(max(0.0, float(row["completion_s"] or 0.0)))
                     delivered.inc(int(row["output_tokens"] or 0))
+        # Cache only what was stored now: for a duplicate delivery the first stored post stays the
+        # one everybody sees (GET /task and cache hits agree). Postgres first, then the cache, so a
+        # post is never served that the task store does not have; an identical request arriving in
+        # between may still join the (just finished) task with a 202 and find it done when it polls.
+        by_id = {r.id: r for r in results}
         await self.cache.finish(
-            [(rows[r.id]["cache_key"], encode_hit(r.id, r.post or "", r.output_tokens)) for r in results],
+            [
+                (row["cache_key"], encode_hit(row["id"], by_id[row["id"]].post or "", int(row["output_tokens"] or 0)))
+                for row in stored
+            ],
             [rows[r.id]["cache_key"] for r in results],
         )
         await self.queue.ack([eid for r in results for eid in by_task.get(r.id, [])])

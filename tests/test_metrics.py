@@ -10,8 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.cache import cache_key
 from service.devstack import OrchestratorServer, PostgresServer, RedisServer, SimulatorServer, WorkerProcess
 from tests.conftest import flush_redis, service_env, truncate_tasks
 
@@ -64,7 +66,7 @@ def stack(
 
 
 def test_metric_values_after_a_known_sequence(
-    stack: tuple[OrchestratorServer, WorkerProcess], simulator: SimulatorServer
+    stack: tuple[OrchestratorServer, WorkerProcess], simulator: SimulatorServer, redis_server: RedisServer
 ) -> None:
     api, worker = stack
     base = api.url
@@ -72,6 +74,13 @@ def test_metric_values_after_a_known_sequence(
     assert r.status_code == 202
     task, polls = wait_final(base, r.json()["task_id"])
     assert task["status"] == "done"
+    # The worker writes Postgres first, then the cache: wait for the post in Redis (not via the API,
+    # which would add requests to the counts below).
+    post_key = cache_key("metrics", "known sequence", "v1")
+    with redis.Redis.from_url(redis_server.url) as rc:
+        deadline = time.monotonic() + 10
+        while not rc.exists(post_key) and time.monotonic() < deadline:
+            time.sleep(0.05)
     assert httpx.post(f"{base}/task", json={"persona_id": "metrics", "topic": "KNOWN sequence"}).status_code == 200
     assert httpx.post(f"{base}/task", json={"persona_id": "BAD", "topic": "x"}).status_code == 422
     assert httpx.get(f"{base}/task/00000000-0000-4000-8000-000000000000").status_code == 404

@@ -165,9 +165,13 @@ async def test_worker_killed_between_read_and_ack_task_completed_by_another(
         row = rows[ids[0]]
         assert row["status"] == "done" and row["attempts"] == 2
         async with httpx.AsyncClient() as http:
-            metrics_text = (await http.get(second.metrics_url, timeout=5)).text
+
+            async def counted() -> str | None:  # counters move right after the row is stored
+                text = (await http.get(second.metrics_url, timeout=5)).text
+                return text if 'loadproof_tasks_total{event="completed"} 1.0' in text else None
+
+            metrics_text = await eventually(counted, within_s=5)
         assert 'loadproof_tasks_total{event="reclaimed"} 1.0' in metrics_text
-        assert 'loadproof_tasks_total{event="completed"} 1.0' in metrics_text
     finally:
         await asyncio.to_thread(first.cleanup)
         await asyncio.to_thread(second.cleanup)
