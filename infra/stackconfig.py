@@ -111,7 +111,7 @@ class SimulatorConfig(Section):
     )
     jitter: float = Field(default=0.2, description="Bounded relative jitter.")
     output_tokens: int = Field(default=60, description="Output tokens per post.")
-    concurrency_knee: int = Field(default=64, description="Concurrent calls beyond which latency grows.")
+    concurrency_knee: int = Field(default=256, description="Concurrent calls beyond which latency grows.")
     rate429: float = Field(default=0.0, description="Injected 429 rate.")
     rate500: float = Field(default=0.0, description="Injected 500 rate.")
     rate_timeout: float = Field(default=0.0, description="Injected timeout rate.")
@@ -201,7 +201,7 @@ class WorkersConfig(Section):
 
     replicas: int = Field(default=2, description="Worker pods.")
     processes: int = Field(default=1, description="Local worker processes (demo).")
-    concurrency: int = Field(default=8, description="Concurrent LLM calls per worker process.")
+    concurrency: int = Field(default=64, description="Concurrent LLM calls per worker process (I/O-bound).")
     batch_size: int = Field(default=5, description="Tasks per LLM call; 1 = no batching (baseline).")
     batch_wait_ms: int = Field(default=100, description="Longest wait to fill a batch.")
     max_attempts: int = Field(default=3, description="Deliveries before dead-lettering.")
@@ -264,8 +264,8 @@ class ProfileConfig(Section):
 class WorkloadConfig(Section):
     """Key distribution of the generated requests."""
 
-    personas: int = Field(default=50, description="Distinct persona ids.")
-    topics: int = Field(default=5000, description="Distinct topics.")
+    personas: int = Field(default=20, description="Distinct persona ids.")
+    topics: int = Field(default=1000, description="Distinct topics.")
     zipf_s: float = Field(default=1.1, description="Zipf exponent for both draws (higher = hotter keys).")
     seed: int = Field(default=42, description="PRNG seed so runs are comparable.")
 

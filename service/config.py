@@ -76,7 +76,9 @@ class Settings(BaseSettings):
     queue_sweep_grace_s: float = Field(
         default=10.0, gt=0, description="Age of an unfinished task before the sweeper may re-enqueue it."
     )
-    worker_concurrency: int = Field(default=8, ge=1, description="Concurrent LLM calls per worker process.")
+    worker_concurrency: int = Field(
+        default=64, ge=1, description="Concurrent LLM calls per worker process (I/O-bound; the provider's limits bind)."
+    )
     batch_size: int = Field(default=5, ge=1, description="Tasks per LLM call; 1 disables batching (baseline).")
     batch_wait_ms: int = Field(default=100, ge=0, description="Longest wait to fill a batch.")
     worker_metrics_port: int = Field(default=9101, description="Port of a worker process's own /metrics.")
@@ -107,7 +109,7 @@ class Settings(BaseSettings):
     sim_jitter: float = Field(default=0.2, ge=0, le=1, description="Bounded relative jitter on both latencies.")
     sim_output_tokens: int = Field(default=60, ge=1, description="Output tokens per generated post.")
     sim_concurrency_knee: int = Field(
-        default=64, ge=1, description="Concurrent requests beyond which latency grows linearly."
+        default=256, ge=1, description="Concurrent requests beyond which latency grows linearly."
     )
     sim_rate_429: float = Field(default=0.0, ge=0, le=1, description="Fraction of calls answered 429 + Retry-After.")
     sim_rate_500: float = Field(default=0.0, ge=0, le=1, description="Fraction of calls answered 500.")
