@@ -270,6 +270,7 @@ class ProofStack:
                 simulator_env=cfg.simulator_env(),
                 redis_appendonly=cfg.redis.appendonly,
                 redis_maxmemory=cfg.redis.maxmemory,
+                durable_postgres=True,
                 progress=self._service_progress,
                 workdir=self.workdir / "service",
             )

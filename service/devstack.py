@@ -620,6 +620,7 @@ class LocalStack:
         simulator_env: Mapping[str, str] | None = None,
         redis_appendonly: bool = True,
         redis_maxmemory: str | None = None,
+        durable_postgres: bool = False,
         progress: Progress | None = None,
         handle_signals: bool = False,
         workdir: str | os.PathLike[str] | None = None,
@@ -628,7 +629,9 @@ class LocalStack:
         self.n_workers = workers
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="loadproof-stack-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.postgres = PostgresServer(workdir=self.workdir / "postgres")
+        # Measured runs keep Postgres durable (fsync on): numbers taken with fsync off would flatter
+        # every insert. Tests may trade durability for speed.
+        self.postgres = PostgresServer(fast=not durable_postgres, workdir=self.workdir / "postgres")
         self.redis = RedisServer(appendonly=redis_appendonly, maxmemory=redis_maxmemory, workdir=self.workdir / "redis")
         self.simulator = SimulatorServer(simulator_env, port=simulator_port, logdir=self.workdir / "logs")
         self.orchestrator: OrchestratorServer | None = None
@@ -755,6 +758,7 @@ def main() -> None:
         orchestrator_port=port,
         simulator_port=sim_port,
         simulator_env=cfg.simulator_env(),
+        durable_postgres=True,
         progress=progress,
         handle_signals=True,
     ) as stack:
