@@ -133,7 +133,11 @@ async def test_persistent_failure_is_dead_lettered_with_reason(
     ids = await _accept(settings, ["doomed"])
     async with running_worker(settings) as worker:
         rows = await eventually(lambda: _all_final(postgres, ids))
-        assert await worker.queue.task_ids_in_stream() == set()  # acknowledged: not redelivered forever
+
+        async def acknowledged() -> bool:  # the ack follows the row update: not redelivered forever
+            return await worker.queue.task_ids_in_stream() == set()
+
+        await eventually(acknowledged, within_s=5)
     row = rows[ids[0]]
     assert row["status"] == "failed" and row["attempts"] == 2
     assert "dead-lettered after 2 attempt(s)" in row["error"] and "500" in row["error"]
