@@ -153,8 +153,16 @@ def test_several_processes_share_one_metrics_view(
         with httpx.Client(limits=httpx.Limits(max_keepalive_connections=0)) as client:  # new connection each
             for _ in range(n):
                 assert client.get(f"{api.url}/task/00000000-0000-4000-8000-000000000000").status_code == 404
-        pids = {p.stem.rsplit("_", 1)[-1] for p in prom_dir.glob("counter_*.db")}
-        assert len(pids) >= 2, pids  # two API processes write their own files
+        # Both API processes write their own files (the second may still be starting: /readyz was
+        # answered by whichever process came up first).
+        deadline = time.monotonic() + 30
+        pids: set[str] = set()
+        while time.monotonic() < deadline:
+            pids = {p.stem.rsplit("_", 1)[-1] for p in prom_dir.glob("counter_*.db")}
+            if len(pids) >= 2:
+                break
+            time.sleep(0.1)
+        assert len(pids) >= 2, pids
         # Whichever process answers the scrape, the totals are summed over all processes.
         for _ in range(3):
             m = scrape(f"{api.url}/metrics")
