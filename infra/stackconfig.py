@@ -165,7 +165,9 @@ class OrchestratorConfig(Section):
 
     replicas: int = Field(default=2, description="API pods (HPA takes over from here).")
     processes: int = Field(default=1, description="uvicorn workers per pod / local API processes.")
-    max_inflight: int = Field(default=512, description="In-flight requests per process before 503.")
+    max_inflight: int = Field(
+        default=256, description="In-flight requests per process before 503 (sheds load before queueing seconds)."
+    )
     max_body_bytes: int = Field(default=8192, description="Largest request body before 413.")
     db_pool_mode: Literal["queue", "null"] = Field(default="queue", description="`null` = no pooling (baseline).")
     db_pool_size: int = Field(default=20, description="Pooled connections per process.")

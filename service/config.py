@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, description="Port of the orchestrator API.")
     processes: int = Field(default=1, ge=1, description="uvicorn worker processes for the API.")
     max_inflight: int = Field(
-        default=512, ge=1, description="Requests in flight per API process before new ones get 503 + Retry-After."
+        default=256, ge=1, description="Requests in flight per API process before new ones get 503 + Retry-After."
     )
     max_body_bytes: int = Field(default=8192, ge=256, description="Largest accepted request body; larger gets 413.")
     shutdown_timeout_s: float = Field(
