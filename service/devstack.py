@@ -498,11 +498,8 @@ class _PythonService:
         self.cleanup()
 
 
-class SimulatorServer(_PythonService):
-    """``python -m service.simulator`` on ``port``; ``.url`` is the root, ``.base_url`` the ``/v1`` API."""
-
-    name = "simulator"
-    module = "service.simulator"
+class _HttpService(_PythonService):
+    """A service process listening on ``port`` (free by default) on 127.0.0.1."""
 
     def __init__(
         self,
@@ -517,6 +514,13 @@ class SimulatorServer(_PythonService):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+class SimulatorServer(_HttpService):
+    """``python -m service.simulator`` on ``port``; ``.url`` is the root, ``.base_url`` the ``/v1`` API."""
+
+    name = "simulator"
+    module = "service.simulator"
 
     @property
     def base_url(self) -> str:
@@ -544,25 +548,11 @@ class SimulatorServer(_PythonService):
         )
 
 
-class OrchestratorServer(_PythonService):
+class OrchestratorServer(_HttpService):
     """``python -m service.orchestrator`` (the API); ready when ``/readyz`` answers 200."""
 
     name = "orchestrator"
     module = "service.orchestrator"
-
-    def __init__(
-        self,
-        env: Mapping[str, str] | None = None,
-        *,
-        port: int | None = None,
-        logdir: str | os.PathLike[str] | None = None,
-    ) -> None:
-        super().__init__(env, logdir=logdir)
-        self.port = port or free_port()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def _env(self) -> dict[str, str]:
         return {**self.extra_env, "LOADPROOF_HOST": "127.0.0.1", "LOADPROOF_PORT": str(self.port)}
