@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
@@ -46,6 +48,32 @@ class Step:
     dropped: int
     requests: int
     seconds: float
+    cache_hit_ratio: float | None = None  # over this step; None where the target has no cache
+
+
+def cache_counts(base_url: str) -> tuple[float, float] | None:
+    """(hits, misses) from the target's ``/metrics``; None when it exports no cache counters."""
+    try:
+        text = httpx.get(f"{base_url}/metrics", timeout=5).raise_for_status().text
+    except (httpx.HTTPError, OSError):
+        return None
+    counts = {"hit": 0.0, "miss": 0.0}
+    seen = False
+    for family in text_string_to_metric_families(text):
+        if family.name != "loadproof_cache_lookups":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels.get("result") in counts:
+                counts[sample.labels["result"]] += sample.value
+                seen = True
+    return (counts["hit"], counts["miss"]) if seen else None
+
+
+def hit_ratio(before: tuple[float, float] | None, after: tuple[float, float] | None) -> float | None:
+    if after is None:
+        return None
+    hits, misses = after[0] - (before or (0.0, 0.0))[0], after[1] - (before or (0.0, 0.0))[1]
+    return hits / (hits + misses) if hits + misses > 0 else None
 
 
 class ReferenceServer:
@@ -115,6 +143,7 @@ def step_config(cfg: StackConfig, rate: int, step_s: int, warmup_s: int) -> Stac
 
 def run_step(cfg: StackConfig, base_url: str, rate: int, *, step_s: int, warmup_s: int, workdir: Path) -> Step:
     t0 = time.monotonic()
+    before = cache_counts(base_url)
     run_dir = workdir / f"step-{rate}-{int(time.time() * 1000)}"
     result = run_k6(
         step_config(cfg, rate, step_s, warmup_s),
@@ -140,6 +169,7 @@ def run_step(cfg: StackConfig, base_url: str, rate: int, *, step_s: int, warmup_
         dropped=dropped,
         requests=reqs,
         seconds=round(time.monotonic() - t0, 1),
+        cache_hit_ratio=hit_ratio(before, cache_counts(base_url)),
     )
 
 
@@ -169,7 +199,8 @@ def search(
             verdict = "[green]pass[/]" if step.passed else "[red]fail[/]"
             p95 = "n/a" if step.p95_ms is None else f"{step.p95_ms:.1f} ms"
             err = "n/a" if step.error_rate is None else f"{100 * step.error_rate:.2f} %"
-            console.print(f"  {name} {rate:>6}/s: {verdict} p95 {p95}, errors {err}, dropped {step.dropped}")
+            hit = "no cache" if step.cache_hit_ratio is None else f"hit ratio {100 * step.cache_hit_ratio:.1f} %"
+            console.print(f"  {name} {rate:>6}/s: {verdict} p95 {p95} ({hit}), errors {err}, dropped {step.dropped}")
         if step.passed:
             lo = rate
         else:
@@ -243,6 +274,9 @@ def run_bench(
         "ratio_service_to_reference": (
             round(service_rate / ref_rate, 3) if service_rate is not None and ref_rate else None
         ),
+        "service_cache_hit_ratio_at_max": next(
+            (s.cache_hit_ratio for s in service_steps if s.rate == service_rate and s.passed), None
+        ),
         "service_steps": [asdict(s) for s in service_steps],
         "reference_steps": [asdict(s) for s in ref_steps],
         "machine": machine_info(),
@@ -251,6 +285,8 @@ def run_bench(
         "caveats": [
             "k6 runs on the same machine and competes for the same cores as the server.",
             "The service's queue backlog from one step carries into the next (conservative for the service).",
+            "The cache warms across steps (same seeded workload), so later steps see a higher hit ratio: "
+            "each step's cache_hit_ratio is recorded next to its p95.",
             "A rate is 'max' within the search precision and time budget, not an exact capacity.",
         ],
     }
@@ -284,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     table = Table(title="make bench — highest sustainable arrival rate")
     table.add_column("Target")
     table.add_column("Max rate (req/s)", justify="right")
-    table.add_row("service POST /task", str(result["service_max_rate"]))
+    hit = result["service_cache_hit_ratio_at_max"]
+    hit_text = "n/a" if hit is None else f"{100 * hit:.1f} %"
+    table.add_row(f"service POST /task (cache hit ratio {hit_text})", str(result["service_max_rate"]))
     table.add_row("reference (one Redis GET)", str(result["reference_max_rate"]))
     table.add_row("ratio service ÷ reference", str(result["ratio_service_to_reference"]))
     console.print(table)

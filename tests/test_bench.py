@@ -1,0 +1,53 @@
+"""make bench records the cache hit ratio of every step next to its latency."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+from loadtest.bench import cache_counts, hit_ratio
+
+REGISTRY = CollectorRegistry()
+LOOKUPS = Counter("loadproof_cache_lookups", "lookups", ["result"], registry=REGISTRY)
+
+
+class _Metrics(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = generate_latest(REGISTRY) if self.path == "/metrics" else b""
+        self.send_response(200 if body else 404)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def metrics_url() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Metrics)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_hit_ratio_is_over_the_step_only(metrics_url: str) -> None:
+    LOOKUPS.labels("hit").inc(10)
+    LOOKUPS.labels("miss").inc(10)
+    before = cache_counts(metrics_url)
+    LOOKUPS.labels("hit").inc(30)
+    LOOKUPS.labels("miss").inc(10)
+    after = cache_counts(metrics_url)
+    assert before is not None and after is not None
+    assert hit_ratio(before, after) == pytest.approx(0.75)  # 30 of 40 in the step, not 40 of 60
+
+
+def test_a_target_without_cache_metrics_has_no_ratio() -> None:
+    assert cache_counts("http://127.0.0.1:9") is None  # nothing listens on the discard port
+    assert hit_ratio(None, None) is None
+    assert hit_ratio((5.0, 5.0), (5.0, 5.0)) is None  # no lookups in the step: not 0
