@@ -121,9 +121,9 @@ class Orchestrator(pulumi.ComponentResource):
             command=["python", "-m", "service.worker"],
             env=workers_env,
             port=c.WORKER_METRICS_PORT,
-            # Workers serve only /metrics; an open port means the process and its loop are up.
-            liveness=c.tcp_probe(c.WORKER_METRICS_PORT, period_s=15, failure_threshold=4),
-            readiness=c.http_probe("/metrics", c.WORKER_METRICS_PORT, period_s=10),
+            # Workers serve /healthz (event loop turning), /readyz (taking work) and /metrics on one port.
+            liveness=c.http_probe("/healthz", c.WORKER_METRICS_PORT, period_s=15, failure_threshold=4),
+            readiness=c.http_probe("/readyz", c.WORKER_METRICS_PORT, period_s=10),
             grace=grace,
             after=[*after, *workers_after],
             ignore_replicas=False,

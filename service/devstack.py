@@ -587,7 +587,7 @@ class WorkerProcess(_PythonService):
         return {**self.extra_env, "LOADPROOF_WORKER_METRICS_PORT": str(self.metrics_port)}
 
     def _ready(self) -> ReadyCheck:
-        return http_check(self.metrics_url)
+        return http_check(self.metrics_url.replace("/metrics", "/readyz"))
 
 
 class LocalStack:

@@ -24,12 +24,14 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from service import metrics
 from service.cache import Cache, encode_hit, make_redis
@@ -42,6 +44,7 @@ log = logging.getLogger("loadproof.worker")
 
 BLOCK_MS = 1000  # longest XREADGROUP block: bounds how long a stop request waits
 GAUGE_INTERVAL_S = 2.0
+LOOP_STALL_S = 30.0  # /healthz fails when the event loop has not turned for this long
 ERROR_BACKOFF_S = 0.5
 
 
@@ -70,7 +73,21 @@ class Worker:
         self._held: set[bytes] = set()  # entry ids we are working on (heartbeat keeps them ours)
         self._next_claim = 0.0
         self._started = False
+        self._ready = False
+        self.last_beat = time.monotonic()  # event-loop heartbeat for /healthz
         self._claim_every_s = max(0.5, settings.queue_claim_idle_ms / 2000)
+
+    @property
+    def ready(self) -> bool:
+        """Takes work: schema and consumer group in place, not draining."""
+        return self._ready and not self.stopping.is_set()
+
+    def alive(self, stall_s: float = LOOP_STALL_S) -> bool:
+        """The event loop still turns (a wedged loop would hold its tasks forever)."""
+        return time.monotonic() - self.last_beat < stall_s
+
+    async def _beat(self) -> None:
+        self.last_beat = time.monotonic()
 
     def stop(self) -> None:
         if not self.stopping.is_set():
@@ -87,6 +104,7 @@ class Worker:
         while not self.stopping.is_set():
             try:
                 await self.queue.ensure_group()
+                self._ready = True
                 return
             except Exception as exc:  # Redis not up yet: keep trying, the API still accepts tasks
                 log.warning("queue not reachable yet (%r); retrying", exc)
@@ -99,6 +117,7 @@ class Worker:
             asyncio.create_task(self._every(self._claim_every_s / 1.5, self._heartbeat), name="heartbeat"),
             asyncio.create_task(self._every(self.settings.queue_sweep_interval_s, self._sweep), name="sweeper"),
             asyncio.create_task(self._every(GAUGE_INTERVAL_S, self.queue.update_gauges), name="gauges"),
+            asyncio.create_task(self._every(1.0, self._beat), name="beat"),
         ]
         try:
             await self._collect()
@@ -333,10 +352,10 @@ async def _main(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
-    server = None
-    await worker.start()  # /metrics answering means "ready" (devstack waits for it)
-    if settings.metrics_enabled:
-        server, _thread = start_http_server(settings.worker_metrics_port, addr=settings.host)
+    # Probes and metrics answer from their own thread, so a slow batch never fails a probe, and
+    # from before start() so that liveness holds while Postgres/Redis are still coming up.
+    server = serve_probes(worker, settings.host, settings.worker_metrics_port, metrics=settings.metrics_enabled)
+    await worker.start()
     log.info(
         "worker %s: batch_size=%d batch_wait_ms=%d concurrency=%d metrics on :%d",
         worker.consumer,
@@ -348,8 +367,41 @@ async def _main(settings: Settings) -> None:
     try:
         await worker.run()
     finally:
-        if server is not None:
-            server.shutdown()
+        server.shutdown()
+        server.server_close()
+
+
+def serve_probes(worker: Worker, host: str, port: int, *, metrics: bool = True) -> ThreadingHTTPServer:
+    """``/healthz`` (loop alive), ``/readyz`` (taking work) and ``/metrics`` on the worker's port."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics" and metrics:
+                self._answer(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                ok = worker.alive()
+                self._answer(200 if ok else 503, b'{"status":"ok"}' if ok else b'{"status":"stalled"}')
+            elif path == "/readyz":
+                ok = worker.ready
+                self._answer(200 if ok else 503, b'{"status":"ready"}' if ok else b'{"status":"not ready"}')
+            else:
+                self._answer(404, b'{"detail":"not found"}')
+
+        def _answer(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # probes every few seconds: no log line
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="probes", daemon=True).start()
+    return server
 
 
 def main() -> None:

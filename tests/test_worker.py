@@ -4,6 +4,7 @@ dead-lettering; and a worker process SIGKILLed between read and ack."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
 from typing import Any
 
@@ -180,3 +181,30 @@ async def test_worker_killed_between_read_and_ack_task_completed_by_another(
         await asyncio.to_thread(first.cleanup)
         await asyncio.to_thread(second.cleanup)
         simulator.reset()
+
+
+async def test_worker_probes_answer_and_readiness_flips_on_drain(
+    postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer
+) -> None:
+    """The cluster probes the worker on /healthz and /readyz: both must mean what they say."""
+    worker = WorkerProcess(service_env(postgres, redis_server, simulator), index=3)
+    base = worker.metrics_url.removesuffix("/metrics")
+    try:
+        await asyncio.to_thread(worker.start, 30)  # devstack waits for /readyz
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(f"{base}/healthz", timeout=5)).status_code == 200
+            assert (await http.get(f"{base}/readyz", timeout=5)).json() == {"status": "ready"}
+            assert "loadproof_llm_batch_size" in (await http.get(worker.metrics_url, timeout=5)).text
+            assert (await http.get(f"{base}/nope", timeout=5)).status_code == 404
+            assert worker.process is not None
+            worker.process.signal(signal.SIGTERM)  # stop taking work, drain, exit
+
+            async def not_ready() -> bool:
+                try:
+                    return (await http.get(f"{base}/readyz", timeout=2)).status_code == 503
+                except httpx.TransportError:
+                    return True  # already drained and gone: not ready either
+
+            await eventually(not_ready, within_s=10)
+    finally:
+        await asyncio.to_thread(worker.cleanup)
