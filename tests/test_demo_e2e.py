@@ -129,7 +129,9 @@ def test_missed_target_is_reported_as_failed(tmp_path: Path) -> None:
     """An unreachable p95 target and a slow LLM: k6 exits 99, the run is still measured and reported, and
     fails; the drain stays bounded and reports the unfinished tasks instead of waiting for them."""
     cfg = load("dev")
-    slow_llm = cfg.llm.model_copy(update={"simulator": cfg.llm.simulator.model_copy(update={"ttft_ms": 4000.0})})
+    # No call can finish inside run + drain (the client times out at 30 s first), whatever the worker
+    # concurrency: pending tasks are certain, not a race.
+    slow_llm = cfg.llm.model_copy(update={"simulator": cfg.llm.simulator.model_copy(update={"ttft_ms": 40000.0})})
     cfg = cfg.model_copy(update={"llm": slow_llm})
     quick = ProfileConfig(
         start_rate=20, warmup_s=2, stages=[Stage(duration="8s", target=20)], pre_allocated_vus=10, max_vus=50
