@@ -5,13 +5,15 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STACK ?= dev
-PROFILE ?= demo
+PROFILE ?=
+# Empty: the stack file's loadtest.profile; PROFILE=smoke|demo|seed overrides it.
+PROFILE_ARG = $(if $(PROFILE),--profile $(PROFILE))
 export PYTHONPATH := $(CURDIR)
 
 .PHONY: help deps system-deps serve demo compare bench test lint typecheck manifests clean
 
 help:
-	@echo "make demo      - the whole proof on this machine (local stack, k6, measured report)"
+	@echo "make demo      - the whole proof on this machine (local stack, k6, measured report; PROFILE=smoke|demo|seed)"
 	@echo "make test      - every test (real Postgres, Redis, Prometheus, k6)"
 	@echo "make serve     - run the service locally on 127.0.0.1:8080 until Ctrl-C"
 	@echo "make compare   - baseline vs optimized, same workload, one run"
@@ -34,10 +36,10 @@ serve: deps
 	$(PY) -m service.devstack
 
 demo: deps
-	$(PY) -m loadtest.demo --stack $(STACK) --profile $(PROFILE)
+	$(PY) -m loadtest.demo --stack $(STACK) $(PROFILE_ARG)
 
 compare: deps
-	$(PY) -m loadtest.compare --stack $(STACK) --profile $(PROFILE)
+	$(PY) -m loadtest.compare --stack $(STACK) $(PROFILE_ARG)
 
 bench: deps
 	$(PY) -m loadtest.bench --stack $(STACK)
