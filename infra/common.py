@@ -175,3 +175,51 @@ def tcp_probe(port: int, *, period_s: int = 10, failure_threshold: int = 3) -> k
         failure_threshold=failure_threshold,
         timeout_seconds=2,
     )
+
+
+def cluster_service(
+    resource_name: str,
+    name: str,
+    namespace: pulumi.Input[str],
+    component: str,
+    port_name: str,
+    port: int,
+    *,
+    parent: pulumi.Resource,
+) -> k8s.core.v1.Service:
+    """The stable in-cluster name of one component: a ClusterIP Service on one port."""
+    return k8s.core.v1.Service(
+        resource_name,
+        metadata=metadata(name, namespace, component),
+        spec=k8s.core.v1.ServiceSpecArgs(
+            type="ClusterIP",
+            selector=selector(component),
+            ports=[k8s.core.v1.ServicePortArgs(name=port_name, port=port, target_port=port)],
+        ),
+        opts=pulumi.ResourceOptions(parent=parent),
+    )
+
+
+def bind_role(
+    resource_name: str,
+    name: str,
+    namespace: pulumi.Input[str],
+    component: str,
+    role: k8s.rbac.v1.Role,
+    account: k8s.core.v1.ServiceAccount,
+    opts: pulumi.ResourceOptions,
+) -> k8s.rbac.v1.RoleBinding:
+    """Grant ``role`` to ``account`` in the namespace (namespace-scoped RBAC only)."""
+    return k8s.rbac.v1.RoleBinding(
+        resource_name,
+        metadata=metadata(name, namespace, component),
+        role_ref=k8s.rbac.v1.RoleRefArgs(
+            api_group="rbac.authorization.k8s.io", kind="Role", name=role.metadata.apply(lambda m: m.name or "")
+        ),
+        subjects=[
+            k8s.rbac.v1.SubjectArgs(
+                kind="ServiceAccount", name=account.metadata.apply(lambda m: m.name or ""), namespace=namespace
+            )
+        ],
+        opts=opts,
+    )

@@ -102,13 +102,4 @@ class Llm(pulumi.ComponentResource):
             ),
             opts=pulumi.ResourceOptions(parent=self),
         )
-        k8s.core.v1.Service(
-            f"{name}-service",
-            metadata=c.metadata(name, namespace, "simulator"),
-            spec=k8s.core.v1.ServiceSpecArgs(
-                type="ClusterIP",
-                selector=sel,
-                ports=[k8s.core.v1.ServicePortArgs(name="http", port=c.SIMULATOR_PORT, target_port=c.SIMULATOR_PORT)],
-            ),
-            opts=pulumi.ResourceOptions(parent=self),
-        )
+        c.cluster_service(f"{name}-service", name, namespace, "simulator", "http", c.SIMULATOR_PORT, parent=self)

@@ -302,17 +302,5 @@ class LoadTest(pulumi.ComponentResource):
             ],
             opts=opts,
         )
-        k8s.rbac.v1.RoleBinding(
-            f"{name}-control-rolebinding",
-            metadata=c.metadata("loadtest-control", namespace, "report"),
-            role_ref=k8s.rbac.v1.RoleRefArgs(
-                api_group="rbac.authorization.k8s.io", kind="Role", name=role.metadata.apply(lambda m: m.name or "")
-            ),
-            subjects=[
-                k8s.rbac.v1.SubjectArgs(
-                    kind="ServiceAccount", name=sa.metadata.apply(lambda m: m.name or ""), namespace=namespace
-                )
-            ],
-            opts=opts,
-        )
+        c.bind_role(f"{name}-control-rolebinding", "loadtest-control", namespace, "report", role, sa, opts)
         return sa.metadata.apply(lambda m: m.name or "")

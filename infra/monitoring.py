@@ -81,19 +81,7 @@ class Monitoring(pulumi.ComponentResource):
             rules=[k8s.rbac.v1.PolicyRuleArgs(api_groups=[""], resources=["pods"], verbs=["get", "list", "watch"])],
             opts=opts,
         )
-        k8s.rbac.v1.RoleBinding(
-            f"{name}-prometheus-rolebinding",
-            metadata=c.metadata("prometheus-discovery", namespace, "prometheus"),
-            role_ref=k8s.rbac.v1.RoleRefArgs(
-                api_group="rbac.authorization.k8s.io", kind="Role", name=role.metadata.apply(lambda m: m.name or "")
-            ),
-            subjects=[
-                k8s.rbac.v1.SubjectArgs(
-                    kind="ServiceAccount", name=sa.metadata.apply(lambda m: m.name or ""), namespace=namespace
-                )
-            ],
-            opts=opts,
-        )
+        c.bind_role(f"{name}-prometheus-rolebinding", "prometheus-discovery", namespace, "prometheus", role, sa, opts)
         files = prometheus_files(cfg)
         config = k8s.core.v1.ConfigMap(
             f"{name}-prometheus-config",

@@ -128,18 +128,7 @@ class Orchestrator(pulumi.ComponentResource):
             after=[*after, *workers_after],
             ignore_replicas=False,
         )
-        k8s.core.v1.Service(
-            f"{name}-service",
-            metadata=c.metadata(API_NAME, namespace, API_NAME),
-            spec=k8s.core.v1.ServiceSpecArgs(
-                type="ClusterIP",
-                selector=c.selector(API_NAME),
-                ports=[
-                    k8s.core.v1.ServicePortArgs(name="http", port=c.ORCHESTRATOR_PORT, target_port=c.ORCHESTRATOR_PORT)
-                ],
-            ),
-            opts=pulumi.ResourceOptions(parent=self),
-        )
+        c.cluster_service(f"{name}-service", API_NAME, namespace, API_NAME, "http", c.ORCHESTRATOR_PORT, parent=self)
         for component in (API_NAME, WORKERS_NAME):
             k8s.policy.v1.PodDisruptionBudget(
                 f"{name}-{component}-pdb",

@@ -112,16 +112,7 @@ class Postgres(pulumi.ComponentResource):
             ),
             opts=pulumi.ResourceOptions(parent=self),
         )
-        k8s.core.v1.Service(
-            f"{name}-service",
-            metadata=c.metadata(name, namespace, "postgres"),
-            spec=k8s.core.v1.ServiceSpecArgs(
-                type="ClusterIP",
-                selector=sel,
-                ports=[k8s.core.v1.ServicePortArgs(name="postgres", port=c.POSTGRES_PORT, target_port=c.POSTGRES_PORT)],
-            ),
-            opts=pulumi.ResourceOptions(parent=self),
-        )
+        c.cluster_service(f"{name}-service", name, namespace, "postgres", "postgres", c.POSTGRES_PORT, parent=self)
         ready = ["pg_isready", "-U", DB_USER, "-d", DB_NAME, "-h", "127.0.0.1"]
         container = k8s.core.v1.ContainerArgs(
             name="postgres",

@@ -140,14 +140,5 @@ class Redis(pulumi.ComponentResource):
             ),
             opts=pulumi.ResourceOptions(parent=self),
         )
-        k8s.core.v1.Service(
-            f"{name}-service",
-            metadata=c.metadata(name, namespace, "redis"),
-            spec=k8s.core.v1.ServiceSpecArgs(
-                type="ClusterIP",
-                selector=sel,
-                ports=[k8s.core.v1.ServicePortArgs(name="redis", port=c.REDIS_PORT, target_port=c.REDIS_PORT)],
-            ),
-            opts=pulumi.ResourceOptions(parent=self),
-        )
+        c.cluster_service(f"{name}-service", name, namespace, "redis", "redis", c.REDIS_PORT, parent=self)
         self.register_outputs({"secret_name": self.secret_name})
