@@ -232,34 +232,27 @@ def run_bench(
     out_dir.mkdir(parents=True, exist_ok=True)
     say = console.print if console else (lambda *a, **k: None)
     work = Path(tempfile.mkdtemp(prefix="loadproof-bench-"))
+
+    def measure(base_url: str, name: str) -> tuple[int | None, list[Step]]:
+        return search(
+            cfg,
+            base_url,
+            start_rate=start_rate,
+            budget_s=budget_s,
+            step_s=step_s,
+            warmup_s=warmup_s,
+            precision=precision,
+            workdir=work,
+            console=console,
+            name=name,
+        )
+
     say("[bold]bench[/]: service POST /task (full stack, demo workload)")
     with ProofStack(cfg, grafana=False) as stack:
-        service_rate, service_steps = search(
-            cfg,
-            stack.api_url,
-            start_rate=start_rate,
-            budget_s=budget_s,
-            step_s=step_s,
-            warmup_s=warmup_s,
-            precision=precision,
-            workdir=work,
-            console=console,
-            name="service",
-        )
+        service_rate, service_steps = measure(stack.api_url, "service")
     say("[bold]bench[/]: reference (one Redis GET, same uvicorn settings)")
     with ReferenceServer(cfg.orchestrator.processes) as ref:
-        ref_rate, ref_steps = search(
-            cfg,
-            ref.url,
-            start_rate=start_rate,
-            budget_s=budget_s,
-            step_s=step_s,
-            warmup_s=warmup_s,
-            precision=precision,
-            workdir=work,
-            console=console,
-            name="reference",
-        )
+        ref_rate, ref_steps = measure(ref.url, "reference")
     result = {
         "criteria": {
             "p95_latency_ms": f"< {cfg.loadtest.thresholds.p95_ms:g}",
