@@ -10,8 +10,7 @@ RUN /opt/venv/bin/pip install -r /build/requirements-service.txt
 WORKDIR /app
 COPY service/ service/
 COPY loadtest/__init__.py loadtest/measure.py loadtest/report_job.py loadtest/k6_start.py loadtest/
-COPY dashboards/__init__.py dashboards/queries.py dashboards/
-COPY infra/__init__.py infra/stackconfig.py infra/
+COPY common/__init__.py common/queries.py common/stackconfig.py common/
 # Byte-compile now: the root filesystem is read-only at run time.
 RUN /opt/venv/bin/python -m compileall -q /app
 

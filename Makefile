@@ -33,7 +33,7 @@ $(VENV)/.installed: requirements.txt
 deps: system-deps $(VENV)/.installed
 
 serve: deps
-	$(PY) -m service.devstack
+	$(PY) -m localstack.serve
 
 demo: deps
 	$(PY) -m loadtest.demo --stack $(STACK) $(PROFILE_ARG)

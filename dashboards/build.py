@@ -1,6 +1,6 @@
 """Grafana dashboards as code (grafana-foundation-sdk), generated at build time, never committed.
 
-Every expression comes from :mod:`dashboards.queries`; panel titles carry the stack-output word
+Every expression comes from :mod:`common.queries`; panel titles carry the stack-output word
 (``p95_latency_ms``, ``achieved_qps`` ...) so a number on screen can be matched to the report.
 
 Headline stat panels are *instant* queries over ``$__range``: each shows the value over the whole
@@ -24,9 +24,9 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
 
-from dashboards import queries as q
-from infra.grafana_config import DATASOURCE_UID
-from infra.stackconfig import ThresholdsConfig, load
+from common import queries as q
+from common.grafana_config import DATASOURCE_UID
+from common.stackconfig import ThresholdsConfig, load
 
 OVERVIEW_UID = "loadproof-overview"
 INTERNALS_UID = "loadproof-service-internals"

@@ -21,7 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from infra.prometheus_config import PROMETHEUS_FLAGS, render_yaml
+from common.prometheus_config import PROMETHEUS_FLAGS, render_yaml
+from common.tools import tool
 
 
 class PromQLError(RuntimeError):
@@ -40,7 +41,7 @@ def prometheus_process(
     config: Mapping[str, Any],
     workdir: Path,
     *,
-    binary: str = "prometheus",
+    binary: str | None = None,
     extra_flags: Sequence[str] = (),
     ready_timeout_s: float = 30.0,
 ) -> Iterator[str]:
@@ -52,7 +53,7 @@ def prometheus_process(
     port = free_port()
     log = (workdir / "prometheus.log").open("w")
     cmd = [
-        binary,
+        binary or tool("prometheus"),
         f"--config.file={cfg_path}",
         f"--storage.tsdb.path={workdir / 'tsdb'}",
         f"--web.listen-address=127.0.0.1:{port}",

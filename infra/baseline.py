@@ -13,8 +13,8 @@ from urllib.parse import urlparse
 import pulumi
 import pulumi_kubernetes as k8s
 
-from infra import common as c
-from infra.stackconfig import StackConfig
+from common.stackconfig import StackConfig
+from infra import kube as c
 
 ANYWHERE = ("0.0.0.0/0", "::/0")
 KUBE_API_PORTS = (443, 6443)  # the `kubernetes` Service port and the API server's own port (after DNAT)

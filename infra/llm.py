@@ -9,8 +9,8 @@ from __future__ import annotations
 import pulumi
 import pulumi_kubernetes as k8s
 
-from infra import common as c
-from infra.stackconfig import StackConfig
+from common.stackconfig import StackConfig
+from infra import kube as c
 
 API_KEY_KEY = "api-key"
 SIMULATOR_API_KEY = "sk-simulator"  # the simulator ignores keys; kept in the Secret for one code path

@@ -3,7 +3,7 @@
 * **Segments**: an Indexed Job (``completions = parallelism = runners``); pod *i* picks
   ``execution_segments(runners)[i]`` from ``JOB_COMPLETION_INDEX`` and all share one
   ``--execution-segment-sequence``, so the segments cover [0,1] once and every runner partitions
-  VUs and arrivals identically (``loadtest/k6config.py``).
+  VUs and arrivals identically (``common/k6config.py``).
 * **Start barrier**: every runner starts k6 ``--paused`` with its REST API on :6565 (the readiness
   probe). A headless Service lists only Ready runners; the ``k6-start`` Job
   (``python -m loadtest.k6_start``) waits until all N are listed and each reports k6's
@@ -30,10 +30,10 @@ import pulumi
 import pulumi_kubernetes as k8s
 import pulumi_random as random
 
-from dashboards.queries import K6_RUNNER_LABEL
-from infra import common as c
-from infra.stackconfig import Resources, StackConfig
-from loadtest.k6config import GRACEFUL_STOP_S, execution_segments, k6_env, script_text, segment_sequence
+from common.k6config import GRACEFUL_STOP_S, execution_segments, k6_env, script_text, segment_sequence
+from common.queries import K6_RUNNER_LABEL
+from common.stackconfig import Resources, StackConfig
+from infra import kube as c
 from loadtest.measure import profile_duration_s
 
 K6_UID = 12345  # the grafana/k6 image's user

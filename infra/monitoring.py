@@ -1,6 +1,6 @@
 """Observability: Prometheus (pod discovery, k6 remote-write receiver) and Grafana (public, read-only).
 
-All configuration text comes from ``infra/prometheus_config.py`` and ``infra/grafana_config.py``
+All configuration text comes from ``common/prometheus_config.py`` and ``common/grafana_config.py``
 (shared with ``make demo``) and the dashboards from ``dashboards.build``; this component only places
 it. Prometheus is ClusterIP only; Grafana is the one public entry point, through an Ingress.
 """
@@ -15,11 +15,11 @@ import pulumi
 import pulumi_kubernetes as k8s
 import pulumi_random as random
 
+from common import grafana_config as gc
+from common import prometheus_config as pc
+from common.stackconfig import StackConfig
 from dashboards.build import all_dashboards
-from infra import common as c
-from infra import grafana_config as gc
-from infra import prometheus_config as pc
-from infra.stackconfig import StackConfig
+from infra import kube as c
 
 PROMETHEUS_UID = 65534  # nobody, as in the upstream image
 GRAFANA_UID = 472  # the grafana image's user

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import pulumi
 import pulumi_kubernetes as k8s
 
-from infra import common as c
-from infra.stackconfig import Resources, StackConfig
+from common.stackconfig import Resources, StackConfig
+from infra import kube as c
 from service.orchestrator import drain_delay_s
 
 APP_UID = 10001  # the service image's user (Dockerfile)

@@ -11,8 +11,8 @@ import pulumi
 import pulumi_kubernetes as k8s
 import pulumi_random as random
 
-from infra import common as c
-from infra.stackconfig import StackConfig
+from common.stackconfig import StackConfig
+from infra import kube as c
 
 URL_KEY = "database-url"
 DB_NAME = "loadproof"

@@ -9,6 +9,7 @@ from typing import Any
 
 import pulumi
 
+from common.stackconfig import PROJECT, StackConfig, parse
 from infra.baseline import Baseline
 from infra.llm import Llm
 from infra.loadtest import LoadTest
@@ -17,7 +18,6 @@ from infra.orchestrator import Orchestrator
 from infra.postgres import Postgres
 from infra.redis import Redis
 from infra.report import Report
-from infra.stackconfig import PROJECT, StackConfig, parse
 
 # The measured numbers exported one by one (and all of them under `report`).
 REPORT_OUTPUTS = (

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pulumi
 import pulumi_kubernetes as k8s
 
-from infra import common as c
-from infra.stackconfig import StackConfig
+from common.stackconfig import StackConfig
+from infra import kube as c
 
 URL_KEY = "redis-url"
 REDIS_UID = 999  # the redis user of the alpine image

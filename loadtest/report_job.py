@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from infra.stackconfig import ProfileConfig, ThresholdsConfig
+from common.stackconfig import ProfileConfig, ThresholdsConfig
 
 CONFIG_ENV = "LOADPROOF_REPORT_CONFIG"
 REPORT_KEY = "report.json"

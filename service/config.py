@@ -1,6 +1,6 @@
 """Every runtime knob of the service, read once from ``LOADPROOF_*`` environment variables.
 
-The same knobs appear in ``Pulumi.<stack>.yaml``; ``infra/stackconfig.py`` maps stack config to
+The same knobs appear in ``Pulumi.<stack>.yaml``; ``common/stackconfig.py`` maps stack config to
 these variables for both the local demo and the Kubernetes Deployments, so a setting means the same
 thing everywhere. Defaults are the optimized configuration; the baseline for before/after runs is
 ``cache_enabled=false, db_pool_mode=null, batch_size=1, coalesce_enabled=false``.

@@ -1,4 +1,4 @@
-"""Shared fixtures: real Postgres, Redis and LLM simulator processes (``service.devstack``), one each per
+"""Shared fixtures: real Postgres, Redis and LLM simulator processes (``localstack``), one each per
 test session on free ports, stopped at the end; plus helpers to run the API and a worker in-process.
 
 Fixture names are a contract other test modules rely on: ``postgres`` (PostgresServer),
@@ -20,8 +20,9 @@ import psycopg
 import pytest
 import redis
 
+from localstack.servers import PostgresServer, RedisServer
+from localstack.services import SimulatorServer
 from service.config import Settings
-from service.devstack import PostgresServer, RedisServer, SimulatorServer
 
 # Fast simulated latencies keep tests quick; the latency model itself is unchanged, only scaled down.
 SIM_FAST_ENV = {

@@ -11,7 +11,8 @@ import httpx
 import psycopg
 import pytest
 
-from service.devstack import PostgresServer, RedisServer, SimulatorServer
+from localstack.servers import PostgresServer, RedisServer
+from localstack.services import SimulatorServer
 from tests.conftest import api_client, eventually, make_settings, running_worker, sample, wait_done
 
 pytestmark = pytest.mark.usefixtures("clean_state")

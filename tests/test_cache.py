@@ -7,8 +7,9 @@ import asyncio
 import pytest
 import redis
 
+from localstack.servers import PostgresServer, RedisServer
+from localstack.services import SimulatorServer
 from service.cache import Cache, cache_key, clean_topic, decode_hit, encode_hit, normalize_topic
-from service.devstack import PostgresServer, RedisServer, SimulatorServer
 from tests.conftest import make_settings, sample
 
 

@@ -15,9 +15,8 @@ from typing import Any
 
 import pytest
 
-from dashboards import queries as q
-from dashboards.build import INTERNALS_UID, OVERVIEW_UID, all_dashboards, main
-from infra.grafana_config import (
+from common import queries as q
+from common.grafana_config import (
     ADMIN_PASSWORD_ENV,
     DATASOURCE_UID,
     dashboard_provider,
@@ -25,7 +24,8 @@ from infra.grafana_config import (
     grafana_ini,
     grafana_settings,
 )
-from infra.stackconfig import GrafanaConfig, ThresholdsConfig, load
+from common.stackconfig import GrafanaConfig, ThresholdsConfig, load
+from dashboards.build import INTERNALS_UID, OVERVIEW_UID, all_dashboards, main
 
 CUSTOM = ThresholdsConfig.model_validate({"p95Ms": 250, "errorRate": 0.02, "costPer1kTokensUsd": 0.005})
 

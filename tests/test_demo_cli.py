@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from infra.stackconfig import REPO_ROOT
+from common.stackconfig import REPO_ROOT
 
 
 def _demo(tmp_path: Path, yaml_text: str) -> subprocess.CompletedProcess[str]:

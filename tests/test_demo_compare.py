@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from infra.stackconfig import load
+from common.stackconfig import load
 from loadtest.compare import baseline_config, comparison, ratio, render_markdown
 
 

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from infra.stackconfig import ProfileConfig, StackConfig, Stage, load
+from common.stackconfig import ProfileConfig, StackConfig, Stage, load
+from common.tools import tool
 from loadtest import report
 from loadtest.demo import run_demo
 from loadtest.measure import OUTPUT_KEYS
-from loadtest.stack import ProofStack
+from localstack.proof import ProofStack
 
 pytestmark = pytest.mark.e2e
 
@@ -46,8 +46,7 @@ def _alive(pid: int) -> bool:
 
 
 def dump_dom(html_file: Path, tmp: Path) -> str:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert chromium, "chromium not installed (make system-deps)"
+    chromium = tool("chromium")
     proc = subprocess.run(
         [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp / 'chromium'}", "--dump-dom", html_file.as_uri()],
         capture_output=True,

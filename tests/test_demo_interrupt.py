@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.stackconfig import REPO_ROOT
+from common.stackconfig import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
 

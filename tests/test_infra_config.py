@@ -14,8 +14,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from infra import render, stackfile
-from infra.stackconfig import StackConfig, StackConfigError, load, parse, stack_file
+from common import stackfile
+from common.stackconfig import StackConfig, StackConfigError, load, parse, stack_file
+from infra import render
 
 # Keys with no cluster effect, and why (they are still consumed: by `make demo`).
 LOCAL_ONLY = {
@@ -140,7 +141,7 @@ def test_every_key_is_consumed(path: str, value: Any, base_fingerprints: dict[st
 def test_local_only_keys_are_read_by_the_demo() -> None:
     import inspect
 
-    import loadtest.stack as local_stack
+    import localstack.proof as local_stack
 
     assert "workers.processes" in inspect.getsource(local_stack)
 
@@ -160,7 +161,7 @@ def test_every_field_has_a_description() -> None:
 def test_stack_files_are_generated_from_the_schema(stack: str) -> None:
     """Each file equals the generator's output: every key present, each with its description as a comment."""
     assert stack_file(stack).read_text() == stackfile.render(stackfile.config_for(stack), stackfile.HEADERS[stack]), (
-        f"Pulumi.{stack}.yaml is stale: run `python -m infra.stackfile`"
+        f"Pulumi.{stack}.yaml is stale: run `python -m common.stackfile`"
     )
     assert load(stack) == stackfile.config_for(stack)
 

@@ -11,8 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common.stackconfig import REPO_ROOT, load
+from common.tools import tool
 from infra import render
-from infra.stackconfig import REPO_ROOT, load
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 
@@ -112,7 +113,7 @@ def test_image_runs_as_the_uid_the_pods_expect() -> None:
 
 
 def test_pyright_is_clean_on_infra() -> None:
-    pyright = REPO_ROOT / ".venv" / "bin" / "pyright"
+    pyright = tool("pyright")
     files = [str(p) for p in sorted((REPO_ROOT / "infra").glob("*.py"))]
     files += [str(REPO_ROOT / "loadtest" / f) for f in ("report_job.py", "k6_start.py")]
     proc = subprocess.run([str(pyright), *files], cwd=REPO_ROOT, capture_output=True, text=True, check=False)

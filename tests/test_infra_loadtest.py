@@ -19,12 +19,13 @@ from typing import Any
 
 import pytest
 
+from common.k6config import execution_segments, segment_sequence
+from common.stackconfig import StackConfig, load
+from common.tools import tool
 from infra import render
 from infra.loadtest import START_TIMEOUT_S, THRESHOLDS_CROSSED, run_duration_s, runner_script, runner_timeout_s
 from infra.report import parse_report, report_timeout_s
-from infra.stackconfig import StackConfig, load
 from loadtest import k6_start
-from loadtest.k6config import execution_segments, segment_sequence
 from loadtest.report_job import Kube, KubeError
 
 
@@ -174,7 +175,7 @@ def test_start_barrier_resumes_real_paused_k6_runners(tmp_path: Path) -> None:
     ports = [free_port(), free_port()]
     procs = [
         subprocess.Popen(
-            ["k6", "run", "--paused", "--no-usage-report", "--address", f"127.0.0.1:{p}", "-q", str(script)],
+            [tool("k6"), "run", "--paused", "--no-usage-report", "--address", f"127.0.0.1:{p}", "-q", str(script)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -373,7 +374,7 @@ def k6_requests(summary: Path) -> int:
 def test_runners_started_by_the_barrier_offer_exactly_the_profiles_arrivals(tmp_path: Path) -> None:
     """The real runner wrapper, the real task.js and real k6: 3 segmented runners started by the barrier
     together send exactly as many requests as one unsegmented k6 running the same profile."""
-    from loadtest.k6config import SCRIPT, k6_env
+    from common.k6config import SCRIPT, k6_env
 
     doc = load("dev").model_dump(mode="json", by_alias=True)
     doc["loadtest"]["profiles"]["tiny"] = {
@@ -400,6 +401,7 @@ def test_runners_started_by_the_barrier_offer_exactly_the_profiles_arrivals(tmp_
             }
             if i < runners:  # a runner pod: the Job's wrapper with its completion index
                 env["JOB_COMPLETION_INDEX"] = str(i)
+                env["PATH"] = f"{Path(tool('k6')).parent}{os.pathsep}{env['PATH']}"  # as k6 is in the k6 image
                 argv = [
                     "sh",
                     "-c",
@@ -408,7 +410,15 @@ def test_runners_started_by_the_barrier_offer_exactly_the_profiles_arrivals(tmp_
                     ),
                 ]
             else:  # the reference: one unsegmented k6, also paused and resumed by the barrier
-                argv = ["k6", "run", "--paused", "--no-usage-report", "--address", f"127.0.0.1:{ports[i]}", str(SCRIPT)]
+                argv = [
+                    tool("k6"),
+                    "run",
+                    "--paused",
+                    "--no-usage-report",
+                    "--address",
+                    f"127.0.0.1:{ports[i]}",
+                    str(SCRIPT),
+                ]
             procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
         targets = [f"127.0.0.1:{p}" for p in ports]
         asyncio.run(k6_start.wait_until_paused(lambda: targets, runners + 1, timeout_s=120, poll_s=0.2))

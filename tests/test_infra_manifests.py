@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 import yaml
 
-from infra import common, postgres, redis, render
+from common import k6config
+from common.stackconfig import StackConfig, load
+from infra import kube, postgres, redis, render
 from infra.orchestrator import PRESTOP_SLEEP_S, grace_period_s
 from infra.program import REPORT_OUTPUTS
-from infra.stackconfig import StackConfig, load
-from loadtest import k6config, report_job
+from loadtest import report_job
 from service.config import Settings
 from service.orchestrator import drain_delay_s
 
@@ -230,7 +231,7 @@ def test_prometheus_is_private_and_grafana_is_the_public_entry(objects: list[dic
     assert roles == {"pod"}  # what the Role grants is exactly what discovery uses
     (size,) = [a.split("=", 1)[1] for a in args if a.startswith("--storage.tsdb.retention.size=")]
     pvc = render.find(objects, "PersistentVolumeClaim", "prometheus-data")["spec"]["resources"]["requests"]["storage"]
-    assert int(size.removesuffix("MB")) * 2**20 < common.memory_bytes(pvc)
+    assert int(size.removesuffix("MB")) * 2**20 < kube.memory_bytes(pvc)
     assert not [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
 
 
@@ -312,7 +313,7 @@ def test_entry_point_runs_the_way_pulumi_runs_it(tmp_path: Any, monkeypatch: pyt
 
     import pulumi
 
-    from infra.stackconfig import REPO_ROOT
+    from common.stackconfig import REPO_ROOT
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [str(REPO_ROOT / "infra"), *sys.path])
@@ -436,13 +437,13 @@ def test_quota_fits_the_stack_at_full_scale(stack: str) -> None:
             n = base + (0 if spec.get("strategy", {}).get("type") == "Recreate" else 1)
         for c in spec["template"]["spec"]["containers"]:
             for kind in ("requests", "limits"):
-                totals[f"{kind}.cpu"] += n * common.cpu_cores(c["resources"][kind]["cpu"])
-                totals[f"{kind}.memory"] += n * common.memory_bytes(c["resources"][kind]["memory"])
+                totals[f"{kind}.cpu"] += n * kube.cpu_cores(c["resources"][kind]["cpu"])
+                totals[f"{kind}.memory"] += n * kube.memory_bytes(c["resources"][kind]["memory"])
         totals["pods"] += n
     hard = render.find(objects, "ResourceQuota", "loadproof-quota")["spec"]["hard"]
     assert set(hard) == set(totals)
     for key, used in totals.items():
-        limit = common.cpu_cores(hard[key]) if key.endswith("cpu") else common.memory_bytes(hard[key])
+        limit = kube.cpu_cores(hard[key]) if key.endswith("cpu") else kube.memory_bytes(hard[key])
         assert used <= limit, f"{key}: {used} needed at full scale, quota {hard[key]}"
 
 
@@ -450,7 +451,7 @@ def test_quota_fits_the_stack_at_full_scale(stack: str) -> None:
 def test_redis_evicts_before_the_oom_killer(stack: str) -> None:
     cfg = load(stack)
     r = cfg.redis
-    assert redis.redis_bytes(r.maxmemory) <= redis.MAXMEMORY_SHARE * common.memory_bytes(r.resources.memory_limit)
+    assert redis.redis_bytes(r.maxmemory) <= redis.MAXMEMORY_SHARE * kube.memory_bytes(r.resources.memory_limit)
     assert redis.redis_bytes("256mb") == 256 * 2**20 and redis.redis_bytes("1g") == 10**9
     with pytest.raises(Exception, match=r"redis\.maxmemory"):
         render.evaluate(with_changes(cfg, {"redis.maxmemory": r.resources.memory_limit.replace("Mi", "mb")}))
@@ -602,9 +603,9 @@ def test_scrape_annotations_point_at_the_metrics_ports(objects: list[dict[str, A
         scraped[o["metadata"]["name"]] = (port, env_of(c))
     assert set(scraped) == {"orchestrator", "workers"}
     api_port, api_env = scraped["orchestrator"]
-    assert api_port == int(api_env["LOADPROOF_PORT"]) == common.ORCHESTRATOR_PORT  # /metrics on the HTTP port
+    assert api_port == int(api_env["LOADPROOF_PORT"]) == kube.ORCHESTRATOR_PORT  # /metrics on the HTTP port
     workers_port, workers_env = scraped["workers"]
-    assert workers_port == int(workers_env["LOADPROOF_WORKER_METRICS_PORT"]) == common.WORKER_METRICS_PORT
+    assert workers_port == int(workers_env["LOADPROOF_WORKER_METRICS_PORT"]) == kube.WORKER_METRICS_PORT
 
 
 @pytest.mark.parametrize("timeout_s", [1.0, 20.0, 45.5, 120.0])

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from infra.stackconfig import load
+from common.k6config import CONFIG_ENV, SCRIPT, execution_segments, k6_config, segment_sequence
+from common.stackconfig import load
+from common.tools import tool
 from loadtest.bench import ReferenceServer
-from loadtest.demo import k6_binary
-from loadtest.k6config import CONFIG_ENV, SCRIPT, execution_segments, k6_config, segment_sequence
 
-K6 = k6_binary()
+K6 = tool("k6")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,14 @@ import httpx
 import psycopg
 import pytest
 
-from infra.stackconfig import ProfileConfig, Stage, ThresholdsConfig, load
+from common.stackconfig import ProfileConfig, Stage, ThresholdsConfig, load
 from loadtest import measure as ms
 from loadtest.bench import ReferenceServer
 from loadtest.demo import run_k6
-from loadtest.stack import PrometheusServer
+from localstack.process import free_port
+from localstack.proof import PrometheusServer
+from localstack.servers import PostgresServer
 from service.db import SCHEMA
-from service.devstack import PostgresServer, free_port
 
 THRESHOLDS = ThresholdsConfig.model_validate({})
 PROFILE = ProfileConfig(

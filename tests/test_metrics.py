@@ -13,8 +13,9 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from localstack.servers import PostgresServer, RedisServer
+from localstack.services import OrchestratorServer, SimulatorServer, WorkerProcess
 from service.cache import cache_key
-from service.devstack import OrchestratorServer, PostgresServer, RedisServer, SimulatorServer, WorkerProcess
 from tests.conftest import flush_redis, service_env, truncate_tasks
 
 

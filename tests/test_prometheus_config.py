@@ -27,7 +27,10 @@ from typing import Any
 import pytest
 import yaml
 
-from dashboards import queries as q
+from common import prometheus_config as pc
+from common import queries as q
+from common.stackconfig import REPO_ROOT, ThresholdsConfig
+from common.tools import tool
 from dashboards.build import all_dashboards
 from dashboards.promql_check import (
     PromQLError,
@@ -39,8 +42,6 @@ from dashboards.promql_check import (
     prometheus_process,
     series_names,
 )
-from infra import prometheus_config as pc
-from infra.stackconfig import REPO_ROOT, ThresholdsConfig
 
 SCRAPE_S = 1
 WINDOW = "6s"  # several scrapes of the driven service metrics
@@ -356,7 +357,16 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             "K6_NO_USAGE_REPORT": "true",
         }
         proc = subprocess.run(
-            ["k6", "run", "--quiet", "-o", "experimental-prometheus-rw", "--tag", f"testid={testid}", str(script)],
+            [
+                tool("k6"),
+                "run",
+                "--quiet",
+                "-o",
+                "experimental-prometheus-rw",
+                "--tag",
+                f"testid={testid}",
+                str(script),
+            ],
             env=env,
             cwd=work,
             capture_output=True,

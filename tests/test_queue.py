@@ -8,9 +8,10 @@ import uuid
 import psycopg
 import pytest
 
+from localstack.servers import PostgresServer, RedisServer
+from localstack.services import SimulatorServer
 from service.cache import make_redis
 from service.db import Database
-from service.devstack import PostgresServer, RedisServer, SimulatorServer
 from service.queue import TaskQueue, sweep
 from tests.conftest import api_client, eventually, make_settings, running_worker, sample, wait_done
 

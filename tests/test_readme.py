@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from infra.stackdoc import key_rows, stack_keys_table
+from common.stackdoc import key_rows, stack_keys_table
 from service.config import Settings
 from service.settings_doc import settings_table
 
@@ -25,7 +25,7 @@ def test_settings_table_is_current() -> None:
 
 
 def test_stack_keys_table_is_current_and_complete() -> None:
-    assert _block("stack-keys") == stack_keys_table(), "regenerate with `python -m infra.stackdoc`"
+    assert _block("stack-keys") == stack_keys_table(), "regenerate with `python -m common.stackdoc`"
     for key, _default, description in key_rows():
         assert f"`{key}`" in README
         assert description, f"{key} has no description"

@@ -12,7 +12,8 @@ import httpx
 import openai
 import pytest
 
-from service import prompts, simulator_bench
+from loadtest import simulator_bench
+from service import prompts
 from service.llm import LLMItem
 from service.simulator import CHARS_PER_TOKEN, approx_tokens, generate_post, prompt_tokens
 from tests.simproc import FAST_ENV, SimProc, running_simulator

@@ -12,9 +12,10 @@ import httpx
 import psycopg
 import pytest
 
+from localstack.servers import PostgresServer, RedisServer
+from localstack.services import SimulatorServer, WorkerProcess
 from service.cache import cache_key, make_redis
 from service.db import Database
-from service.devstack import PostgresServer, RedisServer, SimulatorServer, WorkerProcess
 from service.queue import TaskQueue
 from tests.conftest import eventually, make_settings, running_worker, sample, service_env
 
@@ -190,7 +191,7 @@ async def test_worker_probes_answer_and_readiness_flips_on_drain(
     worker = WorkerProcess(service_env(postgres, redis_server, simulator), index=3)
     base = worker.metrics_url.removesuffix("/metrics")
     try:
-        await asyncio.to_thread(worker.start, 30)  # devstack waits for /readyz
+        await asyncio.to_thread(worker.start, 30)  # localstack waits for /readyz
         async with httpx.AsyncClient() as http:
             assert (await http.get(f"{base}/healthz", timeout=5)).status_code == 200
             assert (await http.get(f"{base}/readyz", timeout=5)).json() == {"status": "ready"}

@@ -2,7 +2,7 @@
 //
 // One script for `make demo` (one local k6) and the cluster (N runner pods with
 // --execution-segment). Everything comes from one JSON document in LOADPROOF_K6_CONFIG, built by
-// loadtest/k6config.py from the stack file, so local and cluster runs cannot drift.
+// common/k6config.py from the stack file, so local and cluster runs cannot drift.
 //
 // Why an open model: a closed model (VUs looping with sleep) slows its own arrival rate down when
 // the service slows down, hiding exactly the latency we want to measure (coordinated omission).
@@ -14,7 +14,7 @@ import exec from 'k6/execution';
 
 const CFG = JSON.parse(__ENV.LOADPROOF_K6_CONFIG || '{}');
 if (!CFG.baseUrl || !CFG.profile || !CFG.workload || !CFG.thresholds) {
-  throw new Error('LOADPROOF_K6_CONFIG must hold baseUrl, profile, workload and thresholds (see loadtest/k6config.py)');
+  throw new Error('LOADPROOF_K6_CONFIG must hold baseUrl, profile, workload and thresholds (see common/k6config.py)');
 }
 const PROFILE = CFG.profile;
 const WORKLOAD = CFG.workload;

@@ -1,4 +1,4 @@
-"""Print the README's table of stack keys from the schema: ``python -m infra.stackdoc``.
+"""Print the README's table of stack keys from the schema: ``python -m common.stackdoc``.
 
 Generated for the same reason as the stack files: documentation that cannot drift. One row per leaf
 key (``loadproof:<section>.<key>``), with its default and description.
@@ -10,7 +10,7 @@ import json
 
 from pydantic import BaseModel
 
-from infra.stackconfig import PROJECT, StackConfig
+from common.stackconfig import PROJECT, StackConfig
 
 
 def _rows(model: BaseModel, prefix: str) -> list[tuple[str, object, str]]:

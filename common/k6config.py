@@ -11,7 +11,7 @@ import json
 from fractions import Fraction
 from pathlib import Path
 
-from infra.stackconfig import REPO_ROOT, StackConfig
+from common.stackconfig import REPO_ROOT, StackConfig
 
 SCRIPT = REPO_ROOT / "loadtest" / "k6" / "task.js"
 CONFIG_ENV = "LOADPROOF_K6_CONFIG"

@@ -1,28 +1,30 @@
-"""The whole local proof stack: the service (`service.devstack.LocalStack`), Prometheus and, if present, Grafana.
+"""The whole local proof stack: the service (:class:`LocalStack`), Prometheus and, if present, Grafana.
 
 ``make demo``, ``make compare`` and the end-to-end test start it from one :class:`StackConfig`
 (``Pulumi.<stack>.yaml``): service processes get ``service_env()``, the simulator ``simulator_env()``,
 Prometheus scrapes every service process and receives k6's remote write. Every process is started
-with a log file and stopped by PID (process group) in reverse order, also on Ctrl-C / SIGTERM.
+with a log file and stopped by PID (process group) in reverse order, also on Ctrl-C / SIGTERM. The
+service's processes are supervised: a crash is restarted and counted (:meth:`ProofStack.restarts`),
+and only a crash loop ends the run.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import signal
 import tempfile
 import threading
-import time
 import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from infra.prometheus_config import PROMETHEUS_FLAGS, local_config, promtool_check, render_yaml
-from infra.stackconfig import StackConfig
-from service.devstack import LocalStack, ManagedProcess, free_port, http_check, port_is_free
+from common.stackconfig import StackConfig
+from localstack.monitoring import GrafanaServer, PrometheusServer
+from localstack.process import ManagedProcess
+from localstack.stack import LocalStack
+from localstack.supervisor import CrashLoop
 
 Progress = Callable[[str, float], None]
 
@@ -35,140 +37,6 @@ class StackStartError(RuntimeError):
         self.part = part
         self.reason = reason
         self.log_tail = log_tail
-
-
-class PrometheusServer:
-    """Debian's Prometheus on 127.0.0.1 with a temp TSDB, remote-write receiver and native histograms."""
-
-    def __init__(
-        self,
-        scrape_targets: dict[str, list[str]],
-        *,
-        scrape_interval_s: int,
-        workdir: Path,
-        port: int | None = None,
-        preferred_port: int | None = None,
-    ) -> None:
-        self.workdir = workdir
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        if port is None:
-            port = preferred_port if preferred_port and port_is_free(preferred_port) else free_port()
-        self.port = port
-        self.config_text = render_yaml(local_config(scrape_targets, scrape_interval_s))
-        self.process: ManagedProcess | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def remote_write_url(self) -> str:
-        return f"{self.url}/api/v1/write"
-
-    def start(self, timeout: float = 60.0) -> float:
-        t0 = time.monotonic()
-        promtool_check(self.config_text)  # raises PromtoolError with promtool's own message
-        config = self.workdir / "prometheus.yml"
-        config.write_text(self.config_text)
-        binary = shutil.which("prometheus")
-        if binary is None:
-            raise FileNotFoundError("prometheus not on PATH (run `make system-deps`)")
-        self.process = ManagedProcess(
-            "prometheus",
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={self.workdir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--storage.tsdb.retention.time=1d",
-                *PROMETHEUS_FLAGS,
-            ],
-            cwd=self.workdir,
-            log_path=self.workdir / "prometheus.log",
-            ready=http_check(f"{self.url}/-/ready"),
-        )
-        self.process.start()
-        self.process.wait_ready(timeout)
-        return time.monotonic() - t0
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop(timeout=15)
-
-
-class GrafanaServer:
-    """``grafana-server`` with the project's provisioning and dashboards, if the binary exists."""
-
-    def __init__(self, cfg: StackConfig, prometheus_url: str, *, workdir: Path) -> None:
-        self.cfg = cfg
-        self.prometheus_url = prometheus_url
-        self.workdir = workdir
-        self.port = free_port()
-        self.process: ManagedProcess | None = None
-
-    @staticmethod
-    def available() -> bool:
-        return shutil.which("grafana-server") is not None or shutil.which("grafana") is not None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 90.0) -> float:
-        from dashboards.build import all_dashboards
-        from infra.grafana_config import dashboard_provider, datasource_provisioning, grafana_ini
-
-        t0 = time.monotonic()
-        prov = self.workdir / "provisioning"
-        dash_dir = self.workdir / "dashboards"
-        for sub in ("datasources", "dashboards", "plugins", "alerting"):
-            (prov / sub).mkdir(parents=True, exist_ok=True)
-        dash_dir.mkdir(parents=True, exist_ok=True)
-        interval = self.cfg.monitoring.prometheus.scrape_interval_s
-        (prov / "datasources" / "loadproof.yaml").write_text(
-            render_yaml(datasource_provisioning(self.prometheus_url, scrape_interval_s=interval))
-        )
-        (prov / "dashboards" / "loadproof.yaml").write_text(render_yaml(dashboard_provider(str(dash_dir))))
-        for name, doc in all_dashboards(self.cfg.loadtest.thresholds).items():
-            (dash_dir / name).write_text(json.dumps(doc))
-        ini = self.workdir / "grafana.ini"
-        ini.write_text(grafana_ini(self.cfg.monitoring.grafana, self.url + "/"))
-        server = shutil.which("grafana-server")
-        argv = [server] if server else [shutil.which("grafana") or "grafana", "server"]
-        home = next((p for p in ("/usr/share/grafana", "/opt/grafana") if Path(p).is_dir()), None)
-        if home:
-            argv.append(f"--homepath={home}")
-        argv += [
-            f"--config={ini}",
-            "cfg:server.http_addr=127.0.0.1",
-            f"cfg:server.http_port={self.port}",
-            f"cfg:paths.data={self.workdir / 'data'}",
-            f"cfg:paths.logs={self.workdir / 'logs'}",
-            f"cfg:paths.provisioning={prov}",
-        ]
-        import secrets
-
-        self.process = ManagedProcess(
-            "grafana",
-            argv,
-            env={**_base_env(), "GF_SECURITY_ADMIN_PASSWORD": secrets.token_urlsafe(18)},
-            cwd=self.workdir,
-            log_path=self.workdir / "grafana.log",
-            ready=http_check(f"{self.url}/api/health"),
-        )
-        self.process.start()
-        self.process.wait_ready(timeout)
-        return time.monotonic() - t0
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop(timeout=15)
-
-
-def _base_env() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if not k.startswith(("LOADPROOF_", "GF_"))}
 
 
 class ProofStack:
@@ -236,15 +104,17 @@ class ProofStack:
         return out
 
     def check_alive(self) -> None:
-        """Raise :class:`StackStartError` naming the first service process that died."""
+        """Raise :class:`StackStartError` naming the process the supervisor gave up on (a crash loop)."""
         if self.service is None:
             return
-        parts = [self.service.orchestrator, *self.service.workers]
-        for part in parts:
-            if part is not None and part.process is not None and not part.process.running:
-                raise StackStartError(
-                    part.name, f"exited with {part.process.returncode}", part.log_tail(40), started=True
-                )
+        try:
+            self.service.check_alive()
+        except CrashLoop as exc:
+            raise StackStartError(exc.part, str(exc), exc.log_tail, started=True) from exc
+
+    def restarts(self) -> dict[str, int]:
+        """Supervised restarts per service process during this run (reported, never hidden)."""
+        return self.service.restarts() if self.service is not None else {}
 
     # ---- lifecycle
     def _report(self, name: str, seconds: float) -> None:
@@ -271,6 +141,7 @@ class ProofStack:
                 redis_appendonly=cfg.redis.appendonly,
                 redis_maxmemory=cfg.redis.maxmemory,
                 durable_postgres=True,
+                supervise=True,
                 progress=self._service_progress,
                 workdir=self.workdir / "service",
             )

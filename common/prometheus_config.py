@@ -16,8 +16,9 @@ from typing import Any
 
 import yaml
 
-from dashboards import queries as q
-from infra.stackconfig import ThresholdsConfig
+from common import queries as q
+from common.stackconfig import ThresholdsConfig
+from common.tools import tool
 
 PROMETHEUS_FLAGS = ["--web.enable-remote-write-receiver", "--enable-feature=native-histograms"]
 RULES_FILE = "loadproof-rules.yml"
@@ -202,8 +203,9 @@ _K8S_ROLES = frozenset({"node", "service", "pod", "endpoints", "endpointslice", 
 _K8S_NAMESPACE_KEYS = frozenset({"names", "own_namespace"})
 
 
-def promtool_supports_kubernetes_sd(promtool: str = "promtool") -> bool:
+def promtool_supports_kubernetes_sd(promtool: str | None = None) -> bool:
     """Whether this promtool build knows ``kubernetes_sd_configs`` (Debian's package strips it)."""
+    promtool = promtool or tool("promtool")
     probe = {"scrape_configs": [{"job_name": "probe", "kubernetes_sd_configs": [{"role": "pod"}]}]}
     with tempfile.TemporaryDirectory(prefix="loadproof-promtool-") as tmp:
         (Path(tmp) / "probe.yml").write_text(render_yaml(probe))
@@ -233,7 +235,7 @@ def check_kubernetes_sd(sd: Any) -> None:
         raise PromtoolError(f"kubernetes_sd_configs: namespaces.names must be a list of names, got {names!r}")
 
 
-def promtool_check(config_text: str, rules_text: str | None = None, *, promtool: str = "promtool") -> None:
+def promtool_check(config_text: str, rules_text: str | None = None, *, promtool: str | None = None) -> None:
     """Validate with the real ``promtool``; raises :class:`PromtoolError` with its output on failure.
 
     The config's ``rule_files`` are pointed at ``rules_text`` (written next to it) or dropped when no
@@ -242,6 +244,7 @@ def promtool_check(config_text: str, rules_text: str | None = None, *, promtool:
     structurally here and swapped for an empty static target list, so promtool still validates the
     rest (relabelling, globals, rule files) of the cluster config.
     """
+    promtool = promtool or tool("promtool")
     cfg = yaml.safe_load(config_text)
     if not isinstance(cfg, dict):
         raise PromtoolError("config is not a YAML mapping")

@@ -13,7 +13,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 from pydantic import ValidationError
 
-from infra.stackconfig import Resources
+from common.stackconfig import Resources
 from service.config import Settings
 
 PART_OF = "loadproof"
@@ -70,7 +70,7 @@ def metadata(
 
 
 def scrape_annotations(port: int, path: str = "/metrics") -> dict[str, str]:
-    """Opt a pod into the annotation-driven Prometheus pod discovery (``infra/prometheus_config.py``)."""
+    """Opt a pod into the annotation-driven Prometheus pod discovery (``common/prometheus_config.py``)."""
     return {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": path}
 
 

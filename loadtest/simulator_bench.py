@@ -1,6 +1,6 @@
 """How much the LLM simulator costs and whether it follows its latency model under load.
 
-``python -m service.simulator_bench --calls 4000 --concurrency 400 --batch 1 --knee 10000``
+``python -m loadtest.simulator_bench --calls 4000 --concurrency 400 --batch 1 --knee 10000``
 
 Starts its own simulator process on a free port, drives it with a minimal HTTP/1.1 keep-alive client
 on raw asyncio streams (one connection per concurrent caller; a full HTTP client library costs more
@@ -125,7 +125,7 @@ def run(calls: int, concurrency: int, batch: int, env: dict[str, str]) -> dict[s
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m service.simulator_bench", description="Benchmark the LLM simulator."
+        prog="python -m loadtest.simulator_bench", description="Benchmark the LLM simulator."
     )
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=200)

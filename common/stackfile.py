@@ -1,7 +1,7 @@
 """Write a ``Pulumi.<stack>.yaml`` from a :class:`StackConfig`, every key with its description as a comment.
 
 The stack files are the documentation of every knob (like Ansible's group_vars), so they are
-generated from the schema rather than written by hand: ``python -m infra.stackfile`` rewrites
+generated from the schema rather than written by hand: ``python -m common.stackfile`` rewrites
 ``Pulumi.dev.yaml`` (all defaults) and ``Pulumi.kind.yaml`` (:data:`KIND_OVERRIDES`), and a test
 fails when either drifts from the schema.
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from infra.stackconfig import PROJECT, StackConfig, stack_file
+from common.stackconfig import PROJECT, StackConfig, stack_file
 
 _YAML_WORDS = {"yes", "no", "on", "off", "true", "false", "null", "y", "n", "~"}
 SECRETS_NOTE = (
