@@ -86,9 +86,11 @@ def _pg_version(path: str) -> float:
 
 def trusted(path: str) -> bool:
     """Whether ``path`` lies in a system directory or in this repository's ``.venv``."""
-    real = Path(path).resolve()
-    roots = [Path(d) for d in SYSTEM_DIRS] + [VENV_BIN.parent.resolve()]
-    return any(real.is_relative_to(root) for root in roots)
+    # Where it was found, not where a symlink leads: Debian's /usr/bin/pg_isready points into
+    # /usr/share/postgresql-common, and that is still the distribution's own install.
+    found = Path(os.path.abspath(path))
+    roots = [Path(d) for d in SYSTEM_DIRS] + [Path(os.path.abspath(VENV_BIN.parent))]
+    return any(found.is_relative_to(root) for root in roots)
 
 
 def check(names: list[str]) -> list[str]:
@@ -101,7 +103,7 @@ def check(names: list[str]) -> list[str]:
             problems.append(str(exc))
             continue
         where = "ok" if trusted(path) else "UNTRUSTED (outside the system directories and .venv)"
-        print(f"  {name:<20} {path}  {where}")
+        print(f"  {name:<20} {path}  {where}", flush=True)
         if not trusted(path):
             problems.append(f"{name} resolved to {path}, outside {', '.join(SYSTEM_DIRS)} and {VENV_BIN}")
     return problems

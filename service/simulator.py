@@ -17,9 +17,8 @@ Latency model (all knobs are ``LOADPROOF_SIM_*`` settings)::
 The defaults (ttft 350 ms, 16 ms/token ~ 60 tokens/s) approximate publicly reported gpt-4o-mini
 speeds; they are assumptions, not measurements of ours.
 
-Token counts are an APPROXIMATION used only here: ``ceil(characters / 4)`` per text plus a small
-per-message overhead for prompts. They are computed from the text actually received and returned,
-so ``usage`` is consistent with the content — the service bills exactly what this reports.
+Token counts are an approximation (:mod:`service.simtext`) computed from the text actually received
+and returned, so ``usage`` is consistent with the content: the service bills exactly what this reports.
 
 It is a bare ASGI app (no framework) on one uvicorn process: latency is ``asyncio`` sleeping, so
 hundreds of concurrent calls cost almost no CPU; a client that disconnects ends its call at once.
@@ -28,110 +27,42 @@ hundreds of concurrent calls cost almost no CPU; a client that disconnects ends 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import hashlib
 import json
 import math
 import random
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from service.config import Settings, get_settings
 from service.cost import DEFAULT_PRICES
+from service.simtext import (
+    CHARS_PER_TOKEN,
+    approx_tokens,
+    batch_items,
+    generate_post,
+    prompt_tokens,
+)
+from service.simwire import (
+    BadRequest,
+    Receive,
+    Scope,
+    Send,
+    completion,
+    delta,
+    load_header,
+    read_json,
+    send_error,
+    send_json,
+    sleep_or_disconnect,
+    validate_chat,
+)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
-CHARS_PER_TOKEN = 4  # approximation, simulator only (see module docstring)
-MESSAGE_OVERHEAD_TOKENS = 3  # role/separators per chat message
-REPLY_PRIMING_TOKENS = 3  # the assistant turn header
-MAX_BODY_BYTES = 4 * 1024 * 1024
 STREAM_CHUNK_TOKENS = 4  # tokens per SSE content chunk
 OUTCOMES = ("ok", "429", "500", "timeout", "malformed", "bad_json")
 MALFORMED_KINDS = ("missing", "empty", "not_a_string", "wrong_id")
-
-_WORD_TEXT = (
-    "today really honestly finally morning coffee team build ship learn small steps big ideas "
-    "simple clear bold quiet fast slow better every week plan notes share thanks friends people "
-    "work craft detail focus practice progress moment story question answer reason change future "
-    "past bright calm curious careful patient open honest kind sharp fresh new old good great tiny "
-    "huge local global city garden kitchen studio office road trail river mountain light rain sun "
-    "wind night music book film game code design data test launch idea draft sketch note list goal "
-    "habit"
-)
-_WORDS = tuple(_WORD_TEXT.split())
-
-
-def approx_tokens(text: str) -> int:
-    """Approximate token count of ``text`` (~4 characters per token)."""
-    return math.ceil(len(text) / CHARS_PER_TOKEN)
-
-
-def _content_text(content: Any) -> str:
-    """Text of a message ``content``: a string or a list of ``{"type": "text", "text": ...}`` parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return ""
-
-
-def prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    """Approximate prompt tokens of a chat request."""
-    body = sum(approx_tokens(_content_text(m.get("content"))) + MESSAGE_OVERHEAD_TOKENS for m in messages)
-    return body + REPLY_PRIMING_TOKENS
-
-
-def generate_post(seed_text: str, tokens: int, persona: str = "", topic: str = "") -> str:
-    """Deterministic pseudo-post of about ``tokens`` approximate tokens, seeded by ``seed_text``."""
-    rng = random.Random(int.from_bytes(hashlib.blake2b(seed_text.encode(), digest_size=8).digest(), "big"))
-    target = tokens * CHARS_PER_TOKEN
-    parts: list[str] = []
-    if persona or topic:
-        parts.append(f"{persona[:40] or 'Me'} on {topic[:60] or 'things'}:")
-    length = sum(len(p) + 1 for p in parts)
-    sentence_left = 0
-    while length < target:
-        word = rng.choice(_WORDS)
-        if sentence_left == 0:
-            word = word.capitalize()
-            sentence_left = rng.randint(6, 12)
-        sentence_left -= 1
-        if sentence_left == 0:
-            word += "."
-        parts.append(word)
-        length += len(word) + 1
-    text = " ".join(parts)
-    if len(text) > target:  # cut at a word boundary
-        text = text[: target + 1].rsplit(" ", 1)[0]
-    return text if text.endswith(".") else text.rstrip(".,:") + "."
-
-
-def _batch_items(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    """The items of a batched prompt (last user message is ``{"items": [{"id": ...}, ...]}``), else None."""
-    user = next((m for m in reversed(messages) if m.get("role") == "user"), None)
-    if user is None:
-        return None
-    text = _content_text(user.get("content")).strip()
-    if not text.startswith("{"):
-        return None
-    try:
-        doc = json.loads(text)
-    except ValueError:
-        return None
-    items = doc.get("items") if isinstance(doc, dict) else None
-    if not isinstance(items, list) or not items:
-        return None
-    if not all(isinstance(i, dict) and isinstance(i.get("id"), str | int) for i in items):
-        return None
-    return items
 
 
 @dataclass(slots=True)
@@ -193,12 +124,6 @@ class Stats:
         }
 
 
-class _BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 class Simulator:
     """The ASGI application."""
 
@@ -228,21 +153,21 @@ class Simulator:
             if path == "/v1/chat/completions" and method == "POST":
                 await self._chat(scope, receive, send)
             elif path == "/healthz" and method == "GET":
-                await _json(send, 200, {"status": "ok"})
+                await send_json(send, 200, {"status": "ok"})
             elif path == "/stats" and method == "GET":
-                await _json(send, 200, {**self.stats.snapshot(self.inflight), "config": self._config()})
+                await send_json(send, 200, {**self.stats.snapshot(self.inflight), "config": self._config()})
             elif path == "/stats/reset" and method == "POST":
                 self._reset_stats()
-                await _json(send, 200, self.stats.snapshot(self.inflight))
+                await send_json(send, 200, self.stats.snapshot(self.inflight))
             elif path == "/control" and method == "POST":
                 await self._control(receive, send)
             elif path == "/v1/models" and method == "GET":
-                await _json(send, 200, self._models())
+                await send_json(send, 200, self._models())
             else:
-                await _error(send, 404, f"no route {method} {path}", "not_found_error")
-        except _BadRequest as exc:
+                await send_error(send, 404, f"no route {method} {path}", "not_found_error")
+        except BadRequest as exc:
             self.stats.bad_requests += 1
-            await _error(send, exc.status, str(exc), "invalid_request_error")
+            await send_error(send, exc.status, str(exc), "invalid_request_error")
 
     @staticmethod
     async def _lifespan(receive: Receive, send: Send) -> None:
@@ -279,34 +204,34 @@ class Simulator:
         }
 
     async def _control(self, receive: Receive, send: Send) -> None:
-        body = await _read_json(receive)
+        body = await read_json(receive)
         if not isinstance(body, dict):
-            raise _BadRequest("control body must be a JSON object")
+            raise BadRequest("control body must be a JSON object")
         f = self.faults
         for key in ("rate_429", "rate_500", "rate_timeout", "rate_malformed"):
             if key in body:
                 value = body[key]
                 if not isinstance(value, int | float) or not 0 <= value <= 1:
-                    raise _BadRequest(f"{key} must be a number in [0, 1]")
+                    raise BadRequest(f"{key} must be a number in [0, 1]")
                 setattr(f, key, float(value))
         for key in ("retry_after_s", "hang_s"):
             if key in body:
                 value = body[key]
                 if not isinstance(value, int | float) or not 0 <= value <= 3600:
-                    raise _BadRequest(f"{key} must be a number of seconds in [0, 3600]")
+                    raise BadRequest(f"{key} must be a number of seconds in [0, 3600]")
                 setattr(f, key, float(value))
         if "script" in body:
             script = body["script"]
             if not isinstance(script, list) or any(s not in OUTCOMES for s in script):
-                raise _BadRequest(f"script must be a list of outcomes from {list(OUTCOMES)}")
+                raise BadRequest(f"script must be a list of outcomes from {list(OUTCOMES)}")
             f.script = deque(script)
         if "seed" in body:
             if not isinstance(body["seed"], int):
-                raise _BadRequest("seed must be an integer")
+                raise BadRequest("seed must be an integer")
             self.rng.seed(body["seed"])
         if body.get("reset_stats"):
             self._reset_stats()
-        await _json(send, 200, f.describe())
+        await send_json(send, 200, f.describe())
 
     # --- chat completions -----------------------------------------------------------------------
     def _decide(self) -> str:
@@ -327,12 +252,12 @@ class Simulator:
         return value_ms / 1000.0 * self.rng.uniform(1 - j, 1 + j)
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await _read_json(receive)
-        request = _validate_chat(body)
+        body = await read_json(receive)
+        request = validate_chat(body)
         messages: list[dict[str, Any]] = request["messages"]
         stats = self.stats
         stats.calls += 1
-        items = _batch_items(messages)
+        items = batch_items(messages)
         n_items = len(items) if items is not None else 1
         stats.items += n_items
         stats.items_per_call[n_items] += 1
@@ -351,19 +276,21 @@ class Simulator:
                     (b"retry-after", str(math.ceil(ra)).encode()),
                     (b"retry-after-ms", str(int(ra * 1000)).encode()),
                 ]
-                await _error(send, 429, "Rate limit reached (simulated).", "requests", "rate_limit_exceeded", headers)
+                await send_error(
+                    send, 429, "Rate limit reached (simulated).", "requests", "rate_limit_exceeded", headers
+                )
                 return
             if outcome == "500":
                 stats.injected["500"] += 1
-                if await _sleep_or_disconnect(receive, self._jittered(self.settings.sim_ttft_ms) * load):
-                    await _error(send, 500, "The server had an error (simulated).", "server_error")
+                if await sleep_or_disconnect(receive, self._jittered(self.settings.sim_ttft_ms) * load):
+                    await send_error(send, 500, "The server had an error (simulated).", "server_error")
                 else:
                     self.stats.disconnects += 1
                 return
             if outcome == "timeout":
                 stats.injected["timeout"] += 1
-                if await _sleep_or_disconnect(receive, self.faults.hang_s):
-                    await _error(send, 504, "Upstream timed out (simulated hang).", "server_error")
+                if await sleep_or_disconnect(receive, self.faults.hang_s):
+                    await send_error(send, 504, "Upstream timed out (simulated hang).", "server_error")
                 else:
                     self.stats.disconnects += 1
                 return
@@ -387,11 +314,11 @@ class Simulator:
                 latency = self._jittered(self.settings.sim_ttft_ms)
                 latency += self._jittered(self.settings.sim_itl_ms) * usage["completion_tokens"]
                 latency *= load
-                sent = await _sleep_or_disconnect(receive, latency)
+                sent = await sleep_or_disconnect(receive, latency)
                 if sent:
                     # The planned latency and load factor, so tests can check the model without timing it.
-                    headers = [(b"x-sim-latency-ms", f"{latency * 1000:.3f}".encode()), _load_header(load)]
-                    await _json(send, 200, _completion(model, content, finish_reason, usage), headers)
+                    headers = [(b"x-sim-latency-ms", f"{latency * 1000:.3f}".encode()), load_header(load)]
+                    await send_json(send, 200, completion(model, content, finish_reason, usage), headers)
             stats = self.stats  # counters may have been reset while this call was in flight
             if sent:
                 stats.completed += 1
@@ -451,7 +378,7 @@ class Simulator:
             doc.update(choices=choices, system_fingerprint="loadproof-sim", **(extra or {}))
             return b"data: " + json.dumps(doc, ensure_ascii=False).encode() + b"\n\n"
 
-        if not await _sleep_or_disconnect(receive, self._jittered(self.settings.sim_ttft_ms) * load):
+        if not await sleep_or_disconnect(receive, self._jittered(self.settings.sim_ttft_ms) * load):
             return False
         await send(
             {
@@ -460,7 +387,7 @@ class Simulator:
                 "headers": [
                     (b"content-type", b"text/event-stream"),
                     (b"cache-control", b"no-cache"),
-                    _load_header(load),
+                    load_header(load),
                 ],
             }
         )
@@ -469,141 +396,25 @@ class Simulator:
             await send(
                 {
                     "type": "http.response.body",
-                    "body": chunk([_delta({"role": "assistant", "content": ""})]),
+                    "body": chunk([delta({"role": "assistant", "content": ""})]),
                     "more_body": True,
                 }
             )
             for start in range(0, len(content), step):
                 piece = content[start : start + step]
                 delay = self._jittered(self.settings.sim_itl_ms) * approx_tokens(piece) * load
-                if not await _sleep_or_disconnect(receive, delay):
+                if not await sleep_or_disconnect(receive, delay):
                     return False
                 await send(
-                    {"type": "http.response.body", "body": chunk([_delta({"content": piece})]), "more_body": True}
+                    {"type": "http.response.body", "body": chunk([delta({"content": piece})]), "more_body": True}
                 )
-            await send({"type": "http.response.body", "body": chunk([_delta({}, finish_reason)]), "more_body": True})
+            await send({"type": "http.response.body", "body": chunk([delta({}, finish_reason)]), "more_body": True})
             if include_usage:
                 await send({"type": "http.response.body", "body": chunk([], {"usage": usage}), "more_body": True})
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
         except OSError:  # client disconnected mid-stream
             return False
         return True
-
-
-def _load_header(load: float) -> tuple[bytes, bytes]:
-    return (b"x-sim-load", f"{load:.4f}".encode())
-
-
-def _delta(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-
-
-def _completion(model: str, content: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "system_fingerprint": "loadproof-sim",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": content, "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
-        "usage": usage,
-    }
-
-
-def _validate_chat(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise _BadRequest("request body must be a JSON object")
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        raise _BadRequest("'model' is required")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _BadRequest("'messages' must be a non-empty array")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise _BadRequest(f"messages[{i}] must be an object with a 'role'")
-    for key in ("response_format", "stream_options"):
-        if body.get(key) is not None and not isinstance(body[key], dict):
-            raise _BadRequest(f"'{key}' must be an object")
-    for key in ("max_tokens", "max_completion_tokens"):
-        value = body.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise _BadRequest(f"'{key}' must be a positive integer")
-    if body.get("n") not in (None, 1):
-        raise _BadRequest("only n=1 is supported by the simulator")
-    return body
-
-
-async def _read_json(receive: Receive) -> Any:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _BadRequest("client disconnected", 499)
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise _BadRequest(f"request body larger than {MAX_BODY_BYTES} bytes", 413)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    try:
-        return json.loads(b"".join(chunks) or b"null")
-    except ValueError as exc:
-        raise _BadRequest(f"request body is not valid JSON: {exc}") from None
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _sleep_or_disconnect(receive: Receive, seconds: float) -> bool:
-    """Sleep ``seconds``; False as soon as the client disconnects (its call is over)."""
-    if seconds <= 0:
-        return True
-    watcher = asyncio.ensure_future(_wait_disconnect(receive))
-    try:
-        done, _ = await asyncio.wait({watcher}, timeout=seconds)
-        return not done
-    finally:
-        if not watcher.done():
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
-
-
-async def _json(send: Send, status: int, doc: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps(doc, ensure_ascii=False).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            + (headers or []),
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _error(
-    send: Send,
-    status: int,
-    message: str,
-    kind: str,
-    code: str | None = None,
-    headers: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    """OpenAI-style error body, so the client raises its usual exception types."""
-    with contextlib.suppress(OSError):
-        await _json(send, status, {"error": {"message": message, "type": kind, "param": None, "code": code}}, headers)
 
 
 def main(argv: list[str] | None = None) -> None:

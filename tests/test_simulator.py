@@ -15,7 +15,7 @@ import pytest
 from loadtest import simulator_bench
 from service import prompts
 from service.llm import LLMItem
-from service.simulator import CHARS_PER_TOKEN, approx_tokens, generate_post, prompt_tokens
+from service.simtext import CHARS_PER_TOKEN, approx_tokens, generate_post, prompt_tokens
 from tests.simproc import FAST_ENV, SimProc, running_simulator
 
 MODEL = "gpt-4o-mini"
