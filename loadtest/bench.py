@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.stackconfig import REPO_ROOT, ProfileConfig, StackConfig, StackConfigError, Stage, load
-from loadtest.demo import run_k6
+from loadtest.k6run import run_k6
 from loadtest.measure import machine_info
 from localstack.process import ROOT, ManagedProcess, free_port, http_check
 from localstack.proof import ProofStack, StackStartError

@@ -9,7 +9,6 @@ Writes ``reports/<run-id>/`` (``outputs.json``, ``k6-summary.json``, ``k6-report
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -17,7 +16,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,116 +23,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from common.k6config import REQUEST_TIMEOUT_S, SCRIPT, k6_env
+from common.k6config import REQUEST_TIMEOUT_S
 from common.stackconfig import REPO_ROOT, StackConfig, StackConfigError, load
-from common.tools import tool
 from loadtest import measure as ms
 from loadtest import report
+from loadtest.k6run import K6_PUSH_INTERVAL_S, run_k6
 from localstack.proof import ProofStack, StackStartError
 
 REPORTS = REPO_ROOT / "reports"
-K6_PUSH_INTERVAL_S = 2  # remote-write period: finer time series than the cluster's 5 s, same numbers
-
-
-@dataclass
-class K6Result:
-    returncode: int
-    started_at: float
-    ended_at: float
-    summary: dict[str, Any] | None
-    log_path: Path
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def run_k6(
-    cfg: StackConfig,
-    *,
-    profile: str,
-    base_url: str,
-    test_id: str,
-    run_dir: Path,
-    prometheus_rw_url: str | None,
-    console: Console | None = None,
-    web_dashboard: bool = True,
-    extra_env: Mapping[str, str] | None = None,
-    script: Path = SCRIPT,
-) -> K6Result:
-    """One local k6 run of ``loadtest/k6/task.js``; returns its exit code, timing and JSON summary."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    summary_path = run_dir / "k6-summary.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("K6_", "LOADPROOF_"))}
-    env.update(
-        k6_env(
-            cfg,
-            base_url=base_url,
-            test_id=test_id,
-            prometheus_rw_url=prometheus_rw_url,
-            profile=profile,
-            summary_path=str(summary_path),
-            push_interval_s=K6_PUSH_INTERVAL_S,
-        )
-    )
-    if web_dashboard:
-        # The export is written only when the run spans >= 3 dashboard periods: a short period
-        # (2 s) makes even the smoke profile produce it.
-        env.update(
-            {
-                "K6_WEB_DASHBOARD": "true",
-                "K6_WEB_DASHBOARD_HOST": "127.0.0.1",
-                "K6_WEB_DASHBOARD_PORT": str(_free_port()),
-                "K6_WEB_DASHBOARD_PERIOD": "2s",
-                "K6_WEB_DASHBOARD_EXPORT": str(run_dir / "k6-report.html"),
-            }
-        )
-    env.update(extra_env or {})
-    argv = [tool("k6"), "run", "--no-color", "--tag", f"testid={test_id}"]
-    if prometheus_rw_url:
-        argv += ["-o", "experimental-prometheus-rw"]
-    argv.append(str(script))
-    log_path = run_dir / "k6.log"
-    started = time.time()
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            argv, env=env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            total = ms.profile_duration_s(cfg.loadtest.profiles[profile])
-            if console is not None:
-                with console.status("") as status:
-                    while proc.poll() is None:
-                        elapsed = time.time() - started
-                        status.update(f"k6: {elapsed:5.0f}s of ~{total:.0f}s (open model, profile {profile})")
-                        time.sleep(0.5)
-            proc.wait()
-        except BaseException:
-            _stop_process_group(proc)
-            raise
-    ended = time.time()
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    if summary is not None:  # k6's own start: the run's duration ends when the process ends
-        run_ms = summary.get("state", {}).get("testRunDurationMs")
-        if run_ms:
-            started = max(started, ended - run_ms / 1000.0)
-    return K6Result(proc.returncode, started, ended, summary, log_path)
-
-
-def _free_port() -> int:
-    from localstack.process import free_port
-
-    return free_port()
-
-
-def _stop_process_group(proc: subprocess.Popen[bytes]) -> None:
-    import signal
-
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGINT)  # k6 stops gracefully and still writes its summary
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 def new_run_id(profile: str, label: str | None = None) -> str:

@@ -16,7 +16,7 @@ import pytest
 from common.stackconfig import ProfileConfig, Stage, ThresholdsConfig, load
 from loadtest import measure as ms
 from loadtest.bench import ReferenceServer
-from loadtest.demo import run_k6
+from loadtest.k6run import run_k6
 from localstack.process import free_port
 from localstack.proof import PrometheusServer
 from localstack.servers import PostgresServer
