@@ -177,6 +177,11 @@ class OrchestratorConfig(Section):
     cache_enabled: bool = Field(default=True, description="Redis response cache (off = baseline).")
     cache_ttl_s: int = Field(default=3600, description="Cached post lifetime.")
     coalesce_enabled: bool = Field(default=True, description="Join identical in-flight requests (off = baseline).")
+    accept_group_commit: bool = Field(
+        default=True, description="New tasks written in groups: one INSERT + one XADD pipeline (off = baseline)."
+    )
+    accept_linger_ms: float = Field(default=2.0, description="Longest wait to gather new tasks into one commit.")
+    accept_batch_max: int = Field(default=256, description="Largest group of new tasks per commit.")
     prompt_version: str = Field(default="v1", description="Cache-key version.")
     shutdown_timeout_s: float = Field(default=20.0, description="Drain bound; the pod grace period exceeds it.")
     autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig, description="HPA.")
@@ -376,6 +381,9 @@ class StackConfig(Section):
             "CACHE_ENABLED": o.cache_enabled,
             "CACHE_TTL_S": o.cache_ttl_s,
             "COALESCE_ENABLED": o.coalesce_enabled,
+            "ACCEPT_GROUP_COMMIT": o.accept_group_commit,
+            "ACCEPT_LINGER_MS": o.accept_linger_ms,
+            "ACCEPT_BATCH_MAX": o.accept_batch_max,
             "PROMPT_VERSION": o.prompt_version,
             "WORKER_CONCURRENCY": w.concurrency,
             "BATCH_SIZE": w.batch_size,

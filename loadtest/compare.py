@@ -53,7 +53,7 @@ SHOWN_KEYS = (
 def baseline_config(cfg: StackConfig) -> StackConfig:
     """The stack with every optimization off; everything else (workload, profile, processes) unchanged."""
     orchestrator = cfg.orchestrator.model_copy(
-        update={"cache_enabled": False, "db_pool_mode": "null", "coalesce_enabled": False}
+        update={"cache_enabled": False, "db_pool_mode": "null", "coalesce_enabled": False, "accept_group_commit": False}
     )
     workers = cfg.workers.model_copy(update={"batch_size": 1})
     return cfg.model_copy(update={"orchestrator": orchestrator, "workers": workers})
@@ -76,6 +76,7 @@ def comparison(baseline: Mapping[str, Any], optimized: Mapping[str, Any], *, pro
             "db_pool_mode": "null",
             "batch_size": 1,
             "coalesce_enabled": False,
+            "accept_group_commit": False,
         },
         "ratios_optimized_over_baseline": {k: ratio(optimized.get(k), baseline.get(k)) for k in RATIO_KEYS},
         "baseline": dict(baseline),

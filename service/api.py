@@ -40,6 +40,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.routing import Match
 
 from service import metrics
+from service.accept import GroupCommitter, NewTask
 from service.cache import INFLIGHT_TTL_S, Cache, clean_topic, inflight_key, make_redis
 from service.config import Settings, get_settings
 from service.db import Database, TaskStoreBusy
@@ -70,6 +71,7 @@ class Runtime:
     db: Database | None = None
     cache: Cache | None = None
     queue: TaskQueue | None = None
+    accept: GroupCommitter | None = None  # group commit of new tasks (None: one INSERT per request)
     draining: bool = False
     inflight: int = 0
     routes: list[Any] = field(default_factory=list)  # the app's routes, to label requests refused before routing
@@ -325,11 +327,21 @@ def create_app(settings: Settings | None = None, *, drain_delay_s: float | None 
         await rt.db.wait_and_create_schema()
         with contextlib.suppress(Exception):  # Redis may be down at start: tasks are still accepted
             await rt.queue.ensure_group()
+        if s.accept_group_commit:
+            rt.accept = GroupCommitter(
+                rt.db,
+                rt.queue,
+                linger_s=s.accept_linger_ms / 1000.0,
+                max_batch=s.accept_batch_max,
+                inflight_ttl_s=INFLIGHT_TTL_S,
+            )
         if drain_delay_s is not None:
             install_drain_signals(drain_delay_s)
         try:
             yield
         finally:
+            if rt.accept is not None:
+                await rt.accept.aclose()  # what is gathered is still written and answered
             await rt.cache.aclose()
             with contextlib.suppress(Exception):
                 await rt.queue.client.aclose()
@@ -492,13 +504,23 @@ async def create_task_response(rt: Runtime, body: TaskIn, idempotency_key: str |
         return Response(
             _json_bytes({"status": "done", "task_id": task_id, "post": post, "cached": True}), media_type=JSON
         )
+    task_id, topic = str(uuid.uuid4()), clean_topic(body.topic)
+    if rt.accept is not None:
+        new = NewTask(
+            task_id,
+            body.persona_id,
+            topic,
+            key,
+            key if coalesce else None,
+            idempotency_key,
+            inflight_key(key) if coalesce else None,
+        )
+        if await rt.accept.submit(new):  # committed with its group, XADD attempted
+            _inc(_ACCEPTED)
+            return Response(_json_bytes({"status": "queued", "task_id": task_id}), status_code=202, media_type=JSON)
+        # it conflicted: find the task to join or replay, one request at a time
     task_id, created, existing = await db.insert_task(
-        str(uuid.uuid4()),
-        body.persona_id,
-        clean_topic(body.topic),
-        key,
-        key if coalesce else None,
-        idempotency_key,
+        task_id, body.persona_id, topic, key, key if coalesce else None, idempotency_key
     )
     if created:
         _inc(_ACCEPTED)

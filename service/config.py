@@ -3,7 +3,8 @@
 The same knobs appear in ``Pulumi.<stack>.yaml``; ``common/stackconfig.py`` maps stack config to
 these variables for both the local demo and the Kubernetes Deployments, so a setting means the same
 thing everywhere. Defaults are the optimized configuration; the baseline for before/after runs is
-``cache_enabled=false, db_pool_mode=null, batch_size=1, coalesce_enabled=false``.
+``cache_enabled=false, db_pool_mode=null, batch_size=1, coalesce_enabled=false,
+accept_group_commit=false``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ class Settings(BaseSettings):
     db_pool_timeout_s: float = Field(default=5.0, gt=0, description="Longest wait to acquire a pooled connection.")
     db_pool_recycle_s: int = Field(default=3600, ge=1, description="Reconnect connections older than this.")
     db_pool_pre_ping: bool = Field(default=True, description="Check a connection before handing it out.")
+    accept_group_commit: bool = Field(
+        default=True,
+        description="Write new tasks in groups: one INSERT and one XADD pipeline per group (off for the baseline).",
+    )
+    accept_linger_ms: float = Field(
+        default=2.0, ge=0, description="Longest wait to gather new tasks into one group commit (like linger.ms)."
+    )
+    accept_batch_max: int = Field(default=256, ge=1, description="Largest group of new tasks per commit.")
 
     # --- Redis: cache and queue ---
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis for the cache and the task queue.")

@@ -18,8 +18,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import psycopg
 from psycopg.rows import dict_row
@@ -36,6 +36,23 @@ log = logging.getLogger(__name__)
 SCHEMA_LOCK_ID = 0x10AD9800F  # advisory lock: concurrent processes create the schema one at a time
 UNFINISHED = ("queued", "running")
 ATTEMPTS = 5  # insert-or-join rounds before giving up (see Database.insert_task)
+
+
+class NewTaskRow(Protocol):
+    """What a grouped insert needs of each task (``service.accept.NewTask``)."""
+
+    @property
+    def task_id(self) -> str: ...
+    @property
+    def persona_id(self) -> str: ...
+    @property
+    def topic(self) -> str: ...
+    @property
+    def cache_key(self) -> str: ...
+    @property
+    def coalesce_key(self) -> str | None: ...
+    @property
+    def idempotency_key(self) -> str | None: ...
 
 
 class TaskStoreBusy(Exception):
@@ -234,6 +251,30 @@ class Database:
         # Each round lost a race: the conflicting task finished between our INSERT and SELECT. Only a
         # saturated process is that slow between two statements; answer as overloaded, not as a bug.
         raise TaskStoreBusy(f"identical task kept finishing while this one was being accepted ({ATTEMPTS} rounds)")
+
+    async def insert_tasks(self, tasks: Sequence[NewTaskRow]) -> set[str]:
+        """Insert a group of queued tasks in one statement (one commit); returns the ids that were
+        inserted. A row that conflicts (idempotency key used, identical task in flight — also within
+        the group) is skipped, not an error: its caller takes the per-request path."""
+        if not tasks:
+            return set()
+        rows = await self._rows(
+            "INSERT INTO tasks (id, persona_id, topic, cache_key, coalesce_key, idempotency_key, status) "
+            "SELECT id, persona_id, topic, cache_key, coalesce_key, idempotency_key, 'queued' FROM unnest("
+            "%(ids)s::uuid[], %(personas)s::text[], %(topics)s::text[], %(keys)s::text[], "
+            "%(coalesce)s::text[], %(idem)s::text[]) "
+            "AS t(id, persona_id, topic, cache_key, coalesce_key, idempotency_key) "
+            "ON CONFLICT DO NOTHING RETURNING id::text AS id",
+            {
+                "ids": [t.task_id for t in tasks],
+                "personas": [t.persona_id for t in tasks],
+                "topics": [t.topic for t in tasks],
+                "keys": [t.cache_key for t in tasks],
+                "coalesce": [t.coalesce_key for t in tasks],
+                "idem": [t.idempotency_key for t in tasks],
+            },
+        )
+        return {str(r["id"]) for r in rows}
 
     async def insert_done_from_cache(
         self, task_id: str, persona_id: str, topic: str, cache_key: str, idempotency_key: str, post: str, tokens: int

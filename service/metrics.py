@@ -86,6 +86,11 @@ DB_POOL_IN_USE = Gauge("loadproof_db_pool_in_use", "Checked-out connections.", m
 DB_POOL_OVERFLOW = Gauge("loadproof_db_pool_overflow", "Connections open above pool_size.", multiprocess_mode="livesum")
 DB_POOL_WAITERS = Gauge("loadproof_db_pool_waiters", "Callers waiting for a connection.", multiprocess_mode="livesum")
 DB_POOL_WAIT = Histogram("loadproof_db_pool_wait_seconds", "Time spent acquiring a connection.", buckets=HTTP_BUCKETS)
+ACCEPT_GROUP_SIZE = Histogram(
+    "loadproof_accept_group_size",
+    "New tasks written per group commit (one INSERT, one XADD pipeline).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 
 # --- LLM ---
 LLM_REQUESTS = Counter(

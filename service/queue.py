@@ -106,6 +106,25 @@ class TaskQueue:
         self.breaker.record_success()
         return True
 
+    async def enqueue_group(self, items: list[tuple[str, str | None]], inflight_ttl_s: int = 60) -> bool:
+        """One pipeline for a group of accepted tasks: ``XADD`` each (in order) and set each in-flight
+        mark (``SET NX EX``) where given. Returns False (never raises) if Redis is unavailable."""
+        if not self.breaker.allow():
+            return False
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for task_id, inflight_key in items:
+                    pipe.xadd(self.stream, {FIELD: task_id.encode()})
+                    if inflight_key is not None:
+                        pipe.set(inflight_key, task_id, nx=True, ex=inflight_ttl_s)
+                await pipe.execute()
+        except Exception as exc:
+            self.breaker.record_failure()
+            log.warning("enqueue of %d accepted tasks failed (sweeper will retry): %r", len(items), exc)
+            return False
+        self.breaker.record_success()
+        return True
+
     async def enqueue_many(self, task_ids: list[str]) -> None:
         """Raises on failure (the caller is a worker that can retry later)."""
         if not task_ids:

@@ -12,6 +12,7 @@ def test_baseline_turns_every_optimization_off_and_nothing_else() -> None:
     assert base.orchestrator.cache_enabled is False
     assert base.orchestrator.db_pool_mode == "null"
     assert base.orchestrator.coalesce_enabled is False
+    assert base.orchestrator.accept_group_commit is False
     assert base.workers.batch_size == 1
     env, base_env = cfg.service_env(), base.service_env()
     changed = {k for k in env if env[k] != base_env[k]}
@@ -19,6 +20,7 @@ def test_baseline_turns_every_optimization_off_and_nothing_else() -> None:
         "LOADPROOF_CACHE_ENABLED",
         "LOADPROOF_DB_POOL_MODE",
         "LOADPROOF_COALESCE_ENABLED",
+        "LOADPROOF_ACCEPT_GROUP_COMMIT",
         "LOADPROOF_BATCH_SIZE",
     }
     assert base.loadtest == cfg.loadtest and base.simulator_env() == cfg.simulator_env()  # same workload
