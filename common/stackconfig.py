@@ -266,6 +266,12 @@ class ProfileConfig(Section):
     stages: list[Stage] = Field(description="Ramp stages.")
     pre_allocated_vus: int = Field(default=200, description="VUs k6 allocates up front.")
     max_vus: int = Field(default=2000, description="VU ceiling; exceeding it drops iterations (reported).")
+    new_topics: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of requests with a never-seen topic (1 = cold: every request is a new task).",
+    )
 
 
 class WorkloadConfig(Section):
@@ -305,6 +311,14 @@ def _default_profiles() -> dict[str, ProfileConfig]:
                 Stage(duration="60s", target=1000),
                 Stage(duration="20s", target=0),
             ],
+        ),
+        # Where the cache cannot help: after a short warm-up, every request is a new task.
+        "cold": ProfileConfig(
+            start_rate=50,
+            warmup_s=10,
+            new_topics=1.0,
+            pre_allocated_vus=400,
+            stages=[Stage(duration="10s", target=1000), Stage(duration="60s", target=1000)],
         ),
         "seed": ProfileConfig(
             start_rate=10,

@@ -6,8 +6,11 @@ import json
 import math
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -206,3 +209,56 @@ def test_runs_under_execution_segments(reference_target: str, tmp_path: Path) ->
         assert 20 <= reqs <= 40, reqs  # about half of 3 s x 20/s each
         totals += reqs
     assert 55 <= totals <= 62, totals  # 3 s x 20/s = 60 arrivals across both segments
+
+
+class _TopicSink(BaseHTTPRequestHandler):
+    """Answers 202 and records every POSTed topic (what the service would see)."""
+
+    topics: ClassVar[list[str]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _TopicSink.topics.append(body["topic"])
+        self.send_response(202)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("new_topics", "cold"), [(1.0, True), (0.0, False)])
+def test_new_topics_are_never_repeated_across_vus_runners_and_runs(
+    tmp_path: Path, new_topics: float, cold: bool
+) -> None:
+    """``newTopics: 1`` (the cold profile): every request a topic no earlier request used — in this
+    run, on any runner, or in another run (the test id is part of it). 0 keeps the Zipf draw."""
+    _TopicSink.topics = []
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), _TopicSink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    profile = {"startRate": 40, "warmupS": 0, "stages": [{"duration": "2s", "target": 40}], "newTopics": new_topics}
+    try:
+        for run, segment in [("run-a", "0:1/2"), ("run-a", "1/2:1"), ("run-b", "0:1")]:
+            doc = k6_config(load("dev"), base_url=f"http://127.0.0.1:{sink.server_address[1]}", test_id=run)
+            doc["profile"] = {**doc["profile"], **profile, "preAllocatedVus": 8, "maxVus": 16}
+            argv = [K6, "run", "--quiet", "--no-usage-report", "--execution-segment", segment]
+            if segment != "0:1":
+                argv += ["--execution-segment-sequence", "0,1/2,1"]
+            proc = subprocess.run(
+                [*argv, str(SCRIPT)],
+                env={**os.environ, CONFIG_ENV: json.dumps(doc)},
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+                cwd=tmp_path,
+            )
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+    finally:
+        sink.shutdown()
+    topics = _TopicSink.topics
+    assert len(topics) >= 100
+    if cold:
+        assert len(set(topics)) == len(topics) and all(t.startswith("new ") for t in topics)
+    else:
+        assert all(t.startswith("topic ") for t in topics) and len(set(topics)) < len(topics)

@@ -128,12 +128,25 @@ function random() {
 
 const HEADERS = { 'Content-Type': 'application/json' };
 
+// A never-seen topic: unique to this run (test id), runner (segment), VU and iteration, so no cache
+// entry and no in-flight task can answer it — the request costs a new task, as after a cache flush.
+const NEW_TOPICS = PROFILE.newTopics || 0;
+let runTag = null; // test options are readable only once the test runs, not in the init context
+
+function newTopic() {
+  if (runTag === null) {
+    runTag = fnv1a(`${CFG.testId || ''}|${exec.test.options.executionSegment || '0:1'}`).toString(36);
+  }
+  return `new ${runTag}-${exec.vu.idInInstance}-${exec.vu.iterationInInstance}`;
+}
+
 export default function () {
   const persona = zipfSample(PERSONA_CDF, random());
-  const topic = zipfSample(TOPIC_CDF, random());
+  const fresh = NEW_TOPICS > 0 && random() < NEW_TOPICS;
+  const topic = fresh ? newTopic() : `topic ${zipfSample(TOPIC_CDF, random())}`;
   const elapsed = Date.now() - exec.scenario.startTime;
   const phase = elapsed < WARMUP_MS ? 'warmup' : 'measured';
-  const body = JSON.stringify({ persona_id: `persona-${persona}`, topic: `topic ${topic}` });
+  const body = JSON.stringify({ persona_id: `persona-${persona}`, topic });
   const res = http.post(URL, body, {
     headers: HEADERS,
     tags: { phase, name: 'POST /task' },
