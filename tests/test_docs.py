@@ -1,5 +1,5 @@
 """The docs stay true: README.md is a short front page whose numbers are copied, never typed; the generated
-tables in docs/ match the code; every relative link resolves."""
+tables in docs/ match the code; every relative link resolves; the architecture page names every package."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from common.stackdoc import key_rows, stack_keys_table
 from loadtest import compare, frontpage, report
 from service.config import Settings
 from service.settings_doc import settings_table
+from tests.test_layers import LAYERS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -144,7 +145,7 @@ def test_stack_keys_table_is_current_and_complete() -> None:
         assert description, f"{key} has no description"
 
 
-# ---------------------------------------------------------------- links
+# ---------------------------------------------------------------- links and the architecture page
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
@@ -194,3 +195,11 @@ def test_the_docs_named_by_the_readme_exist_and_are_linked() -> None:
     linked = {t.partition("#")[0] for t in _LINK.findall(_prose(README))}
     for doc in DOCS:
         assert f"docs/{doc.name}" in linked, f"README.md does not link {doc.name}"
+
+
+def test_architecture_has_a_mermaid_flowchart_and_every_package() -> None:
+    text = _doc("architecture.md")
+    diagrams = re.findall(r"```mermaid\n(.*?)```", text, re.S)
+    assert diagrams and all(d.startswith("flowchart ") for d in diagrams)
+    for pkg in LAYERS:
+        assert f"`{pkg}/`" in text, f"docs/architecture.md does not place {pkg}"
