@@ -10,7 +10,7 @@ PROFILE ?=
 PROFILE_ARG = $(if $(PROFILE),--profile $(PROFILE))
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help deps system-deps serve demo compare bench test lint typecheck manifests clean
+.PHONY: help deps system-deps serve demo compare bench test lint typecheck manifests frontpage clean
 
 help:
 	@echo "make demo      - the whole proof on this machine (local stack, k6, measured report; PROFILE=smoke|demo|seed)"
@@ -20,6 +20,7 @@ help:
 	@echo "make bench     - highest sustainable arrival rate vs a bare reference endpoint"
 	@echo "make manifests - render and validate the Kubernetes manifests offline (STACK=$(STACK))"
 	@echo "make lint      - ruff and pyright"
+	@echo "make frontpage - copy the committed PERFORMANCE.md and docs/demo-output.txt into README.md"
 
 system-deps:
 	@./.ci/system-deps
@@ -46,6 +47,10 @@ bench: deps
 
 manifests: deps
 	$(PY) -m infra.render --stack $(STACK)
+
+# Python only: regenerating text needs no system packages.
+frontpage: $(VENV)/.installed
+	$(PY) -m loadtest.frontpage
 
 lint: deps
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,4 @@
-"""Print the README's table of stack keys from the schema: ``python -m common.stackdoc``.
+"""Print the stack-key table of docs/stack-keys.md from the schema: ``python -m common.stackdoc``.
 
 Generated for the same reason as the stack files: documentation that cannot drift. One row per leaf
 key (``loadproof:<section>.<key>``), with its default and description.

@@ -4,7 +4,7 @@ Reusable on purpose: ``make demo`` calls :func:`measure` on this machine, the cl
 imports the same function, so a number means the same thing everywhere. Every number is *queried*,
 never estimated; what cannot be measured is ``None`` and shown as "n/a".
 
-Definitions (also in the README):
+Definitions (also in docs/measurement.md):
 
 * **Client latency percentiles** (p50/p95/p99): ``histogram_quantile`` over the SUM of k6's native
   histograms of ``http_req_duration`` for the run's requests tagged ``phase="measured"`` (the k6

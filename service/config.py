@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    """Service settings. Each field is documented because the README's settings table is built from it."""
+    """Service settings. Each field is documented because the settings table in docs/settings.md is built from it."""
 
     model_config = SettingsConfigDict(env_prefix="LOADPROOF_", extra="ignore", frozen=True)
 

@@ -1,4 +1,4 @@
-"""Print the settings table of the README from ``Settings.model_fields``: ``python -m service.settings_doc``.
+"""Print the settings table of docs/settings.md from ``Settings.model_fields``: ``python -m service.settings_doc``.
 
 Generated, so the documentation cannot drift from the code: every field's env variable, default and
 description come from ``service/config.py``.
