@@ -17,8 +17,10 @@ import subprocess
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -235,3 +237,25 @@ class ManagedProcess:
         except OSError:
             return ""
         return "\n".join(lines[-n:])
+
+
+class SignalsAsInterrupt:
+    """While installed, SIGTERM and SIGINT raise ``KeyboardInterrupt`` in the main thread, so a stop
+    unwinds through ``finally`` and ``__exit__`` in order; :meth:`restore` puts the old handlers back."""
+
+    def __init__(self) -> None:
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._raise)
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old.clear()
+
+    @staticmethod
+    def _raise(signum: int, frame: types.FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")

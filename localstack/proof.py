@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
 import tempfile
-import threading
-import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from common.stackconfig import StackConfig
 from localstack.monitoring import GrafanaServer, PrometheusServer
-from localstack.process import ManagedProcess
+from localstack.process import ManagedProcess, SignalsAsInterrupt
 from localstack.stack import LocalStack
 from localstack.supervisor import CrashLoop
 
@@ -62,7 +58,7 @@ class ProofStack:
         self.grafana: GrafanaServer | None = None
         self.grafana_skipped_reason: str | None = None
         self._current = "service"
-        self._old_handlers: dict[int, Any] = {}
+        self._signals = SignalsAsInterrupt()
 
     # ---- URLs
     @property
@@ -213,26 +209,16 @@ class ProofStack:
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
     def __enter__(self) -> ProofStack:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        self._signals.install()
         try:
             return self.start()
         except BaseException:
-            self._restore()
+            self._signals.restore()
             raise
 
     def __exit__(self, *exc: object) -> None:
         try:
             self.cleanup()
         finally:
-            self._restore()
-
-    def _restore(self) -> None:
-        for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)
-        self._old_handlers.clear()
+            self._signals.restore()

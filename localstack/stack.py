@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
-import types
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from localstack.process import ManagedProcess
+from localstack.process import ManagedProcess, SignalsAsInterrupt
 from localstack.servers import PostgresServer, RedisServer
 from localstack.services import OrchestratorServer, SimulatorServer, WorkerProcess
 from localstack.supervisor import CrashLoop, RestartPolicy, Supervisor
@@ -66,7 +63,7 @@ class LocalStack:
         self._orchestrator_port = orchestrator_port
         self._progress = progress
         self._handle_signals = handle_signals
-        self._old_handlers: dict[int, Any] = {}
+        self._signals = SignalsAsInterrupt()
         self._started: list[Any] = []
         self.supervisor: Supervisor | None = (
             Supervisor(restart_policy, log=log or (lambda line: print(line, file=sys.stderr, flush=True)))
@@ -164,29 +161,20 @@ class LocalStack:
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
     def __enter__(self) -> LocalStack:
-        if self._handle_signals and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        if self._handle_signals:
+            self._signals.install()
         try:
             return self.start()
         except BaseException:
-            self._restore_signals()
+            self._signals.restore()
             raise
 
     def __exit__(self, *exc: object) -> None:
         try:
             self.stop()
         finally:
-            self._restore_signals()
-
-    def _restore_signals(self) -> None:
-        for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)
-        self._old_handlers.clear()
+            self._signals.restore()
 
 
 @contextlib.contextmanager

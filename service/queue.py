@@ -91,20 +91,7 @@ class TaskQueue:
 
         Returns False (never raises) if Redis is unavailable: the row is durable, the sweeper catches up.
         """
-        if not self.breaker.allow():
-            return False
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                pipe.xadd(self.stream, {FIELD: task_id.encode()})
-                if inflight_key is not None:
-                    pipe.set(inflight_key, task_id, nx=True, ex=inflight_ttl_s)
-                await pipe.execute()
-        except Exception as exc:
-            self.breaker.record_failure()
-            log.warning("enqueue of %s failed (sweeper will retry): %r", task_id, exc)
-            return False
-        self.breaker.record_success()
-        return True
+        return await self.enqueue_group([(task_id, inflight_key)], inflight_ttl_s)
 
     async def enqueue_group(self, items: list[tuple[str, str | None]], inflight_ttl_s: int = 60) -> bool:
         """One pipeline for a group of accepted tasks: ``XADD`` each (in order) and set each in-flight
