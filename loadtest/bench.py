@@ -30,11 +30,12 @@ from rich.console import Console
 from rich.table import Table
 
 from common.stackconfig import REPO_ROOT, ProfileConfig, StackConfig, StackConfigError, Stage, load
+from loadtest.demo import git_commit
 from loadtest.k6run import run_k6
 from loadtest.measure import machine_info
 from localstack.process import ROOT, ManagedProcess, free_port, http_check
 from localstack.proof import ProofStack, StackStartError
-from localstack.servers import RedisServer
+from localstack.servers import PostgresServer, RedisServer
 
 BENCH_DIR = REPO_ROOT / "reports" / "bench"
 BENCH_PROFILE = "bench-step"
@@ -78,11 +79,24 @@ def hit_ratio(before: tuple[float, float] | None, after: tuple[float, float] | N
 
 
 class ReferenceServer:
-    """Redis + ``python -m service.reference`` with the orchestrator's uvicorn settings, on free ports."""
+    """``python -m service.reference`` with the orchestrator's uvicorn settings, on free ports, with its own
+    Redis and, for the ``insert`` mode, its own durable Postgres (fsync on, as ``make demo`` runs it)."""
 
-    def __init__(self, processes: int = 1, *, workdir: Path | None = None) -> None:
+    def __init__(
+        self,
+        processes: int = 1,
+        *,
+        mode: str = "get",
+        db_pool_size: int = 20,
+        redis_appendonly: bool = True,
+        workdir: Path | None = None,
+    ) -> None:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="loadproof-reference-"))
-        self.redis = RedisServer(workdir=self.workdir / "redis")
+        self.workdir.chmod(0o755)  # Postgres runs as user `postgres` (when we are root) and must reach its dir
+        self.mode = mode
+        self.redis = RedisServer(appendonly=redis_appendonly, workdir=self.workdir / "redis")
+        self.postgres = PostgresServer(fast=False, workdir=self.workdir / "postgres") if mode == "insert" else None
+        self.db_pool_size = db_pool_size
         self.port = free_port()
         self.processes = processes
         self.process: ManagedProcess | None = None
@@ -100,8 +114,13 @@ class ReferenceServer:
                 "LOADPROOF_REDIS_URL": self.redis.url,
                 "LOADPROOF_PORT": str(self.port),
                 "LOADPROOF_PROCESSES": str(self.processes),
+                "LOADPROOF_REFERENCE_MODE": self.mode,
+                "LOADPROOF_DB_POOL_SIZE": str(self.db_pool_size),
             }
         )
+        if self.postgres is not None:
+            self.postgres.start()
+            env["LOADPROOF_DATABASE_URL"] = self.postgres.dsn
         self.process = ManagedProcess(
             "reference",
             [sys.executable, "-m", "service.reference"],
@@ -117,6 +136,8 @@ class ReferenceServer:
         if self.process is not None:
             self.process.stop(timeout=10)
         self.redis.cleanup()
+        if self.postgres is not None:
+            self.postgres.cleanup()
 
     def __enter__(self) -> ReferenceServer:
         try:
@@ -129,11 +150,12 @@ class ReferenceServer:
         self.stop()
 
 
-def step_config(cfg: StackConfig, rate: int, step_s: int, warmup_s: int) -> StackConfig:
+def step_config(cfg: StackConfig, rate: int, step_s: int, warmup_s: int, new_topics: float = 0.0) -> StackConfig:
     """The stack config with one extra profile: a constant arrival rate for ``step_s`` seconds."""
     profile = ProfileConfig(
         start_rate=rate,
         warmup_s=warmup_s,
+        new_topics=new_topics,
         stages=[Stage(duration=f"{step_s}s", target=rate)],
         pre_allocated_vus=max(10, min(rate // 2, 500)),
         max_vus=max(100, min(rate * 2, 4000)),
@@ -142,12 +164,14 @@ def step_config(cfg: StackConfig, rate: int, step_s: int, warmup_s: int) -> Stac
     return cfg.model_copy(update={"loadtest": cfg.loadtest.model_copy(update={"profiles": profiles})})
 
 
-def run_step(cfg: StackConfig, base_url: str, rate: int, *, step_s: int, warmup_s: int, workdir: Path) -> Step:
+def run_step(
+    cfg: StackConfig, base_url: str, rate: int, *, step_s: int, warmup_s: int, workdir: Path, new_topics: float = 0.0
+) -> Step:
     t0 = time.monotonic()
     before = cache_counts(base_url)
     run_dir = workdir / f"step-{rate}-{int(time.time() * 1000)}"
     result = run_k6(
-        step_config(cfg, rate, step_s, warmup_s),
+        step_config(cfg, rate, step_s, warmup_s, new_topics),
         profile=BENCH_PROFILE,
         base_url=base_url,
         test_id=run_dir.name,
@@ -186,6 +210,7 @@ def search(
     workdir: Path,
     console: Console | None = None,
     name: str = "",
+    new_topics: float = 0.0,
 ) -> tuple[int | None, list[Step]]:
     """Highest passing rate: double until a step fails, then bisect; stops at ``precision`` or the budget."""
     deadline = time.monotonic() + budget_s
@@ -194,7 +219,7 @@ def search(
     hi: int | None = None
     rate = start_rate
     while time.monotonic() + step_s + 5 < deadline:
-        step = run_step(cfg, base_url, rate, step_s=step_s, warmup_s=warmup_s, workdir=workdir)
+        step = run_step(cfg, base_url, rate, step_s=step_s, warmup_s=warmup_s, workdir=workdir, new_topics=new_topics)
         steps.append(step)
         if console is not None:
             verdict = "[green]pass[/]" if step.passed else "[red]fail[/]"
@@ -219,6 +244,13 @@ def search(
     return lo, steps
 
 
+PATHS = {
+    # path: (fraction of never-seen topics, reference mode, what the reference does)
+    "hot": (0.0, "get", "one Redis GET per request"),
+    "cold": (1.0, "insert", "one Postgres INSERT (own commit) + one XADD per request, durable"),
+}
+
+
 def run_bench(
     cfg: StackConfig,
     *,
@@ -228,13 +260,20 @@ def run_bench(
     warmup_s: int = 2,
     start_rate: int = 100,
     precision: float = 0.1,
+    paths: tuple[str, ...] = ("hot", "cold"),
     console: Console | None = None,
 ) -> dict[str, Any]:
+    """Each path against its own bare reference, searched the same way, in one invocation.
+
+    hot: the demo workload (mostly cache hits once warm) vs one Redis GET. cold: every request a
+    never-seen topic (a new task: row + queue entry) vs the naive durable accept. Each target gets a
+    fresh stack, so one path's backlog never slows the other's search.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     say = console.print if console else (lambda *a, **k: None)
     work = Path(tempfile.mkdtemp(prefix="loadproof-bench-"))
 
-    def measure(base_url: str, name: str) -> tuple[int | None, list[Step]]:
+    def measure(base_url: str, name: str, new_topics: float) -> tuple[int | None, list[Step]]:
         return search(
             cfg,
             base_url,
@@ -246,15 +285,10 @@ def run_bench(
             workdir=work,
             console=console,
             name=name,
+            new_topics=new_topics,
         )
 
-    say("[bold]bench[/]: service POST /task (full stack, demo workload)")
-    with ProofStack(cfg, grafana=False) as stack:
-        service_rate, service_steps = measure(stack.api_url, "service")
-    say("[bold]bench[/]: reference (one Redis GET, same uvicorn settings)")
-    with ReferenceServer(cfg.orchestrator.processes) as ref:
-        ref_rate, ref_steps = measure(ref.url, "reference")
-    result = {
+    result: dict[str, Any] = {
         "criteria": {
             "p95_latency_ms": f"< {cfg.loadtest.thresholds.p95_ms:g}",
             "error_rate": f"< {cfg.loadtest.thresholds.error_rate:g}",
@@ -263,27 +297,47 @@ def run_bench(
             "warmup_s": warmup_s,
             "precision": precision,
         },
-        "service_max_rate": service_rate,
-        "reference_max_rate": ref_rate,
-        "ratio_service_to_reference": (
-            round(service_rate / ref_rate, 3) if service_rate is not None and ref_rate else None
-        ),
-        "service_cache_hit_ratio_at_max": next(
-            (s.cache_hit_ratio for s in service_steps if s.rate == service_rate and s.passed), None
-        ),
-        "service_steps": [asdict(s) for s in service_steps],
-        "reference_steps": [asdict(s) for s in ref_steps],
+        "git_commit": git_commit(),
         "machine": machine_info(),
         "workload": cfg.loadtest.workload.model_dump(by_alias=True),
         "processes": cfg.orchestrator.processes,
-        "caveats": [
-            "k6 runs on the same machine and competes for the same cores as the server.",
-            "The service's queue backlog from one step carries into the next (conservative for the service).",
-            "The cache warms across steps (same seeded workload), so later steps see a higher hit ratio: "
-            "each step's cache_hit_ratio is recorded next to its p95.",
-            "A rate is 'max' within the search precision and time budget, not an exact capacity.",
-        ],
     }
+    for path in paths:
+        new_topics, mode, what = PATHS[path]
+        say(f"[bold]bench {path}[/]: service POST /task (full stack, new topics {new_topics:.0%})")
+        with ProofStack(cfg, grafana=False) as stack:
+            service_rate, service_steps = measure(stack.api_url, f"{path} service", new_topics)
+        say(f"[bold]bench {path}[/]: reference ({what}, same uvicorn settings)")
+        with ReferenceServer(
+            cfg.orchestrator.processes,
+            mode=mode,
+            db_pool_size=cfg.orchestrator.db_pool_size,
+            redis_appendonly=cfg.redis.appendonly,
+        ) as ref:
+            ref_rate, ref_steps = measure(ref.url, f"{path} reference", new_topics)
+        result[path] = {
+            "reference": what,
+            "new_topics": new_topics,
+            "service_max_rate": service_rate,
+            "reference_max_rate": ref_rate,
+            "ratio_service_to_reference": (
+                round(service_rate / ref_rate, 3) if service_rate is not None and ref_rate else None
+            ),
+            "service_cache_hit_ratio_at_max": next(
+                (s.cache_hit_ratio for s in service_steps if s.rate == service_rate and s.passed), None
+            ),
+            "service_steps": [asdict(s) for s in service_steps],
+            "reference_steps": [asdict(s) for s in ref_steps],
+        }
+    result["caveats"] = [
+        "k6 runs on the same machine and competes for the same cores as the server.",
+        "The service's queue backlog from one step carries into the next: its workers keep calling the "
+        "simulator (conservative for the service).",
+        "hot: the cache warms across steps (same seeded workload), so later steps see a higher hit ratio: "
+        "each step's cache_hit_ratio is recorded next to its p95.",
+        "cold: every request is a new task (hit ratio 0); the reference commits each request on its own.",
+        "A rate is 'max' within the search precision and time budget, not an exact capacity.",
+    ]
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -295,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=float(os.environ.get("BENCH_BUDGET_S", "180")))
     parser.add_argument("--step", type=int, default=12)
     parser.add_argument("--out", type=Path, default=BENCH_DIR)
+    parser.add_argument("--paths", default="hot,cold", help="comma separated: hot, cold")
     args = parser.parse_args(argv)
     console = Console()
     try:
@@ -303,7 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]Pulumi.{args.stack}.yaml is invalid:[/] {exc}")
         return 2
     try:
-        result = run_bench(cfg, out_dir=args.out, budget_s=args.budget, step_s=args.step, console=console)
+        paths = tuple(p for p in args.paths.split(",") if p)
+        unknown = set(paths) - set(PATHS)
+        if unknown:
+            console.print(f"[red]unknown --paths {sorted(unknown)}; known: {', '.join(PATHS)}[/]")
+            return 2
+        result = run_bench(cfg, out_dir=args.out, budget_s=args.budget, step_s=args.step, paths=paths, console=console)
     except StackStartError as exc:
         console.print(f"✗ {exc}", style="red", markup=False, highlight=False)
         console.print(exc.log_tail, markup=False, highlight=False)
@@ -311,14 +371,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted; everything started was stopped[/]")
         return 130
-    table = Table(title="make bench — highest sustainable arrival rate")
-    table.add_column("Target")
-    table.add_column("Max rate (req/s)", justify="right")
-    hit = result["service_cache_hit_ratio_at_max"]
-    hit_text = "n/a" if hit is None else f"{100 * hit:.1f} %"
-    table.add_row(f"service POST /task (cache hit ratio {hit_text})", str(result["service_max_rate"]))
-    table.add_row("reference (one Redis GET)", str(result["reference_max_rate"]))
-    table.add_row("ratio service ÷ reference", str(result["ratio_service_to_reference"]))
+    table = Table(title=f"make bench — highest sustainable arrival rate (commit {result['git_commit']})")
+    table.add_column("Path")
+    table.add_column("Service (req/s)", justify="right")
+    table.add_column("Hit ratio at max", justify="right")
+    table.add_column("Reference (req/s)", justify="right")
+    table.add_column("Service ÷ reference", justify="right")
+    for path in PATHS:
+        if path not in result:
+            continue
+        r = result[path]
+        hit = r["service_cache_hit_ratio_at_max"]
+        table.add_row(
+            f"{path} (reference: {r['reference']})",
+            str(r["service_max_rate"]),
+            "n/a" if hit is None else f"{100 * hit:.1f} %",
+            str(r["reference_max_rate"]),
+            str(r["ratio_service_to_reference"]),
+        )
     console.print(table)
     console.print(f"written: {args.out / 'bench.json'}")
     return 0

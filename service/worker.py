@@ -41,6 +41,7 @@ from service.llm import LLMClient, LLMError, LLMItem, LLMItemResult
 from service.queue import Entry, TaskQueue, sweep
 
 log = logging.getLogger("loadproof.worker")
+SWEEP_DUTY_FACTOR = 20  # wait at least this many times the last sweep took (<= ~5 % of the time)
 
 BLOCK_MS = 1000  # longest XREADGROUP block: bounds how long a stop request waits
 GAUGE_INTERVAL_S = 2.0
@@ -115,7 +116,7 @@ class Worker:
         await self.start()
         loops = [
             asyncio.create_task(self._every(self._claim_every_s / 1.5, self._heartbeat), name="heartbeat"),
-            asyncio.create_task(self._every(self.settings.queue_sweep_interval_s, self._sweep), name="sweeper"),
+            asyncio.create_task(self._sweeper(), name="sweeper"),
             asyncio.create_task(self._every(GAUGE_INTERVAL_S, self.queue.update_gauges), name="gauges"),
             asyncio.create_task(self._every(1.0, self._beat), name="beat"),
         ]
@@ -156,8 +157,26 @@ class Worker:
         if self._held:
             await self.queue.touch(self.consumer, list(self._held))
 
-    async def _sweep(self) -> None:
-        await sweep(self.queue, self.db)
+    async def _sweeper(self) -> None:
+        """``sweep`` every ``queue_sweep_interval_s``, but never more than ~5 % of the time.
+
+        A sweep reads the whole stream; with a backlog of tens of thousands of tasks that costs this
+        process (and Redis) a visible fraction of a core, which at 1000 new tasks/s showed up as
+        request stalls. Waiting at least 20x the last sweep's duration bounds that cost; a missing
+        entry is still found, only later — and a task at the back of such a backlog waits longer
+        than that for a worker anyway.
+        """
+        wait_s = self.settings.queue_sweep_interval_s
+        while True:
+            await asyncio.sleep(wait_s)
+            started = time.monotonic()
+            try:
+                await sweep(self.queue, self.db)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("sweep failed: %r", exc)
+            wait_s = max(self.settings.queue_sweep_interval_s, SWEEP_DUTY_FACTOR * (time.monotonic() - started))
 
     # --- collecting batches ---------------------------------------------------------------------
     async def _collect(self) -> None:

@@ -51,3 +51,29 @@ def test_a_target_without_cache_metrics_has_no_ratio() -> None:
     assert cache_counts("http://127.0.0.1:9") is None  # nothing listens on the discard port
     assert hit_ratio(None, None) is None
     assert hit_ratio((5.0, 5.0), (5.0, 5.0)) is None  # no lookups in the step: not 0
+
+
+@pytest.mark.e2e
+def test_cold_reference_commits_one_row_and_one_stream_entry_per_request() -> None:
+    """The cold path's floor really is durable: each 202 is a committed row plus an XADD."""
+    import httpx
+    import psycopg
+    import redis
+
+    from loadtest.bench import ReferenceServer
+    from service.reference import REFERENCE_STREAM
+
+    with ReferenceServer(1, mode="insert", db_pool_size=2) as ref:
+        assert ref.postgres is not None
+        answers = [httpx.post(f"{ref.url}/task", json={"persona_id": "p", "topic": f"t{i}"}) for i in range(5)]
+        assert [a.status_code for a in answers] == [202] * 5
+        with psycopg.connect(ref.postgres.dsn) as conn:
+            row = conn.execute("SELECT count(*) FROM reference_tasks").fetchone()
+            assert row is not None and row[0] == 5
+            fsync = conn.execute("SHOW fsync").fetchone()
+            assert fsync is not None and fsync[0] == "on"  # the same durability as make demo
+        client = redis.Redis.from_url(ref.redis.url)
+        try:
+            assert client.xlen(REFERENCE_STREAM) == 5
+        finally:
+            client.close()
