@@ -1,14 +1,34 @@
-"""Bad client input found by fuzzing the API contract (and by review), pinned as regression tests.
+"""The API contract under property-based fuzzing, and the bad inputs fuzzing (and review) found.
 
-Each case runs in-process on both ``POST /task`` paths: the ``Guard``'s fast path (JSON body, no
-``Idempotency-Key``) and the FastAPI route (with the key), which must answer alike; an in-process
-transport is the right tool here, it delivers the worst a client could send (a NUL in a header). One
-test sends the same cases to the real service process through uvicorn's HTTP parser.
+**The fuzz run.** schemathesis generates requests from ``/openapi.json`` (valid ones and deliberately
+invalid ones: wrong types, pattern violations, undecodable bodies, odd methods) and checks every answer
+against the same spec: no 5xx, every status code documented, every body conforming to its schema, and,
+because the spec must say what the server enforces, schema-valid input accepted and schema-invalid
+input refused.
+
+It runs against the real service process, ``python -m service.orchestrator`` (uvicorn with httptools
+and uvloop, exactly what the image runs) on a free port, with the session's real Postgres, Redis and
+LLM simulator. Not in-process ASGI, for two reasons:
+
+* requests go through the real HTTP parser and the ``Guard`` middleware the way clients' requests do;
+  an in-process transport hands the app things no HTTP server delivers (a NUL byte in a header) and
+  skips what a server does (trimming header whitespace), so the two kinds of run disagree on edge
+  cases and the contract is about the deployed server;
+* schemathesis calls synchronously while the app's pools (SQLAlchemy, Redis) belong to one event
+  loop: a separate process keeps them apart, with no thread or event-loop juggling in the test.
+
+Bounded: ``FUZZ_EXAMPLES`` examples per operation and phase, no shrinking, fixed seed (``derandomize``)
+so a failure reproduces and the run takes seconds (set ``LOADPROOF_FUZZ_EXAMPLES`` for a deeper run).
+
+**The regression tests** pin each case found, in-process on both ``POST /task`` paths: the ``Guard``'s
+fast path (JSON body, no ``Idempotency-Key``) and the FastAPI route (with the key), which must answer
+alike. An in-process transport is the right tool here: it delivers the worst a client could send.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -17,9 +37,18 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from hypothesis import given, settings
+import schemathesis
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    negative_data_rejection,
+    positive_data_acceptance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from localstack.servers import PostgresServer, RedisServer
 from localstack.services import OrchestratorServer, SimulatorServer
@@ -27,16 +56,49 @@ from service.cache import clean_topic
 from service.schemas import IDEMPOTENCY_KEY_PATTERN, TOPIC_MAX, TOPIC_PATTERN, WHITESPACE, TaskIn
 from tests.conftest import api_client, make_settings, service_env
 
+FUZZ_EXAMPLES = int(os.environ.get("LOADPROOF_FUZZ_EXAMPLES", "100"))
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    response_schema_conformance,
+    positive_data_acceptance,
+    negative_data_rejection,
+]
 JSON_HEADERS = {"content-type": "application/json"}
 
 
-# --- over real HTTP ---------------------------------------------------------------------------------
+# --- the fuzz run --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def api_server(
     postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer
 ) -> Iterator[OrchestratorServer]:
     with OrchestratorServer(service_env(postgres, redis_server, simulator)) as api:
         yield api
+
+
+@pytest.fixture
+def api_schema(api_server: OrchestratorServer, clean_state: None) -> schemathesis.BaseSchema:
+    schema = schemathesis.openapi.from_url(f"{api_server.url}/openapi.json")
+    schema.config.generation.update(
+        modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=FUZZ_EXAMPLES, no_shrink=True
+    )
+    schema.config.phases.update(phases=["examples", "coverage", "fuzzing"])
+    return schema
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+def test_api_contract_holds_under_fuzzing(case: schemathesis.Case) -> None:
+    case.call_and_validate(checks=CHECKS)
 
 
 def test_the_hand_found_cases_over_real_http(
