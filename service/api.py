@@ -33,10 +33,14 @@ from typing import Annotated, Any
 
 import psycopg
 from fastapi import FastAPI, Header, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from service import metrics
@@ -45,7 +49,17 @@ from service.cache import INFLIGHT_TTL_S, Cache, clean_topic, inflight_key, make
 from service.config import Settings, get_settings
 from service.db import Database, TaskStoreBusy
 from service.queue import TaskQueue
-from service.schemas import ErrorOut, HealthOut, TaskAccepted, TaskDone, TaskIn, TaskView, Timings, Usage
+from service.schemas import (
+    IDEMPOTENCY_KEY_PATTERN,
+    ErrorOut,
+    HealthOut,
+    TaskAccepted,
+    TaskDone,
+    TaskIn,
+    TaskView,
+    Timings,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +372,8 @@ def create_app(settings: Settings | None = None, *, drain_delay_s: float | None 
     app.add_exception_handler(SQLAlchemyError, _db_unavailable)
     app.add_exception_handler(psycopg.OperationalError, _db_unavailable)
     app.add_exception_handler(TaskStoreBusy, _db_unavailable)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(HTTPException, _http_error)
     _routes(app, rt)
     rt.routes = list(app.router.routes)
     app.add_middleware(Guard, runtime=rt)
@@ -371,6 +387,44 @@ async def _db_unavailable(request: Request, exc: Exception) -> Response:
 def _db_unavailable_response(exc: Exception) -> Response:
     log.warning("database unavailable: %r", exc)
     return _error(503, "task store unavailable; retry shortly", {"Retry-After": RETRY_AFTER_S})
+
+
+async def _invalid_request(request: Request, exc: Exception) -> Response:
+    """422 with FastAPI's error list, made encodable: the echoed ``input`` may hold what the client
+    sent and UTF-8 cannot carry (a lone surrogate from a ``\\ud800`` escape, undecodable bytes), and
+    FastAPI's own handler would fail encoding it (a 500 for bad client input)."""
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": jsonable_encoder(_encodable(exc.errors()))}, status_code=422)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """FastAPI answers a body it cannot decode (not UTF-8, nested too deeply for ``json.loads``) with
+    400, which the spec does not list. It is malformed JSON like any other, so it gets the same
+    answer as a syntax error: 422 ``json_invalid`` at ``body``. Other HTTP errors pass unchanged."""
+    assert isinstance(exc, HTTPException)
+    cause = exc.__cause__
+    if exc.status_code == 400 and cause is not None and not isinstance(cause, HTTPException):
+        reason = "not UTF-8" if isinstance(cause, UnicodeDecodeError) else type(cause).__name__
+        error = {"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error", "input": {}}
+        return JSONResponse({"detail": [{**error, "ctx": {"error": reason}}]}, status_code=422)
+    return await http_exception_handler(request, exc)
+
+
+def _encodable(value: Any) -> Any:
+    """``value`` with every string UTF-8-encodable and bytes decoded (invalid parts backslash-escaped)."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode()
+        return value
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    if isinstance(value, dict):
+        return {_encodable(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encodable(v) for v in value]
+    return value
 
 
 ERR = {"model": ErrorOut}
@@ -393,7 +447,13 @@ def _routes(app: FastAPI, rt: Runtime) -> None:
     async def create_task(
         body: TaskIn,
         idempotency_key: Annotated[
-            str | None, Header(min_length=1, max_length=200, description="Same key, same task.")
+            str | None,
+            Header(
+                min_length=1,
+                max_length=200,
+                pattern=IDEMPOTENCY_KEY_PATTERN,
+                description="Same key, same task: 1-200 printable ASCII characters, no leading/trailing space.",
+            ),
         ] = None,
     ) -> Response:
         return await create_task_response(rt, body, idempotency_key)

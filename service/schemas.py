@@ -6,17 +6,94 @@ from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic_core import PydanticCustomError
 
 PersonaId = Annotated[
     str,
     StringConstraints(pattern=r"^[a-z0-9_-]{1,64}$"),
     Field(description="1-64 characters of `a-z`, `0-9`, `_`, `-`.", examples=["tech-optimist"]),
 ]
+# ``Idempotency-Key`` header: 1-200 printable ASCII characters, inner spaces allowed (HTTP trims them at
+# the ends anyway). Refuses what Postgres cannot store (NUL) and what HTTP cannot carry (controls).
+IDEMPOTENCY_KEY_PATTERN = r"^[!-~](?:[ -~]{0,198}[!-~])?$"
+
+# Whitespace as the service means it everywhere: ``str.isspace()``, which is what ``str.strip()`` and
+# the ``\s`` of Python's ``re`` (``service.cache.clean_topic``) use. Spelled out, so the pattern below
+# means the same in ECMA-262 (JSON Schema), Python and Rust (pydantic) regular expressions; a test
+# checks it against ``str.isspace()`` over every code point.
+WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
+    "\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+TOPIC_MAX = 500
+
+
+def _char_class(chars: str) -> str:
+    """The body of a regex character class for ``chars``, consecutive runs as ``\\uXXXX-\\uXXXX`` ranges."""
+    codes = sorted(map(ord, chars))
+    runs: list[list[int]] = []
+    for code in codes:
+        if runs and code == runs[-1][1] + 1:
+            runs[-1][1] = code
+        else:
+            runs.append([code, code])
+    return "".join(f"\\u{a:04x}" if a == b else f"\\u{a:04x}-\\u{b:04x}" for a, b in runs)
+
+
+_WS = _char_class(WHITESPACE)
+# The topic rule as one pattern, published in the OpenAPI spec: optional whitespace, then 1-500
+# characters that start and end with a non-whitespace character, then optional whitespace; no NUL
+# anywhere (Postgres ``text`` cannot hold it). ``_topic`` below enforces exactly this, with
+# per-rule messages; a property test checks the two agree.
+TOPIC_PATTERN = f"^[{_WS}]*[^{_WS}\\u0000](?:[^\\u0000]{{0,{TOPIC_MAX - 2}}}[^{_WS}\\u0000])?[{_WS}]*$"
+
+
+def _topic(value: str) -> str:
+    """Trimmed (``str.strip``); refused when not UTF-8-encodable, empty, longer than ``TOPIC_MAX`` or
+    holding a NUL.
+
+    A lone surrogate (a ``\\ud800`` escape, or its bytes, which ``json.loads`` lets through) cannot be
+    stored, hashed into the cache key or sent to the LLM. Pydantic checks that only for strings it
+    converts (``persona_id``, with its pattern), not for a plain ``str`` like this one: hence here.
+    """
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise PydanticCustomError(
+                "string_unicode", "Input should be a valid string, unable to parse raw data as a unicode string"
+            ) from None
+    if "\x00" in value:
+        raise PydanticCustomError("string_nul", "String should not contain NUL (\\u0000) characters")
+    value = value.strip()
+    if not value:
+        raise PydanticCustomError(
+            "string_too_short",
+            "String should have at least 1 character that is not whitespace",
+            {"min_length": 1},
+        )
+    if len(value) > TOPIC_MAX:
+        raise PydanticCustomError(
+            "string_too_long",
+            "String should have at most {max_length} characters after trimming whitespace",
+            {"max_length": TOPIC_MAX},
+        )
+    return value
+
+
 Topic = Annotated[
     str,
-    StringConstraints(strip_whitespace=True, min_length=1, max_length=500),
-    Field(description="What the post is about; 1-500 characters after trimming.", examples=["rust in production"]),
+    AfterValidator(_topic),
+    Field(
+        description=(
+            "What the post is about: at least one character that is not whitespace, at most "
+            f"{TOPIC_MAX} characters after trimming surrounding whitespace (inner runs of whitespace are "
+            "collapsed to one space when stored), no NUL (U+0000). Whitespace = Python's `str.isspace()`."
+        ),
+        examples=["rust in production"],
+        json_schema_extra={"pattern": TOPIC_PATTERN},
+    ),
 ]
 TaskStatus = Literal["queued", "running", "done", "failed"]
 
