@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from common import k6config
-from common.stackconfig import StackConfig, load
+from common.stackconfig import REPO_ROOT, StackConfig, load
 from infra import kube, postgres, redis, render
 from infra.orchestrator import PRESTOP_SLEEP_S, grace_period_s
 from infra.program import REPORT_OUTPUTS
@@ -61,7 +61,10 @@ def env_of(c: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
 
 
-@pytest.mark.parametrize("stack", ["dev", "kind"])
+STACKS = ["dev", "kind", "k3d"]
+
+
+@pytest.mark.parametrize("stack", STACKS)
 def test_every_object_is_valid_for_kubernetes_and_promtool_and_k6(stack: str) -> None:
     objects = render.evaluate(load(stack), stack=stack).manifests()
     assert len(objects) > 40
@@ -292,7 +295,8 @@ class JobRenamingMocks(render.RecordingMocks):
 def test_report_read_back_waits_for_the_report_job() -> None:
     mocks = JobRenamingMocks()
     render.evaluate(load("dev"), mocks=mocks)
-    assert mocks.reads == [("kubernetes:core/v1:ConfigMap", "loadproof/name-from-job-outputs")]
+    reports = [r for r in mocks.reads if r[0] == "kubernetes:core/v1:ConfigMap"]
+    assert reports == [("kubernetes:core/v1:ConfigMap", "loadproof/name-from-job-outputs")]
 
 
 def test_report_job_runs_after_the_runners_and_writes_its_configmap(objects: list[dict[str, Any]]) -> None:
@@ -415,7 +419,7 @@ def test_namespace_guard_rails(objects: list[dict[str, Any]]) -> None:
     assert render.find(objects, "LimitRange", "loadproof-limits")["spec"]["limits"][0]["type"] == "Container"
 
 
-@pytest.mark.parametrize("stack", ["dev", "kind"])
+@pytest.mark.parametrize("stack", STACKS)
 def test_quota_fits_the_stack_at_full_scale(stack: str) -> None:
     """Peak requests and limits (HPA at max, one surge pod per rolling Deployment, all Jobs) fit the ResourceQuota."""
     cfg = load(stack)
@@ -447,7 +451,7 @@ def test_quota_fits_the_stack_at_full_scale(stack: str) -> None:
         assert used <= limit, f"{key}: {used} needed at full scale, quota {hard[key]}"
 
 
-@pytest.mark.parametrize("stack", ["dev", "kind"])
+@pytest.mark.parametrize("stack", STACKS)
 def test_redis_evicts_before_the_oom_killer(stack: str) -> None:
     cfg = load(stack)
     r = cfg.redis
@@ -474,7 +478,7 @@ def test_ordering_service_then_runners_then_report(dev: render.Evaluation) -> No
     assert not dev.waits_for("orchestrator-api", "simulator-deployment")
 
 
-@pytest.mark.parametrize("stack", ["dev", "kind"])
+@pytest.mark.parametrize("stack", STACKS)
 def test_references_resolve_within_the_stack(stack: str) -> None:
     """Every mounted volume exists; every ConfigMap, Secret (and key), PVC, ServiceAccount and Service
     a pod or object refers to is rendered too; no mount is nested inside another."""
@@ -569,7 +573,7 @@ def test_promtool_check_catches_a_broken_prometheus_config(objects: list[dict[st
 NON_SETTINGS_ENV = {k6config.CONFIG_ENV: "the k6 script's config", report_job.CONFIG_ENV: "the report Job's config"}
 
 
-@pytest.mark.parametrize("stack", ["dev", "kind"])
+@pytest.mark.parametrize("stack", STACKS)
 def test_every_loadproof_env_var_is_a_settings_field(stack: str) -> None:
     """pydantic-settings ignores unknown variables (``extra="ignore"``): a misspelt one would silently do nothing."""
     fields = {f"LOADPROOF_{name.upper()}" for name in Settings.model_fields}
@@ -629,7 +633,7 @@ def test_grafana_ingress_waits_for_the_ingress_controller_it_installs() -> None:
     assert "baseline-ingress-nginx" not in dev.monitor.urns
 
 
-@pytest.mark.parametrize("stack", ["dev", "kind"])
+@pytest.mark.parametrize("stack", STACKS)
 def test_postgres_max_connections_cover_every_pool_at_full_scale(stack: str) -> None:
     cfg = load(stack)
     demand = postgres.connection_demand(cfg)
@@ -687,3 +691,155 @@ def test_values_the_service_would_refuse_fail_the_program(changes: dict[str, Any
     """Settings' bounds are checked when the program runs, not discovered as a crash-looping pod."""
     with pytest.raises(ValueError, match=variable):
         render.evaluate(with_changes(load("dev"), changes))
+
+
+# ------------------------------------------------------------------ ingress and the network to real clusters
+
+
+def _release_values(evaluation: render.Evaluation) -> dict[str, Any]:
+    (release,) = [r for r in evaluation.mocks.resources if r.typ == "kubernetes:helm.sh/v3:Release"]
+    return render.to_plain(release.inputs)["values"]["controller"]
+
+
+def test_ingress_nginx_rolls_without_surge_on_the_node_kind_maps_ports_to() -> None:
+    """hostPorts fit one pod per node: the old controller must go before the new one can schedule, on the
+    node labelled ingress-ready=true (infra/kind-cluster.yaml), which is kind's tainted control plane."""
+    controller = _release_values(render.evaluate(load("kind"), stack="kind"))
+    assert controller["hostPort"] == {"enabled": True}
+    assert controller["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+    }
+    assert controller["nodeSelector"] == {"ingress-ready": "true"}
+    assert controller["tolerations"] == [
+        {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    kind_cluster = yaml.safe_load((REPO_ROOT / "infra" / "kind-cluster.yaml").read_text())
+    (node,) = kind_cluster["nodes"]
+    assert node["role"] == "control-plane" and 'node-labels: "ingress-ready=true"' in node["kubeadmConfigPatches"][0]
+    # The chart pastes these values into the controller Deployment verbatim: they must be valid there.
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "ingress-nginx-controller"},
+        "spec": {
+            "strategy": controller["updateStrategy"],
+            "selector": {"matchLabels": {"app": "x"}},
+            "template": {
+                "metadata": {"labels": {"app": "x"}},
+                "spec": {
+                    "nodeSelector": controller["nodeSelector"],
+                    "tolerations": controller["tolerations"],
+                    "containers": [{"name": "controller", "image": "x"}],
+                },
+            },
+        },
+    }
+    assert render.validate([deployment]) == []
+    # Other clusters clear the selector: scheduled anywhere, no toleration of the control plane.
+    anywhere = _release_values(
+        render.evaluate(with_changes(load("kind"), {"baseline.ingressNodeSelector": {}}), stack="kind")
+    )
+    assert "nodeSelector" not in anywhere and "tolerations" not in anywhere
+    assert anywhere["updateStrategy"] == controller["updateStrategy"]
+
+
+def test_k3d_stack_uses_traefik_and_admits_only_its_pods() -> None:
+    cfg = load("k3d")
+    assert cfg.baseline.ingress_controller is False  # ingress-nginx's hostPorts would collide with svclb-traefik
+    assert cfg.monitoring.grafana.ingress_class == "traefik"
+    assert cfg.monitoring.grafana.host == "grafana.127.0.0.1.nip.io"
+    ev = render.evaluate(cfg, stack="k3d")
+    assert not [r for r in ev.mocks.resources if r.typ == "kubernetes:helm.sh/v3:Release"]
+    objects = ev.manifests()
+    assert render.find(objects, "Ingress", "grafana")["spec"]["ingressClassName"] == "traefik"
+    (rule,) = render.find(objects, "NetworkPolicy", "allow-grafana")["spec"]["ingress"]
+    # One peer with both selectors: Traefik's pods AND in kube-system (two peers would admit either).
+    assert rule["from"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "traefik"}},
+        }
+    ]
+    assert rule["ports"] == [{"port": kube.GRAFANA_PORT, "protocol": "TCP"}]
+    assert ev.outputs["grafana_url"] == "http://grafana.127.0.0.1.nip.io/"
+
+
+def _api_server_rules(objects: list[dict[str, Any]], component: str) -> list[dict[str, Any]]:
+    spec = render.find(objects, "NetworkPolicy", f"allow-{component}")["spec"]
+    return [r for r in spec.get("egress", []) if any("ipBlock" in p for p in r["to"])]
+
+
+API_CLIENTS = ("prometheus", "report", "k6-start")
+
+
+def test_api_server_egress_is_its_endpoints_not_anywhere(dev: render.Evaluation, objects: list[dict[str, Any]]) -> None:
+    """The `default/kubernetes` EndpointSlice is read at deploy time; each address becomes a /32 on its port."""
+    assert ("kubernetes:discovery.k8s.io/v1:EndpointSlice", "default/kubernetes") in dev.mocks.reads
+    expected = [
+        {
+            "ports": [{"port": render.MOCK_API_SERVER["port"], "protocol": "TCP"}],
+            "to": [{"ipBlock": {"cidr": f"{render.MOCK_API_SERVER['address']}/32"}}],
+        }
+    ]
+    for component in API_CLIENTS:
+        assert _api_server_rules(objects, component) == expected, component
+    everywhere = [
+        o["metadata"]["name"]
+        for o in objects
+        if o["kind"] == "NetworkPolicy"
+        for r in o["spec"].get("egress", [])
+        for p in r["to"]
+        if p.get("ipBlock", {}).get("cidr") in ("0.0.0.0/0", "::/0")
+    ]
+    assert everywhere == []  # internal stores and the simulator: nothing leaves for "anywhere"
+
+
+class DualStackApiServer(render.RecordingMocks):
+    """A cluster whose API server has two IPv6 endpoints on 443."""
+
+    def output_state(self, args: Any, state: dict[str, Any]) -> dict[str, Any]:
+        if args.typ == "kubernetes:discovery.k8s.io/v1:EndpointSlice":
+            return {
+                **state,
+                "addressType": "IPv6",
+                "endpoints": [{"addresses": ["fd00::2"]}, {"addresses": ["fd00::1"]}],
+                "ports": [{"name": "https", "port": 443, "protocol": "TCP"}],
+            }
+        return state
+
+
+def test_api_server_endpoints_and_extra_cidrs() -> None:
+    objects = render.evaluate(load("dev"), mocks=DualStackApiServer()).manifests()
+    assert _api_server_rules(objects, "prometheus") == [
+        {
+            "ports": [{"port": 443, "protocol": "TCP"}],
+            "to": [{"ipBlock": {"cidr": "fd00::1/128"}}, {"ipBlock": {"cidr": "fd00::2/128"}}],
+        }
+    ]
+    # Added CIDRs (e.g. a load balancer in front of the control plane) on both API ports.
+    extra = {"ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}],
+             "to": [{"ipBlock": {"cidr": "203.0.113.0/28"}}]}  # fmt: skip
+    cfg = with_changes(load("dev"), {"baseline.apiServerCidrs": ["203.0.113.0/28"]})
+    objects = render.evaluate(cfg).manifests()
+    for component in API_CLIENTS:
+        assert _api_server_rules(objects, component)[1:] == [extra]
+    # ...or instead of the endpoints, for clusters where they are not what pods reach.
+    only = with_changes(cfg, {"baseline.apiServerFromEndpoints": False})
+    ev = render.evaluate(only)
+    assert not [r for r in ev.mocks.reads if r[0].endswith("EndpointSlice")]
+    for component in API_CLIENTS:
+        assert _api_server_rules(ev.manifests(), component) == [extra]
+    with pytest.raises(Exception, match="apiServerCidrs is empty"):
+        with_changes(load("dev"), {"baseline.apiServerFromEndpoints": False})
+
+
+def test_node_local_dns_is_allowed_when_set(objects: list[dict[str, Any]]) -> None:
+    assert len(render.find(objects, "NetworkPolicy", "allow-dns")["spec"]["egress"]) == 1
+    cfg = with_changes(load("dev"), {"baseline.nodeLocalDns": "169.254.20.10"})
+    kube_dns, node_local = render.find(render.evaluate(cfg).manifests(), "NetworkPolicy", "allow-dns")["spec"]["egress"]
+    assert kube_dns["to"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
+    assert node_local == {
+        "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
+        "to": [{"ipBlock": {"cidr": "169.254.20.10/32"}}],
+    }
