@@ -29,6 +29,11 @@ GRAFANA_PORT = 3000
 K6_API_PORT = 6565
 
 
+# On a Job: a failed (unready) Job from an earlier `pulumi up` is replaced by the next one instead of
+# failing it. Our Jobs never retry (backoffLimit 0), so without this one failed run blocks every later up.
+JOB_ANNOTATIONS = {"pulumi.com/replaceUnready": "true"}
+
+
 _BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 _DECIMAL = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 

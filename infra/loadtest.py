@@ -16,7 +16,8 @@
   hence a new run on the next ``pulumi up``.
 * **Thresholds**: k6 exits 99 when a threshold is crossed. That is a *result*, judged and reported by
   the report Job, not an infrastructure failure, so the wrapper maps it to 0; any other non-zero
-  exit fails the Job (``backoffLimit: 0``: a load test is never silently retried).
+  exit fails the Job (``backoffLimit: 0``: a load test is never silently retried). Every Job carries
+  ``pulumi.com/replaceUnready``, so a failed run is replaced by the next ``pulumi up`` instead of blocking it.
 """
 
 from __future__ import annotations
@@ -183,7 +184,10 @@ class LoadTest(pulumi.ComponentResource):
         self.runner_job = k8s.batch.v1.Job(
             f"{name}-runners-job",
             metadata=k8s.meta.v1.ObjectMetaArgs(
-                name=run.hex.apply(lambda h: f"k6-{h}"), namespace=namespace, labels=c.labels("k6")
+                name=run.hex.apply(lambda h: f"k6-{h}"),
+                namespace=namespace,
+                labels=c.labels("k6"),
+                annotations=c.JOB_ANNOTATIONS,
             ),
             spec=k8s.batch.v1.JobSpecArgs(
                 completion_mode="Indexed",
@@ -252,7 +256,10 @@ class LoadTest(pulumi.ComponentResource):
         self.start_job = k8s.batch.v1.Job(
             f"{name}-start-job",
             metadata=k8s.meta.v1.ObjectMetaArgs(
-                name=run.hex.apply(lambda h: f"k6-start-{h}"), namespace=namespace, labels=c.labels("k6-start")
+                name=run.hex.apply(lambda h: f"k6-start-{h}"),
+                namespace=namespace,
+                labels=c.labels("k6-start"),
+                annotations=c.JOB_ANNOTATIONS,
             ),
             spec=k8s.batch.v1.JobSpecArgs(
                 backoff_limit=0,

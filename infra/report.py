@@ -119,7 +119,9 @@ class Report(pulumi.ComponentResource):
         self.job = k8s.batch.v1.Job(
             f"{name}-job",
             # Same name as the ConfigMap it writes: one report per run id.
-            metadata=k8s.meta.v1.ObjectMetaArgs(name=report_configmap, namespace=namespace, labels=c.labels("report")),
+            metadata=k8s.meta.v1.ObjectMetaArgs(
+                name=report_configmap, namespace=namespace, labels=c.labels("report"), annotations=c.JOB_ANNOTATIONS
+            ),
             spec=k8s.batch.v1.JobSpecArgs(
                 backoff_limit=0,
                 active_deadline_seconds=timeout,

@@ -131,6 +131,16 @@ def test_pulumi_waits_longer_than_every_job_may_run(stack: str) -> None:
     assert runner_deadline > START_TIMEOUT_S + run_duration_s(cfg)
 
 
+@pytest.mark.parametrize("stack", ["dev", "kind", "k3d"])
+def test_a_failed_job_does_not_block_the_next_up(stack: str) -> None:
+    """backoffLimit 0 leaves a failed Job unready for good: every Job asks Pulumi to replace it then."""
+    jobs = [o for o in render.evaluate(load(stack), stack=stack).manifests() if o["kind"] == "Job"]
+    assert len(jobs) == 3
+    for job in jobs:
+        assert job["spec"]["backoffLimit"] == 0
+        assert job["metadata"]["annotations"]["pulumi.com/replaceUnready"] == "true", job["metadata"]["name"]
+
+
 def test_jobs_change_only_with_the_run_id() -> None:
     """Job templates are immutable: a setting outside the run id's keepers must not touch any Job
     (that would replace it and measure twice under one run id)."""
