@@ -115,7 +115,6 @@ def deploy(cfg: StackConfig, secrets: Secrets) -> dict[str, Any]:
         grafana_url=monitoring.grafana_url,
         start_configmap=loadtest.start_configmap,
         report_configmap=loadtest.report_configmap,
-        service_account=loadtest.service_account,
         database_secret=postgres.secret_name,
         database_key=postgres.url_key,
         after=[loadtest.runner_job, loadtest.start_job],

@@ -145,12 +145,17 @@ class RecordingMonitor(MockMonitor):
         self.dependencies: dict[str, set[str]] = {}  # logical name -> URNs it waits for
         self.urns: dict[str, str] = {}  # logical name -> URN
         self.create_timeouts: dict[str, str] = {}  # logical name -> customTimeouts.create ("" = provider default)
+        self.ignore_changes: dict[str, list[str]] = {}  # logical name -> ignoreChanges
+        self.retained: set[str] = set()  # logical names registered with retainOnDelete
 
     def RegisterResource(self, request: Any) -> Any:
         response = super().RegisterResource(request)
         self.dependencies[request.name] = set(request.dependencies)
         self.urns[request.name] = response.urn
         self.create_timeouts[request.name] = request.customTimeouts.create
+        self.ignore_changes[request.name] = list(request.ignoreChanges)
+        if request.retainOnDelete:
+            self.retained.add(request.name)
         return response
 
     def ReadResource(self, request: Any) -> Any:

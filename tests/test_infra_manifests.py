@@ -304,10 +304,25 @@ def test_report_job_runs_after_the_runners_and_writes_its_configmap(objects: lis
     c = job["spec"]["template"]["spec"]["containers"][0]
     assert c["command"] == ["python", "-m", "loadtest.report_job"]
     assert "pulumi.com/skipAwait" not in job["metadata"].get("annotations", {})
-    role = render.find(objects, "Role", "loadtest-control")
-    named = [r for r in role["rules"] if r.get("resourceNames")]
-    assert named[0]["resourceNames"] == [f"k6-start-{render.MOCK_RUN_HEX}", f"report-{render.MOCK_RUN_HEX}"]
-    assert "create" not in named[0]["verbs"] and "delete" not in str(role["rules"])
+    # One ServiceAccount and Role per Job, each limited to named ConfigMaps; nothing may create or delete.
+    start, report = f"k6-start-{render.MOCK_RUN_HEX}", f"report-{render.MOCK_RUN_HEX}"
+    grants = {
+        name: {
+            (n, verb)
+            for r in render.find(objects, "Role", name)["rules"]
+            for n in r["resourceNames"]
+            for verb in r["verbs"]
+        }
+        for name in ("k6-start", "report")
+    }
+    assert grants == {"k6-start": {(start, "patch")}, "report": {(start, "get"), (report, "patch")}}
+    for name in ("k6-start", "report"):
+        assert all(r["resources"] == ["configmaps"] for r in render.find(objects, "Role", name)["rules"])
+        binding = render.find(objects, "RoleBinding", name)
+        assert binding["roleRef"]["name"] == name and binding["subjects"][0]["name"] == name
+    # Pulumi creates both ConfigMaps (the Jobs cannot) and keeps them when a re-run replaces them.
+    for name in (start, report):
+        assert "data" not in render.find(objects, "ConfigMap", name)
 
 
 def test_entry_point_runs_the_way_pulumi_runs_it(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
