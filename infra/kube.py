@@ -97,13 +97,19 @@ def container_security() -> k8s.core.v1.SecurityContextArgs:
     )
 
 
-def pod_security(uid: int) -> k8s.core.v1.PodSecurityContextArgs:
-    """Numeric uid/gid (runAsNonRoot needs a number to verify) and fsGroup so volumes are writable."""
+def pod_security(uid: int, *, persistent: bool = False) -> k8s.core.v1.PodSecurityContextArgs:
+    """Numeric uid/gid (runAsNonRoot needs a number to verify) and fsGroup so volumes are writable.
+
+    ``persistent``: the pod mounts a PersistentVolume. The kubelet then changes ownership only when the
+    volume's root does not match (``OnRootMismatch``) instead of walking every file on every start,
+    which on a large data directory can outlast the startup budget.
+    """
     return k8s.core.v1.PodSecurityContextArgs(
         run_as_non_root=True,
         run_as_user=uid,
         run_as_group=uid,
         fs_group=uid,
+        fs_group_change_policy="OnRootMismatch" if persistent else None,
         seccomp_profile=k8s.core.v1.SeccompProfileArgs(type="RuntimeDefault"),
     )
 

@@ -858,3 +858,110 @@ def test_node_local_dns_is_allowed_when_set(objects: list[dict[str, Any]]) -> No
         "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
         "to": [{"ipBlock": {"cidr": "169.254.20.10/32"}}],
     }
+
+
+# ------------------------------------------------------------------ pods that survive real clusters
+
+
+def test_grafana_first_boot_has_a_startup_budget(objects: list[dict[str, Any]]) -> None:
+    """Migrations on first boot (1 CPU) can outlast liveness: liveness begins only once Grafana answered."""
+    c = container(objects, "Deployment", "grafana")
+    startup, liveness = c["startupProbe"], c["livenessProbe"]
+    assert startup["httpGet"] == liveness["httpGet"] == {"path": "/api/health", "port": kube.GRAFANA_PORT}
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    assert startup["periodSeconds"] * startup["failureThreshold"] > liveness["periodSeconds"] * liveness[
+        "failureThreshold"
+    ] + liveness.get("initialDelaySeconds", 0)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_persistent_volumes_are_not_chowned_on_every_start(stack: str) -> None:
+    objects = render.evaluate(load(stack), stack=stack).manifests()
+    persistent = []
+    for o in objects:
+        if o["kind"] not in WORKLOAD_KINDS:
+            continue
+        spec = o["spec"]["template"]["spec"]
+        if o["spec"].get("volumeClaimTemplates") or any("persistentVolumeClaim" in v for v in spec.get("volumes", [])):
+            persistent.append(o["metadata"]["name"])
+            assert spec["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch", o["metadata"]["name"]
+    assert sorted(persistent) == ["postgres", "prometheus", "redis"]
+
+
+def test_redis_requires_its_generated_password(dev: render.Evaluation, objects: list[dict[str, Any]]) -> None:
+    """requirepass from a RandomPassword, carried in the URL Secret the API and workers read."""
+    password = render.mock_password("redis-password")
+    secret = render.find(objects, "Secret", "redis-url")["stringData"]
+    assert secret == {"password": password, "redis-url": f"redis://:{password}@redis.loadproof.svc:6379/0"}
+    c = container(objects, "Deployment", "redis")
+    assert env_of(c) == {"REDISCLI_AUTH": {"secretKeyRef": {"name": "redis-url", "key": "password"}}}
+    for name in ("orchestrator", "workers"):
+        assert env_of(container(objects, "Deployment", name))["LOADPROOF_REDIS_URL"] == {
+            "secretKeyRef": {"name": "redis-url", "key": "redis-url"}
+        }
+    # Nothing else in the cluster talks to Redis (the report measures Prometheus and Postgres).
+    readers = {
+        f"{o['kind']}/{o['metadata']['name']}"
+        for o in objects
+        if o["kind"] in (*WORKLOAD_KINDS, "Job")
+        for c in o["spec"]["template"]["spec"]["containers"]
+        for e in c.get("env", [])
+        if e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == "redis-url"
+    }
+    assert readers == {"Deployment/orchestrator", "Deployment/workers", "Deployment/redis"}
+    # External Redis: the URL as given, no generated password.
+    external = render.evaluate(with_changes(load("dev"), {"redis.mode": "external"}))
+    assert render.find(external.manifests(), "Secret", "redis-url")["stringData"] == {
+        "redis-url": render.MOCK_SECRETS["redisUrl"]
+    }
+    assert "redis-password" not in {r.name for r in external.mocks.resources}
+
+
+def test_redis_entrypoint_and_probes_against_a_real_redis(objects: list[dict[str, Any]], tmp_path: Any) -> None:
+    """The rendered command, args and probes, run with the real redis-server: the password is required,
+    the probes pass with it and fail without it, and it is on no command line."""
+    import os
+    import socket
+    import subprocess
+    import time
+    from pathlib import Path
+
+    import redis as redis_client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    c = container(objects, "Deployment", "redis")
+    args = list(c["args"])
+    args[args.index("--port") + 1] = str(port)
+    args[args.index("--dir") + 1] = str(tmp_path)
+    password = "Pr0beP4ssw0rd"
+    env = {**os.environ, "REDISCLI_AUTH": password}
+    proc = subprocess.Popen([*c["command"], *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+
+        def probe(which: str, auth: str | None) -> int:
+            command = [a.replace(f"-p {kube.REDIS_PORT}", f"-p {port}") for a in c[which]["exec"]["command"]]
+            probe_env = {k: v for k, v in env.items() if k != "REDISCLI_AUTH"}
+            if auth is not None:
+                probe_env["REDISCLI_AUTH"] = auth
+            return subprocess.run(command, env=probe_env, capture_output=True, timeout=10, check=False).returncode
+
+        deadline = time.monotonic() + 20
+        while probe("readinessProbe", password) != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.1)
+        assert probe("livenessProbe", password) == 0
+        for which in ("readinessProbe", "livenessProbe"):
+            assert probe(which, None) != 0 and probe(which, "wrong") != 0, which
+        url = f"redis://:{password}@127.0.0.1:{port}/0"  # the shape of the Secret's URL
+        assert redis_client.Redis.from_url(url).ping() is True
+        with pytest.raises(redis_client.AuthenticationError):
+            redis_client.Redis.from_url(f"redis://127.0.0.1:{port}/0").ping()
+        # exec: redis-server itself is the process (gets SIGTERM), and its command line has no password.
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode()
+        assert "redis-server" in cmdline and password not in cmdline
+        assert args[args.index("--appendonly") + 1] == "yes"
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0  # clean shutdown on SIGTERM
