@@ -39,6 +39,8 @@ REPORT_OUTPUTS = (
     "tasks_failed",
     "tasks_lost",
     "thresholds_passed",
+    "counter_resets",
+    "replicas",
     "test_id",
     "profile",
 )

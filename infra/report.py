@@ -57,6 +57,7 @@ def report_job_config(
         "runners": lt.runners,
         "orchestratorReplicas": cfg.orchestrator.replicas,
         "workersReplicas": cfg.workers.replicas,
+        "scrapeIntervalS": cfg.monitoring.prometheus.scrape_interval_s,
     }
 
 

@@ -125,13 +125,11 @@ def run(doc: dict[str, Any], kube: Kube, database_url: str | None) -> dict[str, 
         window=RunWindow(started_at, ended_at, float(profile.warmup_s), drained_at=max(drained_at, ended_at)),
         database_url=database_url,
         tasks_pending_after_drain=pending,
-        machine={
-            "where": "kubernetes",
-            "k6_runners": doc.get("runners"),
-            "orchestrator_replicas": doc.get("orchestratorReplicas"),
-            "workers_replicas": doc.get("workersReplicas"),
-        },
+        machine={"where": "kubernetes", "k6_runners": doc.get("runners")},
         settle_s=SETTLE_S,
+        scrape_interval_s=float(doc.get("scrapeIntervalS", 5)),
+        # The API's count is where the HPA starts from; the report shows what really ran next to it.
+        configured_replicas={"orchestrator": doc["orchestratorReplicas"], "workers": doc["workersReplicas"]},
     )
     kube.put_configmap(
         ns, doc["reportConfigmap"], {REPORT_KEY: json.dumps(report, sort_keys=True)}, result_labels("report")

@@ -433,6 +433,9 @@ def test_report_job_measures_the_recorded_window_and_stores_the_result(
     assert window.warmup_s == cfg.loadtest.profiles["demo"].warmup_s
     assert seen["prometheus_url"] == "http://prometheus:9090" and seen["test_id"] == "lp-x"
     assert seen["machine"]["where"] == "kubernetes"
+    # The configured replicas go next to the observed ones; the scrape interval is the sampling step.
+    assert seen["configured_replicas"] == {"orchestrator": cfg.orchestrator.replicas, "workers": cfg.workers.replicas}
+    assert seen["scrape_interval_s"] == cfg.monitoring.prometheus.scrape_interval_s
     assert parse_report(kube.get_configmap("loadproof", "report-x")) == report
     labels = FakeApiServer.store["report-x"]["metadata"]["labels"]
     assert labels["app.kubernetes.io/component"] == "report" and labels["app.kubernetes.io/part-of"] == "loadproof"
