@@ -91,6 +91,7 @@ def deploy(cfg: StackConfig, secrets: Secrets) -> dict[str, Any]:
         database_key=postgres.url_key,
         redis_secret=redis.secret_name,
         redis_key=redis.url_key,
+        redis_checksum=redis.credentials_checksum,
         llm_base_url=llm.base_url,
         llm_secret=llm.secret_name,
         llm_key=llm.api_key_key,

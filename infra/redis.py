@@ -9,6 +9,8 @@ reads it from ``REDISCLI_AUTH``, an environment variable from the Secret.
 
 from __future__ import annotations
 
+import hashlib
+
 import pulumi
 import pulumi_kubernetes as k8s
 import pulumi_random as random
@@ -73,6 +75,9 @@ class Redis(pulumi.ComponentResource):
 
     secret_name: pulumi.Output[str]
     url_key: str = URL_KEY
+    # Changes when the generated password does (internal mode; None for an external URL): clients read
+    # the URL from env at start, so their pod templates carry it and roll when it changes.
+    credentials_checksum: pulumi.Output[str] | None = None
 
     def __init__(
         self,
@@ -95,6 +100,8 @@ class Redis(pulumi.ComponentResource):
             )
             url = pulumi.Output.concat("redis://:", password.result, f"@{name}.{cfg.namespace}.svc:{c.REDIS_PORT}/0")
             data = {URL_KEY: url, PASSWORD_KEY: password.result}
+            # A digest of 32 random characters reveals nothing useful; never of a user-chosen external URL.
+            self.credentials_checksum = password.result.apply(lambda pw: hashlib.sha256(pw.encode()).hexdigest()[:16])
         secret = k8s.core.v1.Secret(
             f"{name}-url",
             metadata=c.metadata(f"{name}-url", namespace, "redis"),

@@ -195,7 +195,8 @@ def test_api_rollout_drain_and_scaling(objects: list[dict[str, Any]]) -> None:
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
-    ann = api["spec"]["template"]["metadata"]["annotations"]
+    ann = dict(api["spec"]["template"]["metadata"]["annotations"])  # a copy: the fixture is shared
+    assert ann.pop("loadproof.dev/redis-credentials")  # see test_clients_roll_when_the_redis_password_changes
     assert ann == {"prometheus.io/scrape": "true", "prometheus.io/port": "8080", "prometheus.io/path": "/metrics"}
     labels = api["spec"]["template"]["metadata"]["labels"]
     assert labels["app.kubernetes.io/name"] == "loadproof" and labels["app.kubernetes.io/component"] == "orchestrator"
@@ -965,3 +966,30 @@ def test_redis_entrypoint_and_probes_against_a_real_redis(objects: list[dict[str
     finally:
         proc.terminate()
         assert proc.wait(timeout=15) == 0  # clean shutdown on SIGTERM
+
+
+class NewRedisPassword(render.RecordingMocks):
+    def output_state(self, args: Any, state: dict[str, Any]) -> dict[str, Any]:
+        if args.name == "redis-password":
+            return {**state, "result": "a-rotated-password"}
+        return state
+
+
+def test_clients_roll_when_the_redis_password_changes(objects: list[dict[str, Any]]) -> None:
+    """The API and workers read the Redis URL from env at start: a new password (or the first one, on an
+    existing stack) changes their pod templates, so they roll instead of keeping a URL Redis refuses."""
+
+    def checksums(objs: list[dict[str, Any]]) -> set[str]:
+        return {
+            render.find(objs, "Deployment", name)["spec"]["template"]["metadata"]["annotations"][
+                "loadproof.dev/redis-credentials"
+            ]
+            for name in ("orchestrator", "workers")
+        }
+
+    (before,) = checksums(objects)
+    (after,) = checksums(render.evaluate(load("dev"), mocks=NewRedisPassword()).manifests())
+    assert before != after and len(before) == 16
+    external = render.evaluate(with_changes(load("dev"), {"redis.mode": "external"})).manifests()
+    annotations = render.find(external, "Deployment", "orchestrator")["spec"]["template"]["metadata"]["annotations"]
+    assert "loadproof.dev/redis-credentials" not in annotations  # never a digest of a user-chosen URL
