@@ -378,6 +378,15 @@ def queue_pending() -> str:
     return f"max({QUEUE_PENDING})"
 
 
+# ---- scale ----
+
+
+def observed_replicas(job: str, window: str, step: str) -> str:
+    """Most scrape targets of ``job`` up at once within ``window`` (sampled every ``step``): the replicas
+    that really ran (the HPA changes them mid-run), not the configured count."""
+    return f"max_over_time(count({selector('up', {'job': job})} == 1)[{window}:{step}])"
+
+
 # ---- database pool ----
 
 
@@ -501,6 +510,7 @@ def all_queries(window: str, testid: str | None = None) -> dict[str, str]:
             "dead_lettered": tasks_total("dead_lettered", window),
             "queue_depth": queue_depth(),
             "queue_pending": queue_pending(),
+            "observed_replicas": observed_replicas("orchestrator", window, "5s"),
             "db_pool_in_use": db_pool_in_use(),
             "db_pool_overflow": db_pool_overflow(),
             "db_pool_waiters": db_pool_waiters(),

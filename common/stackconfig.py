@@ -8,11 +8,13 @@ is documented, and an unknown key is an error naming it (``extra="forbid"``).
 
 from __future__ import annotations
 
+import ipaddress
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 PROJECT = "loadproof"
@@ -56,6 +58,60 @@ class BaselineConfig(Section):
     ingress_namespace: str = Field(
         default="ingress-nginx", description="Namespace of the ingress controller allowed to reach Grafana."
     )
+    ingress_pod_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Pod labels of the ingress controller within `ingressNamespace` (both must match); "
+        "empty = every pod of that namespace.",
+    )
+    ingress_node_selector: dict[str, str] = Field(
+        default_factory=lambda: {"ingress-ready": "true"},
+        description="Node labels the installed ingress-nginx is pinned to, tolerating the control-plane taint "
+        "(kind maps ports 80/443 of that node); empty = any node (other clusters).",
+    )
+    api_server_from_endpoints: bool = Field(
+        default=True,
+        description="Allow egress to the addresses and ports of the `default/kubernetes` EndpointSlice, "
+        "read at deploy time (the API server pods really reach).",
+    )
+    api_server_cidrs: list[str] = Field(
+        default_factory=list,
+        description="More CIDRs (ports 443, 6443) pods reach the API server at, where the endpoints are not "
+        "what pods reach (e.g. a load balancer in front of the control plane).",
+    )
+    node_local_dns: str = Field(
+        default="", description="Address of a node-local DNS cache pods query (e.g. `169.254.20.10`); empty = none."
+    )
+
+    @field_validator("ingress_pod_selector", "ingress_node_selector", mode="before")
+    @classmethod
+    def _json_map(cls, value: Any) -> Any:
+        """``pulumi config set --path ...NodeSelector '{}'`` stores the text ``{}``: read it as the map it spells."""
+        if isinstance(value, str) and value.strip().startswith("{"):
+            return json.loads(value)
+        return value
+
+    @field_validator("api_server_cidrs")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr)  # ValueError names the bad one (host bits set, not an address)
+        return value
+
+    @field_validator("node_local_dns")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if value:
+            ipaddress.ip_address(value)
+        return value
+
+    @model_validator(mode="after")
+    def _api_server_reachable(self) -> BaselineConfig:
+        if not self.api_server_from_endpoints and not self.api_server_cidrs:
+            raise ValueError(
+                "apiServerFromEndpoints is false and apiServerCidrs is empty: "
+                "Prometheus and the Jobs could not reach the API server"
+            )
+        return self
 
 
 class PostgresConfig(Section):

@@ -2,8 +2,8 @@
 
 The stack files are the documentation of every knob (like Ansible's group_vars), so they are
 generated from the schema rather than written by hand: ``python -m common.stackfile`` rewrites
-``Pulumi.dev.yaml`` (all defaults) and ``Pulumi.kind.yaml`` (:data:`KIND_OVERRIDES`), and a test
-fails when either drifts from the schema.
+``Pulumi.dev.yaml`` (all defaults), ``Pulumi.kind.yaml`` (:data:`KIND_OVERRIDES`) and ``Pulumi.k3d.yaml``
+(:data:`K3D_OVERRIDES`), and a test fails when any drifts from the schema.
 """
 
 from __future__ import annotations
@@ -28,11 +28,28 @@ HEADERS = {
         SECRETS_NOTE,
     ],
     "kind": [
-        "# Stack `kind`: a laptop cluster (kind/k3d). Small requests, one k6 runner, ingress-nginx installed,",
-        "# the `smoke` profile, Grafana on http://grafana.127.0.0.1.nip.io/ (see readme: cluster path).",
+        "# Stack `kind`: a laptop kind cluster (infra/kind-cluster.yaml). Small requests, one k6 runner,",
+        "# ingress-nginx installed on the node kind maps ports 80/443 to, the `smoke` profile,",
+        "# Grafana on http://grafana.127.0.0.1.nip.io/ (see readme: cluster path).",
+        SECRETS_NOTE,
+    ],
+    "k3d": [
+        "# Stack `k3d`: a laptop k3d (k3s) cluster. Sized like `kind`, but k3s's own Traefik serves the Ingress",
+        "# (ingress-nginx's hostPorts would collide with its svclb pods), and the Grafana NetworkPolicy admits",
+        "# Traefik's pods in kube-system (k3s enforces NetworkPolicies). Steps: docs/cluster-kind-k3d.md.",
         SECRETS_NOTE,
     ],
 }
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge; an empty map replaces (that is how an override clears a map key such as a node selector)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
+    return out
+
+
 KIND_OVERRIDES: dict[str, Any] = {
     "baseline": {
         "quotaCpu": "8",
@@ -40,6 +57,7 @@ KIND_OVERRIDES: dict[str, Any] = {
         "quotaCpuLimits": "16",
         "quotaMemoryLimits": "12Gi",
         "ingressController": True,
+        # kind's node (infra/kind-cluster.yaml) carries ingress-ready=true: the default node selector fits.
     },
     "postgres": {
         "storage": "1Gi",
@@ -72,16 +90,25 @@ KIND_OVERRIDES: dict[str, Any] = {
 }
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+# k3d: the kind sizes; Traefik (k3s's bundled ingress controller, in kube-system) instead of ingress-nginx.
+K3D_OVERRIDES: dict[str, Any] = _merge(
+    KIND_OVERRIDES,
+    {
+        "baseline": {
+            "ingressController": False,
+            "ingressNamespace": "kube-system",
+            "ingressPodSelector": {"app.kubernetes.io/name": "traefik"},
+            "ingressNodeSelector": {},
+        },
+        "monitoring": {"grafana": {"ingressClass": "traefik"}},
+    },
+)
+OVERRIDES: dict[str, dict[str, Any]] = {"dev": {}, "kind": KIND_OVERRIDES, "k3d": K3D_OVERRIDES}
 
 
 def config_for(stack: str) -> StackConfig:
     base = StackConfig().model_dump(mode="json", by_alias=True)
-    return StackConfig.model_validate(_merge(base, KIND_OVERRIDES) if stack == "kind" else base)
+    return StackConfig.model_validate(_merge(base, OVERRIDES[stack]))
 
 
 def scalar(value: object) -> str:
@@ -112,7 +139,7 @@ def _emit(model: BaseModel, indent: int, lines: list[str]) -> None:
             for sub_key, sub in value.items():
                 lines.append(f"{pad}  {sub_key}:")
                 _emit(sub, indent + 2, lines)
-        elif isinstance(value, list):
+        elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
             lines += [f"{pad}# {desc}", f"{pad}{key}:"]
             for item in value:
                 for i, (n2, f2) in enumerate(type(item).model_fields.items()):
@@ -120,6 +147,8 @@ def _emit(model: BaseModel, indent: int, lines: list[str]) -> None:
         elif isinstance(value, dict):
             body = ", ".join(f"{scalar(k)}: {scalar(v)}" for k, v in value.items())
             lines.append(f"{pad}{key}: {{{body}}}  # {desc}")
+        elif isinstance(value, list):
+            lines.append(f"{pad}{key}: [{', '.join(scalar(v) for v in value)}]  # {desc}")
         else:
             lines.append(f"{pad}{key}: {scalar(value)}  # {desc}")
 

@@ -7,7 +7,7 @@ test can check that bar once for all of them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import pulumi
 import pulumi_kubernetes as k8s
@@ -27,6 +27,11 @@ POSTGRES_PORT = 5432
 REDIS_PORT = 6379
 GRAFANA_PORT = 3000
 K6_API_PORT = 6565
+
+
+# On a Job: a failed (unready) Job from an earlier `pulumi up` is replaced by the next one instead of
+# failing it. Our Jobs never retry (backoffLimit 0), so without this one failed run blocks every later up.
+JOB_ANNOTATIONS = {"pulumi.com/replaceUnready": "true"}
 
 
 _BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
@@ -92,13 +97,19 @@ def container_security() -> k8s.core.v1.SecurityContextArgs:
     )
 
 
-def pod_security(uid: int) -> k8s.core.v1.PodSecurityContextArgs:
-    """Numeric uid/gid (runAsNonRoot needs a number to verify) and fsGroup so volumes are writable."""
+def pod_security(uid: int, *, persistent: bool = False) -> k8s.core.v1.PodSecurityContextArgs:
+    """Numeric uid/gid (runAsNonRoot needs a number to verify) and fsGroup so volumes are writable.
+
+    ``persistent``: the pod mounts a PersistentVolume. The kubelet then changes ownership only when the
+    volume's root does not match (``OnRootMismatch``) instead of walking every file on every start,
+    which on a large data directory can outlast the startup budget.
+    """
     return k8s.core.v1.PodSecurityContextArgs(
         run_as_non_root=True,
         run_as_user=uid,
         run_as_group=uid,
         fs_group=uid,
+        fs_group_change_policy="OnRootMismatch" if persistent else None,
         seccomp_profile=k8s.core.v1.SeccompProfileArgs(type="RuntimeDefault"),
     )
 
@@ -222,4 +233,58 @@ def bind_role(
             )
         ],
         opts=opts,
+    )
+
+
+def configmap_rule(names: pulumi.Input[Sequence[str]], verbs: Sequence[str]) -> k8s.rbac.v1.PolicyRuleArgs:
+    """``verbs`` on the named ConfigMaps only."""
+    return k8s.rbac.v1.PolicyRuleArgs(
+        api_groups=[""], resources=["configmaps"], resource_names=names, verbs=list(verbs)
+    )
+
+
+def job_identity(
+    resource_name: str,
+    name: str,
+    namespace: pulumi.Input[str],
+    component: str,
+    rules: Sequence[k8s.rbac.v1.PolicyRuleArgs],
+    *,
+    parent: pulumi.Resource,
+) -> tuple[pulumi.Output[str], k8s.rbac.v1.RoleBinding]:
+    """One Job's own ServiceAccount, Role (``rules``) and RoleBinding, all named ``name``.
+
+    Returns the account's name and the binding: the Job must depend on the binding, or its first API
+    call may be refused while the grant is still being created.
+    """
+    opts = pulumi.ResourceOptions(parent=parent)
+    account = k8s.core.v1.ServiceAccount(
+        f"{resource_name}-sa", metadata=metadata(name, namespace, component), opts=opts
+    )
+    role = k8s.rbac.v1.Role(
+        f"{resource_name}-role", metadata=metadata(name, namespace, component), rules=rules, opts=opts
+    )
+    binding = bind_role(f"{resource_name}-rolebinding", name, namespace, component, role, account, opts)
+    return account.metadata.apply(lambda m: m.name or ""), binding
+
+
+def result_configmap(
+    resource_name: str,
+    name: pulumi.Input[str],
+    namespace: pulumi.Input[str],
+    component: str,
+    *,
+    parent: pulumi.Resource,
+) -> k8s.core.v1.ConfigMap:
+    """The empty ConfigMap a Job writes its result into.
+
+    Created here because RBAC cannot limit ``create`` to a name (the object does not exist yet): the
+    Job may then only patch this one. Its data belongs to the Job (ignored by Pulumi, so a refresh
+    never wipes a result), and it is retained when a re-run replaces it: earlier results stay
+    readable until the namespace is deleted.
+    """
+    return k8s.core.v1.ConfigMap(
+        resource_name,
+        metadata=k8s.meta.v1.ObjectMetaArgs(name=name, namespace=namespace, labels=labels(component)),
+        opts=pulumi.ResourceOptions(parent=parent, ignore_changes=["data"], retain_on_delete=True),
     )

@@ -8,7 +8,8 @@
   probe). A headless Service lists only Ready runners; the ``k6-start`` Job
   (``python -m loadtest.k6_start``) waits until all N are listed and each reports k6's
   ``PausedBeforeRun`` state (script compiled, VUs pre-allocated), then resumes them within
-  milliseconds and records the start time. Image pulls, scheduling and VU allocation therefore
+  milliseconds and records the start time in its ConfigMap (created empty by Pulumi: the Job's own
+  ServiceAccount may patch that one name and nothing else). Image pulls, scheduling and VU allocation therefore
   never skew the schedule between runners (the approach k6-operator's starter takes). A shared
   wall-clock start time would be unsound: nobody knows at plan time how long pods take to come up.
 * **Re-runs**: the run id is a ``random.RandomId`` whose keepers are ``loadtest.runId`` and a hash of
@@ -16,7 +17,8 @@
   hence a new run on the next ``pulumi up``.
 * **Thresholds**: k6 exits 99 when a threshold is crossed. That is a *result*, judged and reported by
   the report Job, not an infrastructure failure, so the wrapper maps it to 0; any other non-zero
-  exit fails the Job (``backoffLimit: 0``: a load test is never silently retried).
+  exit fails the Job (``backoffLimit: 0``: a load test is never silently retried). Every Job carries
+  ``pulumi.com/replaceUnready``, so a failed run is replaced by the next ``pulumi up`` instead of blocking it.
 """
 
 from __future__ import annotations
@@ -108,7 +110,6 @@ class LoadTest(pulumi.ComponentResource):
     start_job: k8s.batch.v1.Job
     start_configmap: pulumi.Output[str]
     report_configmap: pulumi.Output[str]
-    service_account: pulumi.Output[str]
 
     def __init__(
         self,
@@ -133,7 +134,18 @@ class LoadTest(pulumi.ComponentResource):
         self.test_id = run.hex.apply(lambda h: f"lp-{h}")
         self.start_configmap = run.hex.apply(lambda h: f"k6-start-{h}")
         self.report_configmap = run.hex.apply(lambda h: f"report-{h}")
-        self.service_account = self._control_rbac(name, namespace)
+        start_result = c.result_configmap(
+            f"{name}-start-result", self.start_configmap, namespace, "k6-start", parent=self
+        )
+        # The start barrier's own identity: it may only patch this run's start ConfigMap.
+        start_account, start_binding = c.job_identity(
+            f"{name}-start",
+            "k6-start",
+            namespace,
+            "k6-start",
+            [c.configmap_rule(pulumi.Output.all(start_result.metadata.apply(lambda m: m.name or "")), ["patch"])],
+            parent=self,
+        )
         script = k8s.core.v1.ConfigMap(
             f"{name}-script",
             metadata=c.metadata("k6-script", namespace, "k6"),
@@ -183,7 +195,10 @@ class LoadTest(pulumi.ComponentResource):
         self.runner_job = k8s.batch.v1.Job(
             f"{name}-runners-job",
             metadata=k8s.meta.v1.ObjectMetaArgs(
-                name=run.hex.apply(lambda h: f"k6-{h}"), namespace=namespace, labels=c.labels("k6")
+                name=run.hex.apply(lambda h: f"k6-{h}"),
+                namespace=namespace,
+                labels=c.labels("k6"),
+                annotations=c.JOB_ANNOTATIONS,
             ),
             spec=k8s.batch.v1.JobSpecArgs(
                 completion_mode="Indexed",
@@ -252,7 +267,10 @@ class LoadTest(pulumi.ComponentResource):
         self.start_job = k8s.batch.v1.Job(
             f"{name}-start-job",
             metadata=k8s.meta.v1.ObjectMetaArgs(
-                name=run.hex.apply(lambda h: f"k6-start-{h}"), namespace=namespace, labels=c.labels("k6-start")
+                name=run.hex.apply(lambda h: f"k6-start-{h}"),
+                namespace=namespace,
+                labels=c.labels("k6-start"),
+                annotations=c.JOB_ANNOTATIONS,
             ),
             spec=k8s.batch.v1.JobSpecArgs(
                 backoff_limit=0,
@@ -261,7 +279,7 @@ class LoadTest(pulumi.ComponentResource):
                     metadata=k8s.meta.v1.ObjectMetaArgs(labels=c.labels("k6-start")),
                     spec=k8s.core.v1.PodSpecArgs(
                         restart_policy="Never",
-                        service_account_name=self.service_account,
+                        service_account_name=start_account,
                         automount_service_account_token=True,
                         security_context=c.pod_security(APP_UID),
                         containers=[starter],
@@ -271,36 +289,9 @@ class LoadTest(pulumi.ComponentResource):
             ),
             opts=pulumi.ResourceOptions(
                 parent=self,
-                depends_on=[*depends_on, headless],
+                depends_on=[*depends_on, headless, start_binding, start_result],
                 delete_before_replace=True,  # explicit name: create-before-delete cannot work
                 custom_timeouts=pulumi.CustomTimeouts(create=f"{START_TIMEOUT_S + 120}s"),
             ),
         )
         self.register_outputs({"test_id": self.test_id})
-
-    def _control_rbac(self, name: str, namespace: pulumi.Input[str]) -> pulumi.Output[str]:
-        """ServiceAccount of the start and report Jobs: may write only this run's two result ConfigMaps.
-
-        RBAC cannot restrict ``create`` by name (the object does not exist yet), so ``create`` is
-        granted on configmaps and every other verb only on the two names.
-        """
-        opts = pulumi.ResourceOptions(parent=self)
-        sa = k8s.core.v1.ServiceAccount(
-            f"{name}-control-sa", metadata=c.metadata("loadtest-control", namespace, "report"), opts=opts
-        )
-        role = k8s.rbac.v1.Role(
-            f"{name}-control-role",
-            metadata=c.metadata("loadtest-control", namespace, "report"),
-            rules=[
-                k8s.rbac.v1.PolicyRuleArgs(api_groups=[""], resources=["configmaps"], verbs=["create"]),
-                k8s.rbac.v1.PolicyRuleArgs(
-                    api_groups=[""],
-                    resources=["configmaps"],
-                    resource_names=pulumi.Output.all(self.start_configmap, self.report_configmap).apply(list),
-                    verbs=["get", "update", "patch"],
-                ),
-            ],
-            opts=opts,
-        )
-        c.bind_role(f"{name}-control-rolebinding", "loadtest-control", namespace, "report", role, sa, opts)
-        return sa.metadata.apply(lambda m: m.name or "")

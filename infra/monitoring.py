@@ -140,7 +140,7 @@ class Monitoring(pulumi.ComponentResource):
                     spec=k8s.core.v1.PodSpecArgs(
                         service_account_name=sa.metadata.apply(lambda m: m.name or ""),
                         automount_service_account_token=True,
-                        security_context=c.pod_security(PROMETHEUS_UID),
+                        security_context=c.pod_security(PROMETHEUS_UID, persistent=True),
                         containers=[container],
                         volumes=[
                             k8s.core.v1.VolumeArgs(
@@ -211,7 +211,10 @@ class Monitoring(pulumi.ComponentResource):
             ports=[k8s.core.v1.ContainerPortArgs(name="http", container_port=c.GRAFANA_PORT)],
             resources=c.resources(g.resources),
             security_context=c.container_security(),
-            liveness_probe=c.http_probe("/api/health", c.GRAFANA_PORT, period_s=15, initial_delay_s=10),
+            # First boot runs Grafana's database migrations, which on one CPU can outlast the liveness
+            # budget: liveness only starts once Grafana has answered (up to 5 minutes).
+            startup_probe=c.http_probe("/api/health", c.GRAFANA_PORT, period_s=5, failure_threshold=60),
+            liveness_probe=c.http_probe("/api/health", c.GRAFANA_PORT, period_s=15),
             readiness_probe=c.http_probe("/api/health", c.GRAFANA_PORT, period_s=5),
             volume_mounts=[
                 mount(name="ini", mount_path="/etc/grafana/grafana.ini", sub_path="grafana.ini", read_only=True),

@@ -10,7 +10,7 @@ period covers both.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pulumi
 import pulumi_kubernetes as k8s
@@ -44,6 +44,7 @@ class Orchestrator(pulumi.ComponentResource):
 
     Args: ``name``, ``cfg`` (sections ``orchestrator``, ``workers``, ``llm``; ``service_env()``),
     ``namespace``, the Secret names/keys of the database and Redis URLs and the LLM key,
+    ``redis_checksum`` (default none: changes with the generated Redis password, rolls the pods),
     ``llm_base_url``, ``after`` (default none: stores both Deployments wait for) and
     ``workers_after`` (default none: what only the workers wait for, the LLM), ``opts``.
     """
@@ -62,6 +63,7 @@ class Orchestrator(pulumi.ComponentResource):
         database_key: str,
         redis_secret: pulumi.Input[str],
         redis_key: str,
+        redis_checksum: pulumi.Input[str] | None = None,
         llm_base_url: str,
         llm_secret: pulumi.Input[str],
         llm_key: str,
@@ -94,6 +96,8 @@ class Orchestrator(pulumi.ComponentResource):
             c.secret_env("LOADPROOF_LLM_API_KEY", llm_secret, llm_key),
         ]
         grace = grace_period_s(o.shutdown_timeout_s)
+        # Env from a Secret is read at container start: a new Redis password must roll both Deployments.
+        restart_on = {"loadproof.dev/redis-credentials": redis_checksum} if redis_checksum is not None else {}
         self.api = self._deployment(
             f"{name}-api",
             API_NAME,
@@ -110,6 +114,7 @@ class Orchestrator(pulumi.ComponentResource):
             after=after,
             # The HPA owns the replica count once it exists; don't fight it on every `pulumi up`.
             ignore_replicas=True,
+            annotations=restart_on,
         )
         self.workers = self._deployment(
             f"{name}-workers",
@@ -127,6 +132,7 @@ class Orchestrator(pulumi.ComponentResource):
             grace=grace,
             after=[*after, *workers_after],
             ignore_replicas=False,
+            annotations=restart_on,
         )
         c.cluster_service(f"{name}-service", API_NAME, namespace, API_NAME, "http", c.ORCHESTRATOR_PORT, parent=self)
         for component in (API_NAME, WORKERS_NAME):
@@ -183,6 +189,7 @@ class Orchestrator(pulumi.ComponentResource):
         grace: int,
         after: list[pulumi.Resource],
         ignore_replicas: bool,
+        annotations: Mapping[str, pulumi.Input[str]],
     ) -> k8s.apps.v1.Deployment:
         container = k8s.core.v1.ContainerArgs(
             name=component,
@@ -215,7 +222,7 @@ class Orchestrator(pulumi.ComponentResource):
                 ),
                 template=k8s.core.v1.PodTemplateSpecArgs(
                     metadata=k8s.meta.v1.ObjectMetaArgs(
-                        labels=c.labels(component), annotations=c.scrape_annotations(port)
+                        labels=c.labels(component), annotations={**c.scrape_annotations(port), **annotations}
                     ),
                     spec=k8s.core.v1.PodSpecArgs(
                         automount_service_account_token=False,

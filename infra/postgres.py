@@ -151,7 +151,7 @@ class Postgres(pulumi.ComponentResource):
                     metadata=k8s.meta.v1.ObjectMetaArgs(labels=c.labels("postgres")),
                     spec=k8s.core.v1.PodSpecArgs(
                         automount_service_account_token=False,
-                        security_context=c.pod_security(POSTGRES_UID),
+                        security_context=c.pod_security(POSTGRES_UID, persistent=True),
                         termination_grace_period_seconds=60,
                         containers=[container],
                         volumes=[

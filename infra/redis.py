@@ -1,19 +1,35 @@
 """Cache and durable task queue: a Redis Deployment with a PVC for its append-only file, or external.
 
 The URL lives in a Secret in both modes (an external one may carry a password), read by the
-service through ``secretKeyRef``.
+service through ``secretKeyRef``. Internal Redis requires a generated password (``requirepass``),
+carried in that URL; the password never appears in the pod spec or in the server's command line:
+the entrypoint hands it to ``redis-server`` as configuration on stdin, and the probes' ``redis-cli``
+reads it from ``REDISCLI_AUTH``, an environment variable from the Secret.
 """
 
 from __future__ import annotations
 
+import hashlib
+
 import pulumi
 import pulumi_kubernetes as k8s
+import pulumi_random as random
 
 from common.stackconfig import StackConfig
 from infra import kube as c
 
 URL_KEY = "redis-url"
+PASSWORD_KEY = "password"
 REDIS_UID = 999  # the redis user of the alpine image
+# redis-cli reads the password from this variable (no -a on a command line); the entrypoint uses it too.
+AUTH_ENV = "REDISCLI_AUTH"
+# `redis-server -` reads configuration from stdin (a here-document: a pipe, no file on the read-only
+# root filesystem); `exec` keeps redis-server as PID 1 so it gets SIGTERM and shuts down cleanly.
+# The container args ("$@") follow as ordinary options.
+ENTRYPOINT = f"""exec redis-server - "$@" <<EOF
+requirepass ${AUTH_ENV}
+EOF
+"""
 # maxmemory may use at most this share of the container limit: the rest is allocator
 # fragmentation, client buffers and the AOF rewrite's copy-on-write, so eviction (not the OOM
 # killer) is what happens when the cache fills.
@@ -41,8 +57,16 @@ def check_memory(cfg: StackConfig) -> None:
         )
 
 
+def probe_command(*, live: bool) -> list[str]:
+    """An authenticated ``PING`` (password from ``REDISCLI_AUTH``). redis-cli exits 0 on error replies
+    (``NOAUTH``...), so the reply itself is checked. Ready: ``PONG``. Alive: also while loading the AOF
+    after a restart (``LOADING``), which can take long and must not get the pod killed."""
+    accept = "PONG|LOADING*" if live else "PONG"
+    return ["sh", "-c", f'case "$(redis-cli -p {c.REDIS_PORT} ping)" in {accept}) exit 0 ;; *) exit 1 ;; esac']
+
+
 class Redis(pulumi.ComponentResource):
-    """``internal``: Deployment (Recreate: one writer of the AOF) + PVC + Service; ``external``: a Secret.
+    """``internal``: password, Deployment (Recreate: one writer of the AOF), PVC, Service; ``external``: a Secret.
 
     Args: ``name`` (also the Service's DNS name), ``cfg`` (section ``redis``), ``namespace``,
     ``external_url`` (secret config ``loadproof:redisUrl``; default None, required when
@@ -51,6 +75,9 @@ class Redis(pulumi.ComponentResource):
 
     secret_name: pulumi.Output[str]
     url_key: str = URL_KEY
+    # Changes when the generated password does (internal mode; None for an external URL): clients read
+    # the URL from env at start, so their pod templates carry it and roll when it changes.
+    credentials_checksum: pulumi.Output[str] | None = None
 
     def __init__(
         self,
@@ -62,16 +89,23 @@ class Redis(pulumi.ComponentResource):
     ) -> None:
         super().__init__("loadproof:infra:Redis", name, None, opts)
         r = cfg.redis
+        data: dict[str, pulumi.Input[str]]
         if r.mode == "external":
             if external_url is None:
                 raise ValueError("redis.mode=external needs `pulumi config set --secret loadproof:redisUrl ...`")
-            url: pulumi.Input[str] = external_url
+            data = {URL_KEY: external_url}
         else:
-            url = f"redis://{name}.{cfg.namespace}.svc:{c.REDIS_PORT}/0"
+            password = random.RandomPassword(
+                f"{name}-password", length=32, special=False, opts=pulumi.ResourceOptions(parent=self)
+            )
+            url = pulumi.Output.concat("redis://:", password.result, f"@{name}.{cfg.namespace}.svc:{c.REDIS_PORT}/0")
+            data = {URL_KEY: url, PASSWORD_KEY: password.result}
+            # A digest of 32 random characters reveals nothing useful; never of a user-chosen external URL.
+            self.credentials_checksum = password.result.apply(lambda pw: hashlib.sha256(pw.encode()).hexdigest()[:16])
         secret = k8s.core.v1.Secret(
             f"{name}-url",
             metadata=c.metadata(f"{name}-url", namespace, "redis"),
-            string_data={URL_KEY: url},
+            string_data=data,
             opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["stringData", "data"]),
         )
         self.secret_name = secret.metadata.apply(lambda m: m.name or "")
@@ -100,17 +134,17 @@ class Redis(pulumi.ComponentResource):
             "--appendonly", "yes" if r.appendonly else "no",
             "--save", "",
         ]  # fmt: skip
-        ping = ["redis-cli", "-p", str(c.REDIS_PORT), "ping"]
         container = k8s.core.v1.ContainerArgs(
             name="redis",
             image=r.image,
-            command=["redis-server"],
+            command=["sh", "-c", ENTRYPOINT, "redis-server"],
             args=args,
+            env=[c.secret_env(AUTH_ENV, self.secret_name, PASSWORD_KEY)],
             ports=[k8s.core.v1.ContainerPortArgs(name="redis", container_port=c.REDIS_PORT)],
             resources=c.resources(r.resources),
             security_context=c.container_security(),
-            liveness_probe=c.exec_probe(ping, period_s=15, failure_threshold=4),
-            readiness_probe=c.exec_probe(ping, period_s=5),
+            liveness_probe=c.exec_probe(probe_command(live=True), period_s=15, failure_threshold=4),
+            readiness_probe=c.exec_probe(probe_command(live=False), period_s=5),
             volume_mounts=[k8s.core.v1.VolumeMountArgs(name="data", mount_path="/data")],
         )
         k8s.apps.v1.Deployment(
@@ -124,7 +158,7 @@ class Redis(pulumi.ComponentResource):
                     metadata=k8s.meta.v1.ObjectMetaArgs(labels=c.labels("redis")),
                     spec=k8s.core.v1.PodSpecArgs(
                         automount_service_account_token=False,
-                        security_context=c.pod_security(REDIS_UID),
+                        security_context=c.pod_security(REDIS_UID, persistent=True),
                         termination_grace_period_seconds=30,
                         containers=[container],
                         volumes=[

@@ -46,6 +46,8 @@ MOCK_SECRETS = {
     "llmApiKey": "sk-mock-secret-llm-api-key",
 }
 MOCK_RUN_HEX = "1a2b3c4d"
+# What the mock cluster answers for the API server's EndpointSlice (kind's node address and port).
+MOCK_API_SERVER = {"address": "172.18.0.2", "port": 6443}
 KIND_ORDER = (
     "Namespace",
     "ResourceQuota",
@@ -80,6 +82,15 @@ def mock_report(test_id: str, profile: str) -> dict[str, Any]:
     return doc
 
 
+def mock_api_server_slice() -> dict[str, Any]:
+    """The ``default/kubernetes`` EndpointSlice as the API server publishes it (one control-plane node)."""
+    return {
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [MOCK_API_SERVER["address"]], "conditions": {"ready": True}}],
+        "ports": [{"name": "https", "port": MOCK_API_SERVER["port"], "protocol": "TCP"}],
+    }
+
+
 @dataclass
 class Recorded:
     typ: str
@@ -97,12 +108,15 @@ class RecordingMocks(pulumi.runtime.Mocks):
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str | None, dict[Any, Any]]:
-        if args.resource_id:  # a read (`ConfigMap.get`): answer with the report
+        if args.resource_id:  # a read (`.get`): the API server's EndpointSlice, or the report ConfigMap
             with self.lock:
                 self.reads.append((args.typ, args.resource_id))
             ns, _, name = args.resource_id.partition("/")
+            metadata = {"name": name, "namespace": ns}
+            if args.typ == "kubernetes:discovery.k8s.io/v1:EndpointSlice":
+                return args.resource_id, self.output_state(args, {"metadata": metadata, **mock_api_server_slice()})
             data = {"report.json": json.dumps(mock_report(f"lp-{MOCK_RUN_HEX}", self.profile))}
-            return args.resource_id, {"metadata": {"name": name, "namespace": ns}, "data": data}
+            return args.resource_id, {"metadata": metadata, "data": data}
         with self.lock:
             self.resources.append(Recorded(args.typ, args.name, args.inputs))
         state: dict[str, Any] = dict(args.inputs)
@@ -131,12 +145,17 @@ class RecordingMonitor(MockMonitor):
         self.dependencies: dict[str, set[str]] = {}  # logical name -> URNs it waits for
         self.urns: dict[str, str] = {}  # logical name -> URN
         self.create_timeouts: dict[str, str] = {}  # logical name -> customTimeouts.create ("" = provider default)
+        self.ignore_changes: dict[str, list[str]] = {}  # logical name -> ignoreChanges
+        self.retained: set[str] = set()  # logical names registered with retainOnDelete
 
     def RegisterResource(self, request: Any) -> Any:
         response = super().RegisterResource(request)
         self.dependencies[request.name] = set(request.dependencies)
         self.urns[request.name] = response.urn
         self.create_timeouts[request.name] = request.customTimeouts.create
+        self.ignore_changes[request.name] = list(request.ignoreChanges)
+        if request.retainOnDelete:
+            self.retained.add(request.name)
         return response
 
     def ReadResource(self, request: Any) -> Any:

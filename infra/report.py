@@ -57,6 +57,7 @@ def report_job_config(
         "runners": lt.runners,
         "orchestratorReplicas": cfg.orchestrator.replicas,
         "workersReplicas": cfg.workers.replicas,
+        "scrapeIntervalS": cfg.monitoring.prometheus.scrape_interval_s,
     }
 
 
@@ -64,9 +65,9 @@ class Report(pulumi.ComponentResource):
     """The report Job and the ConfigMap read that turns its JSON into stack outputs.
 
     Args: ``name``, ``cfg`` (section ``loadtest``), ``namespace``, the run's ``test_id`` and
-    ConfigMap names, ``prometheus_url``, ``grafana_url`` (added to the report, not measured),
-    ``service_account`` (may write the run's ConfigMaps), the database Secret name/key, ``after``
-    (the runner and start Jobs), ``opts``.
+    ConfigMap names, ``prometheus_url``, ``grafana_url`` (added to the report, not measured), the
+    database Secret name/key, ``after`` (the runner and start Jobs), ``opts``. The Job runs as its own
+    ServiceAccount, which may read the run's start ConfigMap and patch its report ConfigMap, nothing else.
     """
 
     report: pulumi.Output[dict[str, Any]]
@@ -83,7 +84,6 @@ class Report(pulumi.ComponentResource):
         grafana_url: str,
         start_configmap: pulumi.Output[str],
         report_configmap: pulumi.Output[str],
-        service_account: pulumi.Input[str],
         database_secret: pulumi.Input[str],
         database_key: str,
         after: list[pulumi.Resource],
@@ -102,6 +102,18 @@ class Report(pulumi.ComponentResource):
                 sort_keys=True,
             )
         )
+        report_result = c.result_configmap(f"{name}-configmap", report_configmap, namespace, "report", parent=self)
+        account, binding = c.job_identity(
+            name,
+            "report",
+            namespace,
+            "report",
+            [
+                c.configmap_rule(pulumi.Output.all(start_configmap), ["get"]),  # the start time
+                c.configmap_rule(pulumi.Output.all(report_result.metadata.apply(lambda m: m.name or "")), ["patch"]),
+            ],
+            parent=self,
+        )
         container = k8s.core.v1.ContainerArgs(
             name="report",
             image=cfg.image,
@@ -119,7 +131,9 @@ class Report(pulumi.ComponentResource):
         self.job = k8s.batch.v1.Job(
             f"{name}-job",
             # Same name as the ConfigMap it writes: one report per run id.
-            metadata=k8s.meta.v1.ObjectMetaArgs(name=report_configmap, namespace=namespace, labels=c.labels("report")),
+            metadata=k8s.meta.v1.ObjectMetaArgs(
+                name=report_configmap, namespace=namespace, labels=c.labels("report"), annotations=c.JOB_ANNOTATIONS
+            ),
             spec=k8s.batch.v1.JobSpecArgs(
                 backoff_limit=0,
                 active_deadline_seconds=timeout,
@@ -127,7 +141,7 @@ class Report(pulumi.ComponentResource):
                     metadata=k8s.meta.v1.ObjectMetaArgs(labels=c.labels("report")),
                     spec=k8s.core.v1.PodSpecArgs(
                         restart_policy="Never",
-                        service_account_name=service_account,
+                        service_account_name=account,
                         automount_service_account_token=True,
                         security_context=c.pod_security(APP_UID),
                         containers=[container],
@@ -137,7 +151,7 @@ class Report(pulumi.ComponentResource):
             ),
             opts=pulumi.ResourceOptions(
                 parent=self,
-                depends_on=after,
+                depends_on=[*after, binding, report_result],
                 delete_before_replace=True,  # explicit name: create-before-delete cannot work
                 custom_timeouts=pulumi.CustomTimeouts(create=f"{timeout + 60}s", update=f"{timeout + 60}s"),
             ),

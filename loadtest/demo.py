@@ -179,6 +179,8 @@ def run_demo(
             k6_summary=k6.summary,
             grafana_url=grafana_run_url(stack.grafana_url, run_id, window),
             settle_s=K6_PUSH_INTERVAL_S + 1,
+            scrape_interval_s=stack.scrape_interval_s,
+            configured_replicas=stack.scrape_targets(),
         )
         out["k6_exit_code"] = k6.returncode
         out["stack"] = stack_name

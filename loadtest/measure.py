@@ -19,10 +19,24 @@ Definitions (also in docs/measurement.md):
 * **Tasks**: accepted/completed/failed come from the service counters over the run and drain;
   with a database URL they are reconciled against the task rows (``tasks_lost`` = accepted but no
   row). Tasks still queued when the bounded drain ends are reported, not hidden.
+* **Service counter totals** (tasks, LLM calls, tokens and spend, successful requests) are summed
+  from the raw samples of every series in the window (:func:`counter_total`), not from two instants
+  and not from ``increase()``. The difference of two summed instants loses whatever a restarted
+  process had counted (its counter starts again at 0) and everything a deleted pod counted (its
+  series is gone at the second instant). ``increase()`` handles resets, but cannot see the first
+  value of a series born in the window (a new pod) and extrapolates to the window's edges. Per
+  series, the walk adds each step's increase; a step down, or a changed
+  ``process_start_time_seconds`` of the same target, is a restart and adds the whole new value
+  (counted from 0); a series with no sample before the window counts from 0. Each restart seen is
+  reported (``counter_resets`` and a note). What no scrape-based method can see: events in a
+  process's last moments between its last scrape and its exit.
+* **Replicas**: the most scrape targets of the API and the workers up at once during the run
+  (the HPA changes the API's count), next to the configured count.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import platform
@@ -73,11 +87,19 @@ OUTPUT_KEYS = (
     "machine",
     "grafana_url",
     "k6_cross_check",
+    "counter_resets",
+    "replicas",
 )
 
 MEASURED = q.MEASURED_PHASE  # k6 tags requests after the warm-up phase="measured" (loadtest/k6/task.js)
-# Prometheus's default lookback: an instant selector sees a sample at most this old.
+# Prometheus's default lookback: an instant selector sees a sample at most this old. Counter totals
+# look this far before the window for each series' last value before it.
 LOOKBACK_S = 300
+# The scrape jobs (component names, locally and in the cluster) whose processes the report counts.
+SERVICE_JOBS = ("orchestrator", "workers")
+# Labels of one scraped process: a container restart keeps them (same pod, same address); a new pod does not.
+TARGET_LABELS = ("job", "instance", "pod")
+PROCESS_START = "process_start_time_seconds"  # absent in prometheus-client's multiprocess mode
 
 
 class MeasureError(RuntimeError):
@@ -125,6 +147,20 @@ class Prometheus:
         value = result[0][1]
         return None if math.isnan(value) or math.isinf(value) else value
 
+    def samples(
+        self, selector: str, since: float, until: float
+    ) -> list[tuple[dict[str, str], list[tuple[float, float]]]]:
+        """Every raw sample of every series matching ``selector`` in ``[since, until]``: ``[(labels, [(t, v)])]``.
+
+        A range selector returns the samples as scraped (no staleness markers, nothing extrapolated),
+        including those of series that ended before ``until``.
+        """
+        span_ms = max(1, math.ceil((until - since) * 1000))
+        data = self._get("query", {"query": f"{selector}[{span_ms}ms]", "time": f"{until:.3f}"})
+        if data["resultType"] != "matrix":
+            raise MeasureError(f"expected raw samples for {selector}, got {data['resultType']}")
+        return [(r["metric"], [(float(t), float(v)) for t, v in r["values"]]) for r in data["result"]]
+
     def series(self, query: str, start: float, end: float, step: float) -> list[tuple[float, float]]:
         """Range query summed to one series: ``[(t, value)]`` (NaN points dropped)."""
         data = self._get(
@@ -136,23 +172,89 @@ class Prometheus:
         return [(float(t), float(v)) for t, v in points if not math.isnan(float(v)) and not math.isinf(float(v))]
 
 
-# ---------------------------------------------------------------- queries this module adds
-# (totals of service counters; every other expression comes from common.queries)
+# ---------------------------------------------------------------- exact counter totals
+# (selectors from common.queries; the arithmetic over raw samples is here)
+
+Target = tuple[str, ...]
+Reset = tuple[Target, float]  # (scraped process, time of the first sample after the reset)
 
 
-def service_counter(metric: str, labels: Mapping[str, str] | None = None) -> str:
-    """A service counter summed over processes; the caller subtracts its value at two instants."""
-    return f"sum({q.selector(metric, dict(labels or {}))}) or vector(0)"
+def _target(labels: Mapping[str, str]) -> Target:
+    return tuple(labels.get(k, "") for k in TARGET_LABELS)
 
 
-def llm_calls_window(window: str) -> str:
-    """LLM HTTP calls (every outcome) within the window."""
-    return f"sum(increase({q.LLM_REQUESTS}[{window}])) or vector(0)"
+@dataclass(frozen=True)
+class CounterTotal:
+    """What a counter counted in a window, summed over its series; ``value`` None = no series at all."""
+
+    value: float | None
+    resets: frozenset[Reset] = frozenset()
 
 
-def llm_tokens_window(window: str) -> str:
-    """Billed tokens (input + output) within the window."""
-    return f"sum(increase({q.LLM_TOKENS}[{window}])) or vector(0)"
+@dataclass(frozen=True)
+class ProcessStarts:
+    """``process_start_time_seconds`` of the service's targets: per target, its value at each scrape."""
+
+    by_target: dict[Target, dict[float, float]]
+    restarts: frozenset[Reset]
+
+    def restarted(self, target: Target, before: float, after: float) -> bool:
+        """Whether the target's process changed between two scrapes (both must have been seen)."""
+        starts = self.by_target.get(target, {})
+        return before in starts and after in starts and starts[before] != starts[after]
+
+
+def process_starts(prom: Prometheus, start: float, end: float, jobs: tuple[str, ...] = SERVICE_JOBS) -> ProcessStarts:
+    """Start times of the jobs' processes, and every change of one within ``(start, end]`` (a restart)."""
+    by_target: dict[Target, dict[float, float]] = {}
+    restarts: set[Reset] = set()
+    selector = q.selector(PROCESS_START, regex={"job": "|".join(jobs)})
+    for labels, points in prom.samples(selector, start - LOOKBACK_S, end):
+        key = _target(labels)
+        by_target.setdefault(key, {}).update(points)
+        for (_, before), (t, after) in itertools.pairwise(points):
+            if t > start and after != before:
+                restarts.add((key, t))
+    return ProcessStarts(by_target, frozenset(restarts))
+
+
+def counter_total(prom: Prometheus, selector: str, start: float, end: float, starts: ProcessStarts) -> CounterTotal:
+    """Exactly what ``selector``'s series counted in ``(start, end]``, restarts and ended series included.
+
+    Per series: the baseline is its last sample at or before ``start`` (none: it began in the window,
+    from 0); each later sample adds its increase, or its whole value after a restart (a step down, or
+    a new process start time for the same target).
+    """
+    series = prom.samples(selector, start - LOOKBACK_S, end)
+    if not series:
+        return CounterTotal(None)
+    total, resets = 0.0, set()
+    for labels, points in series:
+        key = _target(labels)
+        before = [p for p in points if p[0] <= start]
+        prev = before[-1] if before else None
+        for t, v in (p for p in points if p[0] > start):
+            if prev is None:
+                total += v
+            elif v < prev[1] or starts.restarted(key, prev[0], t):
+                total += v
+                resets.add((key, t))
+            else:
+                total += v - prev[1]
+            prev = (t, v)
+    return CounterTotal(total, frozenset(resets))
+
+
+def _ratio(part: float | None, whole: float | None, scale: float = 1.0) -> float | None:
+    return None if part is None or not whole else part / whole * scale
+
+
+def _describe(resets: frozenset[Reset]) -> str:
+    per_target: dict[str, int] = {}
+    for (job, instance, pod), _ in resets:
+        name = f"{job} {pod or instance}".strip()
+        per_target[name] = per_target.get(name, 0) + 1
+    return ", ".join(f"{name} x{n}" for name, n in sorted(per_target.items()))
 
 
 # ---------------------------------------------------------------- inputs
@@ -362,11 +464,15 @@ def measure(
     grafana_url: str | None = None,
     machine: Mapping[str, Any] | None = None,
     settle_s: float = 0.0,
+    scrape_interval_s: float = 5.0,
+    configured_replicas: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Compute every headline number of one run (see the module docstring for definitions).
 
     ``settle_s``: how long after the run k6's last push and the last scrape may land; client
     totals are read at ``ended_at + settle_s`` (still "the end of the run": no later samples exist).
+    ``scrape_interval_s``: the step at which the observed replicas are sampled.
+    ``configured_replicas``: per scrape job, the count the stack asked for (shown next to the observed).
     """
     if window.measured_s < 1:
         raise MeasureError(f"measured window is {window.measured_s:.1f}s: the run is not longer than its warm-up")
@@ -385,6 +491,8 @@ def measure(
             grafana_url=grafana_url,
             machine=machine,
             settle_s=settle_s,
+            scrape_interval_s=scrape_interval_s,
+            configured_replicas=configured_replicas,
         )
     finally:
         if isinstance(prometheus, str):
@@ -405,6 +513,8 @@ def _measure(
     grafana_url: str | None,
     machine: Mapping[str, Any] | None,
     settle_s: float,
+    scrape_interval_s: float,
+    configured_replicas: Mapping[str, int] | None,
 ) -> dict[str, Any]:
     end = window.ended_at + settle_s
     # ---- client side (k6), exact per run
@@ -429,15 +539,31 @@ def _measure(
     server_p95 = prom.scalar(q.server_p95_latency_ms(mw), window.ended_at)
     hit_ratio = prom.scalar(q.cache_hit_ratio(mw), window.ended_at)
 
-    # ---- cost and completion over run + drain
+    # ---- service counters over run + drain, exact (see counter_total): cost and tasks
     cost_end = max(window.drain_end, end)
-    cw = q.window_range(cost_end - window.started_at)
-    spend = prom.scalar(q.llm_spend_usd(cw), cost_end)
-    cost_per_1k = prom.scalar(q.llm_cost_per_1k_tokens_usd(cw), cost_end)
-    billed_per_1k = prom.scalar(q.billed_cost_per_1k_tokens_usd(cw), cost_end)
-    cost_per_request = prom.scalar(q.cost_per_request_usd(cw), cost_end)
-    llm_calls = prom.scalar(llm_calls_window(cw), cost_end)
-    llm_tokens = prom.scalar(llm_tokens_window(cw), cost_end)
+    starts = process_starts(prom, window.started_at, cost_end)
+
+    def total(
+        metric: str, labels: Mapping[str, str] | None = None, regex: Mapping[str, str] | None = None
+    ) -> CounterTotal:
+        return counter_total(
+            prom, q.selector(metric, dict(labels or {}), regex=dict(regex or {})), window.started_at, cost_end, starts
+        )
+
+    task_route = {"route": q.TASK_ROUTE, "method": q.TASK_METHOD}
+    totals = {
+        "spend": total(q.LLM_COST),
+        "delivered": total(q.TOKENS_DELIVERED),
+        "billed": total(q.LLM_TOKENS),
+        "ok_requests": total(q.HTTP_REQUESTS, task_route, {"status": "2.."}),
+        "llm_calls": total(q.LLM_REQUESTS),
+        **{event: total(q.TASKS, {"event": event}) for event in ("accepted", "completed", "failed", "dead_lettered")},
+    }
+    spend, llm_calls, llm_tokens = totals["spend"].value, totals["llm_calls"].value, totals["billed"].value
+    cost_per_1k = _ratio(spend, totals["delivered"].value, 1000)  # per 1k delivered tokens (cache hits at $0)
+    billed_per_1k = _ratio(spend, llm_tokens, 1000)
+    cost_per_request = _ratio(spend, totals["ok_requests"].value)
+    resets = starts.restarts.union(*(t.resets for t in totals.values()))
     completion_p95 = prom.scalar(q.completion_p95_ms(q.window_range(cost_end - window.measured_start)), cost_end)
     # A classic histogram cannot place a quantile beyond its last finite bucket: histogram_quantile then
     # returns that bound. Say so instead of presenting the bound as the measured value.
@@ -456,15 +582,19 @@ def _measure(
         if v > 0
     }
 
-    # ---- tasks: service counters at two instants (exact, unlike increase()), then Postgres
-    def delta(event: str) -> int:
-        sel = service_counter(q.TASKS, {"event": event})
-        after = prom.scalar(sel, cost_end) or 0.0
-        before = prom.scalar(sel, window.started_at - 1) or 0.0
-        return max(0, round(after - before))
+    if resets:
+        notes.append(
+            f"{len(resets)} counter reset(s) during the run ({_describe(resets)}): restarted processes; "
+            "their counts are included from 0 after each restart (only events between a process's last "
+            "scrape and its exit are unseen)"
+        )
 
-    accepted, completed, failed_tasks = delta("accepted"), delta("completed"), delta("failed")
-    dead_lettered = delta("dead_lettered")
+    # ---- tasks: the exact counter totals, then Postgres
+    def count(event: str) -> int:
+        return round(totals[event].value or 0.0)
+
+    accepted, completed, failed_tasks = count("accepted"), count("completed"), count("failed")
+    dead_lettered = count("dead_lettered")
     rows: TaskRows | None = None
     if database_url:
         rows = count_task_rows(database_url, window.started_at - 5, cost_end + 5)
@@ -472,11 +602,30 @@ def _measure(
         failed_tasks = sum(rows.by_status.get(s, 0) for s in FAILED_STATUSES)
         pending = pending_rows(rows)
         lost = max(0, accepted - rows.total)
+        if rows.total > accepted:
+            # More rows than counted acceptances: some acceptances were never scraped (a process ended
+            # between scrapes), so tasks_lost may hide as many lost tasks. Say so instead of clamping silently.
+            notes.append(
+                f"{rows.total - accepted} more task rows than counted acceptances: acceptances a process made "
+                "after its last scrape are not counted, so tasks_lost is a lower bound"
+            )
+            lower_bounds.append("tasks_lost")
     else:
         pending = tasks_pending_after_drain
         lost = None  # unknowable without the rows; never reported as 0
     if tasks_pending_after_drain is not None and rows is None:
         pending = tasks_pending_after_drain
+
+    # ---- replicas that really ran (the HPA changes the API's count mid-run)
+    run_window = q.window_range(max(end - window.started_at, 1))
+    step = f"{max(1, round(scrape_interval_s))}s"
+    replicas = {}
+    for job in SERVICE_JOBS:
+        observed = prom.scalar(q.observed_replicas(job, run_window, step), end)
+        replicas[job] = {
+            "configured": (configured_replicas or {}).get(job),
+            "observed_max": None if observed is None else round(observed),
+        }
 
     target_qps = peak_arrival_rate(profile)
     checks = {
@@ -533,6 +682,8 @@ def _measure(
         "thresholds_passed": all(checks.values()),
         "k6_cross_check": k6_cross_check(k6_summary, p95, requests),
         "errors_by_status": errors_by_status,  # k6 status "0" = no response (timeout, connection error)
+        "counter_resets": len(resets),  # restarts seen in the service counters' processes (see notes)
+        "replicas": replicas,
         "notes": notes,
         "lower_bounds": lower_bounds,  # keys whose value is only a lower bound (see notes)
         "machine": dict(machine) if machine is not None else machine_info(),

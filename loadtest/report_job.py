@@ -72,14 +72,22 @@ class Kube:
     def put_configmap(
         self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str] | None = None
     ) -> None:
-        """Create the ConfigMap, or replace its data if it exists (a retried Job)."""
+        """Write ``data`` (and ``labels``) into the ConfigMap: a merge patch, or a create when it does not exist.
+
+        In the cluster Pulumi creates the ConfigMap empty and the Job's Role allows only ``patch`` on
+        that one name (RBAC cannot restrict ``create`` by name); the create is for other setups.
+        """
         metadata: dict[str, Any] = {"name": name, **({"labels": labels} if labels else {})}
-        body: dict[str, Any] = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
         path = f"/api/v1/namespaces/{namespace}/configmaps"
         with self._client() as client:
-            resp = client.post(path, json=body)
-            if resp.status_code == 409:
-                resp = client.put(f"{path}/{name}", json=body)
+            resp = client.patch(
+                f"{path}/{name}",
+                content=json.dumps({"metadata": metadata, "data": data}),
+                headers={"Content-Type": "application/merge-patch+json"},
+            )
+            if resp.status_code == 404:
+                body = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
+                resp = client.post(path, json=body)
             if resp.status_code >= 300:
                 raise KubeError(f"writing ConfigMap {namespace}/{name}: HTTP {resp.status_code}: {resp.text[:500]}")
 
@@ -117,13 +125,11 @@ def run(doc: dict[str, Any], kube: Kube, database_url: str | None) -> dict[str, 
         window=RunWindow(started_at, ended_at, float(profile.warmup_s), drained_at=max(drained_at, ended_at)),
         database_url=database_url,
         tasks_pending_after_drain=pending,
-        machine={
-            "where": "kubernetes",
-            "k6_runners": doc.get("runners"),
-            "orchestrator_replicas": doc.get("orchestratorReplicas"),
-            "workers_replicas": doc.get("workersReplicas"),
-        },
+        machine={"where": "kubernetes", "k6_runners": doc.get("runners")},
         settle_s=SETTLE_S,
+        scrape_interval_s=float(doc.get("scrapeIntervalS", 5)),
+        # The API's count is where the HPA starts from; the report shows what really ran next to it.
+        configured_replicas={"orchestrator": doc["orchestratorReplicas"], "workers": doc["workersReplicas"]},
     )
     kube.put_configmap(
         ns, doc["reportConfigmap"], {REPORT_KEY: json.dumps(report, sort_keys=True)}, result_labels("report")

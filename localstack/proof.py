@@ -59,6 +59,7 @@ class ProofStack:
         self.grafana_skipped_reason: str | None = None
         self._current = "service"
         self._signals = SignalsAsInterrupt()
+        self._targets: dict[str, list[str]] = {}
 
     # ---- URLs
     @property
@@ -108,6 +109,10 @@ class ProofStack:
         except CrashLoop as exc:
             raise StackStartError(exc.part, str(exc), exc.log_tail, started=True) from exc
 
+    def scrape_targets(self) -> dict[str, int]:
+        """Scrape targets per job (the local "replicas": one API server however many processes, one per worker)."""
+        return {job: len(targets) for job, targets in self._targets.items()}
+
     def restarts(self) -> dict[str, int]:
         """Supervised restarts per service process during this run (reported, never hidden)."""
         return self.service.restarts() if self.service is not None else {}
@@ -152,6 +157,7 @@ class ProofStack:
             self._current = "prometheus"
             targets = {"orchestrator": [f"127.0.0.1:{self.service.orchestrator.port}"]}  # type: ignore[union-attr]
             targets["workers"] = [f"127.0.0.1:{p}" for p in self.service.worker_metrics_ports]
+            self._targets = targets
             self.prometheus = PrometheusServer(
                 targets,
                 scrape_interval_s=self.scrape_interval_s,

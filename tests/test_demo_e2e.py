@@ -97,6 +97,10 @@ def test_smoke_demo(tmp_path: Path) -> None:
     assert out["tasks_accepted"] > 0
     assert out["tasks_completed"] + out["tasks_failed"] + out["tasks_pending_after_drain"] == out["tasks_accepted"]
     assert out["tasks_lost"] == 0
+    # No process restarted, and every configured scrape target was seen up during the run.
+    assert out["counter_resets"] == 0 and not any(out["process_restarts"].values())
+    for job in ("orchestrator", "workers"):
+        assert out["replicas"][job]["observed_max"] == out["replicas"][job]["configured"] >= 1, job
     assert out["machine"]["cores"] >= 1 and out["machine"]["cpu_model"]
     assert out["grafana_url"] is None
     assert isinstance(out["thresholds_passed"], bool)

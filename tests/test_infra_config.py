@@ -33,6 +33,10 @@ CONTEXT: dict[str, dict[str, Any]] = {
     "workers.replicas": {"postgres.maxConnections": 5000},
     # The API's replicas must lie within the HPA's bounds.
     "orchestrator.autoscale.minReplicas": {"orchestrator.replicas": 3},
+    # Only the ingress-nginx this program installs is pinned to a node.
+    "baseline.ingressNodeSelector": {"baseline.ingressController": True},
+    # Without the endpoints, the API server must be reachable some other way.
+    "baseline.apiServerFromEndpoints": {"baseline.apiServerCidrs": ["203.0.113.0/28"]},
 }
 SPECIAL: dict[str, Any] = {
     "llm.mode": "external",
@@ -40,6 +44,10 @@ SPECIAL: dict[str, Any] = {
     "loadtest.profile": "smoke",
     "llm.prices": {"gpt-4o-mini": "0.1/0.2"},
     "monitoring.grafana.certIssuer": "letsencrypt",
+    "baseline.ingressPodSelector": {"app.kubernetes.io/name": "traefik"},
+    "baseline.ingressNodeSelector": {"kubernetes.io/hostname": "edge-1"},
+    "baseline.apiServerCidrs": ["203.0.113.0/28"],
+    "baseline.nodeLocalDns": "169.254.20.10",
 }
 
 
@@ -157,7 +165,7 @@ def test_every_field_has_a_description() -> None:
     walk(StackConfig, "")
 
 
-@pytest.mark.parametrize("stack", ["dev", "kind"])
+@pytest.mark.parametrize("stack", ["dev", "kind", "k3d"])
 def test_stack_files_are_generated_from_the_schema(stack: str) -> None:
     """Each file equals the generator's output: every key present, each with its description as a comment."""
     assert stack_file(stack).read_text() == stackfile.render(stackfile.config_for(stack), stackfile.HEADERS[stack]), (
@@ -219,3 +227,24 @@ def test_numbers_from_pulumi_config_set_path_are_accepted_for_text_fields() -> N
 def test_api_replicas_and_hpa_bounds_are_consistent(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(StackConfigError, match=message):
         parse({"orchestrator": changes})
+
+
+@pytest.mark.parametrize(
+    ("baseline", "message"),
+    [
+        ({"apiServerCidrs": ["10.0.0.1/8"]}, r"apiServerCidrs"),  # host bits set: not a network
+        ({"apiServerCidrs": ["kubernetes"]}, r"apiServerCidrs"),
+        ({"nodeLocalDns": "169.254.20.300"}, r"nodeLocalDns"),
+        ({"apiServerFromEndpoints": False}, r"apiServerCidrs is empty"),
+    ],
+)
+def test_network_keys_are_checked(baseline: dict[str, Any], message: str) -> None:
+    with pytest.raises(StackConfigError, match=message):
+        parse({"baseline": baseline})
+
+
+def test_a_map_key_can_be_cleared_with_pulumi_config_set_path() -> None:
+    """`pulumi config set --path loadproof:baseline.ingressNodeSelector '{}'` stores the text "{}"."""
+    assert parse({"baseline": {"ingressNodeSelector": "{}"}}).baseline.ingress_node_selector == {}
+    cfg = parse({"baseline": {"ingressPodSelector": '{"app.kubernetes.io/name": "traefik"}'}})
+    assert cfg.baseline.ingress_pod_selector == {"app.kubernetes.io/name": "traefik"}

@@ -131,6 +131,16 @@ def test_pulumi_waits_longer_than_every_job_may_run(stack: str) -> None:
     assert runner_deadline > START_TIMEOUT_S + run_duration_s(cfg)
 
 
+@pytest.mark.parametrize("stack", ["dev", "kind", "k3d"])
+def test_a_failed_job_does_not_block_the_next_up(stack: str) -> None:
+    """backoffLimit 0 leaves a failed Job unready for good: every Job asks Pulumi to replace it then."""
+    jobs = [o for o in render.evaluate(load(stack), stack=stack).manifests() if o["kind"] == "Job"]
+    assert len(jobs) == 3
+    for job in jobs:
+        assert job["spec"]["backoffLimit"] == 0
+        assert job["metadata"]["annotations"]["pulumi.com/replaceUnready"] == "true", job["metadata"]["name"]
+
+
 def test_jobs_change_only_with_the_run_id() -> None:
     """Job templates are immutable: a setting outside the run id's keepers must not touch any Job
     (that would replace it and measure twice under one run id)."""
@@ -213,17 +223,44 @@ def test_resolve_lists_addresses_of_a_name() -> None:
     assert k6_start.resolve("no-such-host.invalid", 6565) == []
 
 
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = _merge_patch(out.get(k), v)
+    return out
+
+
 class FakeApiServer(BaseHTTPRequestHandler):
-    """A minimal Kubernetes API for ConfigMaps (real HTTP), with a bearer-token check."""
+    """A minimal Kubernetes API for ConfigMaps (real HTTP), with a bearer-token check and, when ``rules``
+    is set, RBAC as the API server applies it: a verb on a name is allowed only by a rule listing both
+    (``create`` never matches a rule with resourceNames: the name does not exist yet)."""
 
     store: dict[str, dict[str, Any]] = {}
     token = "t0ken"
+    rules: list[dict[str, Any]] | None = None
 
-    def _auth(self) -> bool:
+    def _auth(self, verb: str = "") -> bool:
         if self.headers.get("Authorization") != f"Bearer {self.token}":
             self.send_response(401)
             self.end_headers()
             return False
+        if self.rules is not None and verb:
+            name = "" if verb == "create" else self.path.rsplit("/", 1)[1]
+            allowed = any(
+                "configmaps" in r["resources"]
+                and verb in r["verbs"]
+                and ("resourceNames" not in r or (verb != "create" and name in r["resourceNames"]))
+                for r in self.rules
+            )
+            if not allowed:
+                self._json(403, {"reason": "Forbidden", "message": f"cannot {verb} configmaps {name!r}"})
+                return False
         return True
 
     def _json(self, code: int, body: object) -> None:
@@ -238,7 +275,7 @@ class FakeApiServer(BaseHTTPRequestHandler):
         return json.loads(self.rfile.read(int(self.headers["Content-Length"])))
 
     def do_POST(self) -> None:
-        if not self._auth():
+        if not self._auth("create"):
             return
         body = self._body()
         name = body["metadata"]["name"]
@@ -248,15 +285,19 @@ class FakeApiServer(BaseHTTPRequestHandler):
         self.store[name] = body
         self._json(201, body)
 
-    def do_PUT(self) -> None:
-        if not self._auth():
+    def do_PATCH(self) -> None:
+        if not self._auth("patch"):
             return
+        assert self.headers["Content-Type"] == "application/merge-patch+json"
         name = self.path.rsplit("/", 1)[1]
-        self.store[name] = self._body()
+        if name not in self.store:
+            self._json(404, {"reason": "NotFound"})
+            return
+        self.store[name] = _merge_patch(self.store[name], self._body())
         self._json(200, self.store[name])
 
     def do_GET(self) -> None:
-        if not self._auth():
+        if not self._auth("get"):
             return
         name = self.path.rsplit("/", 1)[1]
         if name not in self.store:
@@ -271,6 +312,7 @@ class FakeApiServer(BaseHTTPRequestHandler):
 @pytest.fixture
 def api_server() -> Any:
     FakeApiServer.store = {}
+    FakeApiServer.rules = None
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeApiServer)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -288,6 +330,56 @@ def test_report_configmap_is_created_then_replaced(api_server: str) -> None:
     assert parse_report(data) == {"a": 2}
     with pytest.raises(KubeError, match="HTTP 401"):
         Kube(api_server, "wrong", False).put_configmap("loadproof", "report-x", {})
+
+
+def test_each_job_may_do_exactly_what_it_does_and_nothing_else(
+    api_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rendered Roles, enforced like the API server would, against the Jobs' real API calls: the start
+    barrier patches its ConfigMap; the report reads that one and patches its own; neither creates anything."""
+    import loadtest.measure
+    from loadtest import report_job
+    from loadtest.report_job import result_labels
+
+    ev = render.evaluate(load("dev"))
+    objects = ev.manifests()
+    start_cm, report_cm = f"k6-start-{render.MOCK_RUN_HEX}", f"report-{render.MOCK_RUN_HEX}"
+    for name in (start_cm, report_cm):  # Pulumi creates both, empty, before the Jobs run
+        FakeApiServer.store[name] = render.find(objects, "ConfigMap", name)
+    assert "data" not in FakeApiServer.store[report_cm]
+    kube = Kube(api_server, FakeApiServer.token, False)
+
+    FakeApiServer.rules = render.find(objects, "Role", "k6-start")["rules"]
+    kube.put_configmap("loadproof", start_cm, {"started_at": "1000.000"}, result_labels("k6-start"))  # k6_start.main
+    for forbidden in (
+        lambda: kube.get_configmap("loadproof", report_cm),
+        lambda: kube.put_configmap("loadproof", report_cm, {"report.json": "{}"}),
+        lambda: kube.put_configmap("loadproof", "anything-else", {}),  # not there: would need create
+    ):
+        with pytest.raises(KubeError, match="HTTP 403"):
+            forbidden()
+
+    FakeApiServer.rules = render.find(objects, "Role", "report")["rules"]
+    monkeypatch.setattr(loadtest.measure, "measure", lambda url, **kw: {"test_id": kw["test_id"]})
+    job = render.find(objects, "Job", report_cm)["spec"]["template"]["spec"]["containers"][0]
+    doc = json.loads(next(e["value"] for e in job["env"] if e["name"] == report_job.CONFIG_ENV))
+    assert report_job.run(doc, kube, None) == {"test_id": f"lp-{render.MOCK_RUN_HEX}"}
+    stored = FakeApiServer.store[report_cm]
+    assert json.loads(stored["data"]["report.json"]) == {"test_id": f"lp-{render.MOCK_RUN_HEX}"}
+    assert stored["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "pulumi"  # merged, not replaced
+    with pytest.raises(KubeError, match="HTTP 403"):
+        kube.put_configmap("loadproof", start_cm, {"started_at": "1"})
+    # Each Job waits for its own grant and for the ConfigMap it patches.
+    assert ev.waits_for("loadtest-start-job", "loadtest-start-rolebinding")
+    assert ev.waits_for("loadtest-start-job", "loadtest-start-result")
+    assert ev.waits_for("report-job", "report-rolebinding")
+    assert ev.waits_for("report-job", "report-configmap")
+    # The results belong to the Jobs (a refresh must not wipe them) and outlive a re-run.
+    for logical in ("loadtest-start-result", "report-configmap"):
+        assert ev.monitor.ignore_changes[logical] == ["data"] and logical in ev.monitor.retained
+    specs = {o["metadata"]["name"]: o["spec"]["template"]["spec"] for o in objects if o["kind"] == "Job"}
+    assert specs[start_cm]["serviceAccountName"] == "k6-start"
+    assert specs[report_cm]["serviceAccountName"] == "report"
 
 
 def test_parse_report_refuses_an_empty_report() -> None:
@@ -341,6 +433,9 @@ def test_report_job_measures_the_recorded_window_and_stores_the_result(
     assert window.warmup_s == cfg.loadtest.profiles["demo"].warmup_s
     assert seen["prometheus_url"] == "http://prometheus:9090" and seen["test_id"] == "lp-x"
     assert seen["machine"]["where"] == "kubernetes"
+    # The configured replicas go next to the observed ones; the scrape interval is the sampling step.
+    assert seen["configured_replicas"] == {"orchestrator": cfg.orchestrator.replicas, "workers": cfg.workers.replicas}
+    assert seen["scrape_interval_s"] == cfg.monitoring.prometheus.scrape_interval_s
     assert parse_report(kube.get_configmap("loadproof", "report-x")) == report
     labels = FakeApiServer.store["report-x"]["metadata"]["labels"]
     assert labels["app.kubernetes.io/component"] == "report" and labels["app.kubernetes.io/part-of"] == "loadproof"

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from common import k6config
-from common.stackconfig import StackConfig, load
+from common.stackconfig import REPO_ROOT, StackConfig, load
 from infra import kube, postgres, redis, render
 from infra.orchestrator import PRESTOP_SLEEP_S, grace_period_s
 from infra.program import REPORT_OUTPUTS
@@ -61,7 +61,10 @@ def env_of(c: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
 
 
-@pytest.mark.parametrize("stack", ["dev", "kind"])
+STACKS = ["dev", "kind", "k3d"]
+
+
+@pytest.mark.parametrize("stack", STACKS)
 def test_every_object_is_valid_for_kubernetes_and_promtool_and_k6(stack: str) -> None:
     objects = render.evaluate(load(stack), stack=stack).manifests()
     assert len(objects) > 40
@@ -192,7 +195,8 @@ def test_api_rollout_drain_and_scaling(objects: list[dict[str, Any]]) -> None:
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
-    ann = api["spec"]["template"]["metadata"]["annotations"]
+    ann = dict(api["spec"]["template"]["metadata"]["annotations"])  # a copy: the fixture is shared
+    assert ann.pop("loadproof.dev/redis-credentials")  # see test_clients_roll_when_the_redis_password_changes
     assert ann == {"prometheus.io/scrape": "true", "prometheus.io/port": "8080", "prometheus.io/path": "/metrics"}
     labels = api["spec"]["template"]["metadata"]["labels"]
     assert labels["app.kubernetes.io/name"] == "loadproof" and labels["app.kubernetes.io/component"] == "orchestrator"
@@ -292,7 +296,8 @@ class JobRenamingMocks(render.RecordingMocks):
 def test_report_read_back_waits_for_the_report_job() -> None:
     mocks = JobRenamingMocks()
     render.evaluate(load("dev"), mocks=mocks)
-    assert mocks.reads == [("kubernetes:core/v1:ConfigMap", "loadproof/name-from-job-outputs")]
+    reports = [r for r in mocks.reads if r[0] == "kubernetes:core/v1:ConfigMap"]
+    assert reports == [("kubernetes:core/v1:ConfigMap", "loadproof/name-from-job-outputs")]
 
 
 def test_report_job_runs_after_the_runners_and_writes_its_configmap(objects: list[dict[str, Any]]) -> None:
@@ -300,10 +305,25 @@ def test_report_job_runs_after_the_runners_and_writes_its_configmap(objects: lis
     c = job["spec"]["template"]["spec"]["containers"][0]
     assert c["command"] == ["python", "-m", "loadtest.report_job"]
     assert "pulumi.com/skipAwait" not in job["metadata"].get("annotations", {})
-    role = render.find(objects, "Role", "loadtest-control")
-    named = [r for r in role["rules"] if r.get("resourceNames")]
-    assert named[0]["resourceNames"] == [f"k6-start-{render.MOCK_RUN_HEX}", f"report-{render.MOCK_RUN_HEX}"]
-    assert "create" not in named[0]["verbs"] and "delete" not in str(role["rules"])
+    # One ServiceAccount and Role per Job, each limited to named ConfigMaps; nothing may create or delete.
+    start, report = f"k6-start-{render.MOCK_RUN_HEX}", f"report-{render.MOCK_RUN_HEX}"
+    grants = {
+        name: {
+            (n, verb)
+            for r in render.find(objects, "Role", name)["rules"]
+            for n in r["resourceNames"]
+            for verb in r["verbs"]
+        }
+        for name in ("k6-start", "report")
+    }
+    assert grants == {"k6-start": {(start, "patch")}, "report": {(start, "get"), (report, "patch")}}
+    for name in ("k6-start", "report"):
+        assert all(r["resources"] == ["configmaps"] for r in render.find(objects, "Role", name)["rules"])
+        binding = render.find(objects, "RoleBinding", name)
+        assert binding["roleRef"]["name"] == name and binding["subjects"][0]["name"] == name
+    # Pulumi creates both ConfigMaps (the Jobs cannot) and keeps them when a re-run replaces them.
+    for name in (start, report):
+        assert "data" not in render.find(objects, "ConfigMap", name)
 
 
 def test_entry_point_runs_the_way_pulumi_runs_it(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -415,7 +435,7 @@ def test_namespace_guard_rails(objects: list[dict[str, Any]]) -> None:
     assert render.find(objects, "LimitRange", "loadproof-limits")["spec"]["limits"][0]["type"] == "Container"
 
 
-@pytest.mark.parametrize("stack", ["dev", "kind"])
+@pytest.mark.parametrize("stack", STACKS)
 def test_quota_fits_the_stack_at_full_scale(stack: str) -> None:
     """Peak requests and limits (HPA at max, one surge pod per rolling Deployment, all Jobs) fit the ResourceQuota."""
     cfg = load(stack)
@@ -447,7 +467,7 @@ def test_quota_fits_the_stack_at_full_scale(stack: str) -> None:
         assert used <= limit, f"{key}: {used} needed at full scale, quota {hard[key]}"
 
 
-@pytest.mark.parametrize("stack", ["dev", "kind"])
+@pytest.mark.parametrize("stack", STACKS)
 def test_redis_evicts_before_the_oom_killer(stack: str) -> None:
     cfg = load(stack)
     r = cfg.redis
@@ -474,7 +494,7 @@ def test_ordering_service_then_runners_then_report(dev: render.Evaluation) -> No
     assert not dev.waits_for("orchestrator-api", "simulator-deployment")
 
 
-@pytest.mark.parametrize("stack", ["dev", "kind"])
+@pytest.mark.parametrize("stack", STACKS)
 def test_references_resolve_within_the_stack(stack: str) -> None:
     """Every mounted volume exists; every ConfigMap, Secret (and key), PVC, ServiceAccount and Service
     a pod or object refers to is rendered too; no mount is nested inside another."""
@@ -569,7 +589,7 @@ def test_promtool_check_catches_a_broken_prometheus_config(objects: list[dict[st
 NON_SETTINGS_ENV = {k6config.CONFIG_ENV: "the k6 script's config", report_job.CONFIG_ENV: "the report Job's config"}
 
 
-@pytest.mark.parametrize("stack", ["dev", "kind"])
+@pytest.mark.parametrize("stack", STACKS)
 def test_every_loadproof_env_var_is_a_settings_field(stack: str) -> None:
     """pydantic-settings ignores unknown variables (``extra="ignore"``): a misspelt one would silently do nothing."""
     fields = {f"LOADPROOF_{name.upper()}" for name in Settings.model_fields}
@@ -629,7 +649,7 @@ def test_grafana_ingress_waits_for_the_ingress_controller_it_installs() -> None:
     assert "baseline-ingress-nginx" not in dev.monitor.urns
 
 
-@pytest.mark.parametrize("stack", ["dev", "kind"])
+@pytest.mark.parametrize("stack", STACKS)
 def test_postgres_max_connections_cover_every_pool_at_full_scale(stack: str) -> None:
     cfg = load(stack)
     demand = postgres.connection_demand(cfg)
@@ -687,3 +707,289 @@ def test_values_the_service_would_refuse_fail_the_program(changes: dict[str, Any
     """Settings' bounds are checked when the program runs, not discovered as a crash-looping pod."""
     with pytest.raises(ValueError, match=variable):
         render.evaluate(with_changes(load("dev"), changes))
+
+
+# ------------------------------------------------------------------ ingress and the network to real clusters
+
+
+def _release_values(evaluation: render.Evaluation) -> dict[str, Any]:
+    (release,) = [r for r in evaluation.mocks.resources if r.typ == "kubernetes:helm.sh/v3:Release"]
+    return render.to_plain(release.inputs)["values"]["controller"]
+
+
+def test_ingress_nginx_rolls_without_surge_on_the_node_kind_maps_ports_to() -> None:
+    """hostPorts fit one pod per node: the old controller must go before the new one can schedule, on the
+    node labelled ingress-ready=true (infra/kind-cluster.yaml), which is kind's tainted control plane."""
+    controller = _release_values(render.evaluate(load("kind"), stack="kind"))
+    assert controller["hostPort"] == {"enabled": True}
+    assert controller["updateStrategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+    }
+    assert controller["nodeSelector"] == {"ingress-ready": "true"}
+    assert controller["tolerations"] == [
+        {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    kind_cluster = yaml.safe_load((REPO_ROOT / "infra" / "kind-cluster.yaml").read_text())
+    (node,) = kind_cluster["nodes"]
+    assert node["role"] == "control-plane" and 'node-labels: "ingress-ready=true"' in node["kubeadmConfigPatches"][0]
+    # The chart pastes these values into the controller Deployment verbatim: they must be valid there.
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "ingress-nginx-controller"},
+        "spec": {
+            "strategy": controller["updateStrategy"],
+            "selector": {"matchLabels": {"app": "x"}},
+            "template": {
+                "metadata": {"labels": {"app": "x"}},
+                "spec": {
+                    "nodeSelector": controller["nodeSelector"],
+                    "tolerations": controller["tolerations"],
+                    "containers": [{"name": "controller", "image": "x"}],
+                },
+            },
+        },
+    }
+    assert render.validate([deployment]) == []
+    # Other clusters clear the selector: scheduled anywhere, no toleration of the control plane.
+    anywhere = _release_values(
+        render.evaluate(with_changes(load("kind"), {"baseline.ingressNodeSelector": {}}), stack="kind")
+    )
+    assert "nodeSelector" not in anywhere and "tolerations" not in anywhere
+    assert anywhere["updateStrategy"] == controller["updateStrategy"]
+
+
+def test_k3d_stack_uses_traefik_and_admits_only_its_pods() -> None:
+    cfg = load("k3d")
+    assert cfg.baseline.ingress_controller is False  # ingress-nginx's hostPorts would collide with svclb-traefik
+    assert cfg.monitoring.grafana.ingress_class == "traefik"
+    assert cfg.monitoring.grafana.host == "grafana.127.0.0.1.nip.io"
+    ev = render.evaluate(cfg, stack="k3d")
+    assert not [r for r in ev.mocks.resources if r.typ == "kubernetes:helm.sh/v3:Release"]
+    objects = ev.manifests()
+    assert render.find(objects, "Ingress", "grafana")["spec"]["ingressClassName"] == "traefik"
+    (rule,) = render.find(objects, "NetworkPolicy", "allow-grafana")["spec"]["ingress"]
+    # One peer with both selectors: Traefik's pods AND in kube-system (two peers would admit either).
+    assert rule["from"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "traefik"}},
+        }
+    ]
+    assert rule["ports"] == [{"port": kube.GRAFANA_PORT, "protocol": "TCP"}]
+    assert ev.outputs["grafana_url"] == "http://grafana.127.0.0.1.nip.io/"
+
+
+def _api_server_rules(objects: list[dict[str, Any]], component: str) -> list[dict[str, Any]]:
+    spec = render.find(objects, "NetworkPolicy", f"allow-{component}")["spec"]
+    return [r for r in spec.get("egress", []) if any("ipBlock" in p for p in r["to"])]
+
+
+API_CLIENTS = ("prometheus", "report", "k6-start")
+
+
+def test_api_server_egress_is_its_endpoints_not_anywhere(dev: render.Evaluation, objects: list[dict[str, Any]]) -> None:
+    """The `default/kubernetes` EndpointSlice is read at deploy time; each address becomes a /32 on its port."""
+    assert ("kubernetes:discovery.k8s.io/v1:EndpointSlice", "default/kubernetes") in dev.mocks.reads
+    expected = [
+        {
+            "ports": [{"port": render.MOCK_API_SERVER["port"], "protocol": "TCP"}],
+            "to": [{"ipBlock": {"cidr": f"{render.MOCK_API_SERVER['address']}/32"}}],
+        }
+    ]
+    for component in API_CLIENTS:
+        assert _api_server_rules(objects, component) == expected, component
+    everywhere = [
+        o["metadata"]["name"]
+        for o in objects
+        if o["kind"] == "NetworkPolicy"
+        for r in o["spec"].get("egress", [])
+        for p in r["to"]
+        if p.get("ipBlock", {}).get("cidr") in ("0.0.0.0/0", "::/0")
+    ]
+    assert everywhere == []  # internal stores and the simulator: nothing leaves for "anywhere"
+
+
+class DualStackApiServer(render.RecordingMocks):
+    """A cluster whose API server has two IPv6 endpoints on 443."""
+
+    def output_state(self, args: Any, state: dict[str, Any]) -> dict[str, Any]:
+        if args.typ == "kubernetes:discovery.k8s.io/v1:EndpointSlice":
+            return {
+                **state,
+                "addressType": "IPv6",
+                "endpoints": [{"addresses": ["fd00::2"]}, {"addresses": ["fd00::1"]}],
+                "ports": [{"name": "https", "port": 443, "protocol": "TCP"}],
+            }
+        return state
+
+
+def test_api_server_endpoints_and_extra_cidrs() -> None:
+    objects = render.evaluate(load("dev"), mocks=DualStackApiServer()).manifests()
+    assert _api_server_rules(objects, "prometheus") == [
+        {
+            "ports": [{"port": 443, "protocol": "TCP"}],
+            "to": [{"ipBlock": {"cidr": "fd00::1/128"}}, {"ipBlock": {"cidr": "fd00::2/128"}}],
+        }
+    ]
+    # Added CIDRs (e.g. a load balancer in front of the control plane) on both API ports.
+    extra = {"ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}],
+             "to": [{"ipBlock": {"cidr": "203.0.113.0/28"}}]}  # fmt: skip
+    cfg = with_changes(load("dev"), {"baseline.apiServerCidrs": ["203.0.113.0/28"]})
+    objects = render.evaluate(cfg).manifests()
+    for component in API_CLIENTS:
+        assert _api_server_rules(objects, component)[1:] == [extra]
+    # ...or instead of the endpoints, for clusters where they are not what pods reach.
+    only = with_changes(cfg, {"baseline.apiServerFromEndpoints": False})
+    ev = render.evaluate(only)
+    assert not [r for r in ev.mocks.reads if r[0].endswith("EndpointSlice")]
+    for component in API_CLIENTS:
+        assert _api_server_rules(ev.manifests(), component) == [extra]
+    with pytest.raises(Exception, match="apiServerCidrs is empty"):
+        with_changes(load("dev"), {"baseline.apiServerFromEndpoints": False})
+
+
+def test_node_local_dns_is_allowed_when_set(objects: list[dict[str, Any]]) -> None:
+    assert len(render.find(objects, "NetworkPolicy", "allow-dns")["spec"]["egress"]) == 1
+    cfg = with_changes(load("dev"), {"baseline.nodeLocalDns": "169.254.20.10"})
+    kube_dns, node_local = render.find(render.evaluate(cfg).manifests(), "NetworkPolicy", "allow-dns")["spec"]["egress"]
+    assert kube_dns["to"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
+    assert node_local == {
+        "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
+        "to": [{"ipBlock": {"cidr": "169.254.20.10/32"}}],
+    }
+
+
+# ------------------------------------------------------------------ pods that survive real clusters
+
+
+def test_grafana_first_boot_has_a_startup_budget(objects: list[dict[str, Any]]) -> None:
+    """Migrations on first boot (1 CPU) can outlast liveness: liveness begins only once Grafana answered."""
+    c = container(objects, "Deployment", "grafana")
+    startup, liveness = c["startupProbe"], c["livenessProbe"]
+    assert startup["httpGet"] == liveness["httpGet"] == {"path": "/api/health", "port": kube.GRAFANA_PORT}
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+    assert startup["periodSeconds"] * startup["failureThreshold"] > liveness["periodSeconds"] * liveness[
+        "failureThreshold"
+    ] + liveness.get("initialDelaySeconds", 0)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_persistent_volumes_are_not_chowned_on_every_start(stack: str) -> None:
+    objects = render.evaluate(load(stack), stack=stack).manifests()
+    persistent = []
+    for o in objects:
+        if o["kind"] not in WORKLOAD_KINDS:
+            continue
+        spec = o["spec"]["template"]["spec"]
+        if o["spec"].get("volumeClaimTemplates") or any("persistentVolumeClaim" in v for v in spec.get("volumes", [])):
+            persistent.append(o["metadata"]["name"])
+            assert spec["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch", o["metadata"]["name"]
+    assert sorted(persistent) == ["postgres", "prometheus", "redis"]
+
+
+def test_redis_requires_its_generated_password(dev: render.Evaluation, objects: list[dict[str, Any]]) -> None:
+    """requirepass from a RandomPassword, carried in the URL Secret the API and workers read."""
+    password = render.mock_password("redis-password")
+    secret = render.find(objects, "Secret", "redis-url")["stringData"]
+    assert secret == {"password": password, "redis-url": f"redis://:{password}@redis.loadproof.svc:6379/0"}
+    c = container(objects, "Deployment", "redis")
+    assert env_of(c) == {"REDISCLI_AUTH": {"secretKeyRef": {"name": "redis-url", "key": "password"}}}
+    for name in ("orchestrator", "workers"):
+        assert env_of(container(objects, "Deployment", name))["LOADPROOF_REDIS_URL"] == {
+            "secretKeyRef": {"name": "redis-url", "key": "redis-url"}
+        }
+    # Nothing else in the cluster talks to Redis (the report measures Prometheus and Postgres).
+    readers = {
+        f"{o['kind']}/{o['metadata']['name']}"
+        for o in objects
+        if o["kind"] in (*WORKLOAD_KINDS, "Job")
+        for c in o["spec"]["template"]["spec"]["containers"]
+        for e in c.get("env", [])
+        if e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == "redis-url"
+    }
+    assert readers == {"Deployment/orchestrator", "Deployment/workers", "Deployment/redis"}
+    # External Redis: the URL as given, no generated password.
+    external = render.evaluate(with_changes(load("dev"), {"redis.mode": "external"}))
+    assert render.find(external.manifests(), "Secret", "redis-url")["stringData"] == {
+        "redis-url": render.MOCK_SECRETS["redisUrl"]
+    }
+    assert "redis-password" not in {r.name for r in external.mocks.resources}
+
+
+def test_redis_entrypoint_and_probes_against_a_real_redis(objects: list[dict[str, Any]], tmp_path: Any) -> None:
+    """The rendered command, args and probes, run with the real redis-server: the password is required,
+    the probes pass with it and fail without it, and it is on no command line."""
+    import os
+    import socket
+    import subprocess
+    import time
+    from pathlib import Path
+
+    import redis as redis_client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    c = container(objects, "Deployment", "redis")
+    args = list(c["args"])
+    args[args.index("--port") + 1] = str(port)
+    args[args.index("--dir") + 1] = str(tmp_path)
+    password = "Pr0beP4ssw0rd"
+    env = {**os.environ, "REDISCLI_AUTH": password}
+    proc = subprocess.Popen([*c["command"], *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+
+        def probe(which: str, auth: str | None) -> int:
+            command = [a.replace(f"-p {kube.REDIS_PORT}", f"-p {port}") for a in c[which]["exec"]["command"]]
+            probe_env = {k: v for k, v in env.items() if k != "REDISCLI_AUTH"}
+            if auth is not None:
+                probe_env["REDISCLI_AUTH"] = auth
+            return subprocess.run(command, env=probe_env, capture_output=True, timeout=10, check=False).returncode
+
+        deadline = time.monotonic() + 20
+        while probe("readinessProbe", password) != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+            time.sleep(0.1)
+        assert probe("livenessProbe", password) == 0
+        for which in ("readinessProbe", "livenessProbe"):
+            assert probe(which, None) != 0 and probe(which, "wrong") != 0, which
+        url = f"redis://:{password}@127.0.0.1:{port}/0"  # the shape of the Secret's URL
+        assert redis_client.Redis.from_url(url).ping() is True
+        with pytest.raises(redis_client.AuthenticationError):
+            redis_client.Redis.from_url(f"redis://127.0.0.1:{port}/0").ping()
+        # exec: redis-server itself is the process (gets SIGTERM), and its command line has no password.
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode()
+        assert "redis-server" in cmdline and password not in cmdline
+        assert args[args.index("--appendonly") + 1] == "yes"
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0  # clean shutdown on SIGTERM
+
+
+class NewRedisPassword(render.RecordingMocks):
+    def output_state(self, args: Any, state: dict[str, Any]) -> dict[str, Any]:
+        if args.name == "redis-password":
+            return {**state, "result": "a-rotated-password"}
+        return state
+
+
+def test_clients_roll_when_the_redis_password_changes(objects: list[dict[str, Any]]) -> None:
+    """The API and workers read the Redis URL from env at start: a new password (or the first one, on an
+    existing stack) changes their pod templates, so they roll instead of keeping a URL Redis refuses."""
+
+    def checksums(objs: list[dict[str, Any]]) -> set[str]:
+        return {
+            render.find(objs, "Deployment", name)["spec"]["template"]["metadata"]["annotations"][
+                "loadproof.dev/redis-credentials"
+            ]
+            for name in ("orchestrator", "workers")
+        }
+
+    (before,) = checksums(objects)
+    (after,) = checksums(render.evaluate(load("dev"), mocks=NewRedisPassword()).manifests())
+    assert before != after and len(before) == 16
+    external = render.evaluate(with_changes(load("dev"), {"redis.mode": "external"})).manifests()
+    annotations = render.find(external, "Deployment", "orchestrator")["spec"]["template"]["metadata"]["annotations"]
+    assert "loadproof.dev/redis-credentials" not in annotations  # never a digest of a user-chosen URL

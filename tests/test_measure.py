@@ -4,8 +4,11 @@ and its Postgres reconciliation against the real task table."""
 from __future__ import annotations
 
 import json
+import re
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -67,12 +70,22 @@ def test_cross_check_flags_disagreement() -> None:
 Answer = Callable[[str], float | None]
 
 
+RAW_SAMPLES = re.compile(r"\[(\d+)ms\]$")  # ms.Prometheus.samples: a bare range selector
+
+
 def fake_prometheus(answer: Answer) -> ms.Prometheus:
-    """A Prometheus client whose HTTP API answers every instant query with ``answer(query)``."""
+    """A Prometheus client whose HTTP API answers every instant query with ``answer(query)``; a counter's raw
+    samples are one series going from 0 (before the window) to ``answer(query)`` (at its end)."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         params = {k: v[0] for k, v in parse_qs(request.url.query.decode()).items()}
         query = params["query"]
+        raw = RAW_SAMPLES.search(query)
+        if raw:
+            value, at = answer(query), float(params["time"])
+            values = [[at - int(raw.group(1)) / 1000, "0"], [at, str(value)]]
+            result = [] if value is None else [{"metric": {"job": "x", "instance": "y"}, "values": values}]
+            return httpx.Response(200, json={"status": "success", "data": {"resultType": "matrix", "result": result}})
         if request.url.path.endswith("/query_range"):
             value = answer(query)
             values = [] if value is None else [[float(params["start"]), str(value)]]
@@ -108,15 +121,18 @@ BASE = {
     "k6_dropped_iterations_total": 0,
     "loadproof_http_request_duration_seconds_bucket": 80.0,
     "loadproof_cache_lookups_total": 0.4,
-    "loadproof_tokens_delivered_total": 0.0003,  # cost per 1k delivered tokens
-    "loadproof_llm_tokens_total[": 0.0002,  # billed per 1k (ratio query) -- checked below by key
-    'loadproof_http_requests_total{route="/task",method="POST",status=~"2.."}': 0.00001,
+    # counter totals over run + drain (raw samples: 0 before the window, this at its end)
+    "loadproof_tokens_delivered_total": 50_000,
+    "loadproof_llm_tokens_total": 100_000,
+    'loadproof_http_requests_total{route="/task",method="POST",status=~"2.."}': 1000,
     "loadproof_task_completion_seconds_bucket": 1500.0,
     "loadproof_llm_requests_total": 60,
     'loadproof_tasks_total{event="accepted"}': 500,
     'loadproof_tasks_total{event="completed"}': 500,
     "loadproof_tasks_total": 0,
     "loadproof_llm_cost_usd_total": 0.25,
+    'count(up{job="orchestrator"} == 1)': 3,
+    'count(up{job="workers"} == 1)': 2,
 }
 
 
@@ -146,7 +162,16 @@ def test_measure_arithmetic_on_fixed_answers() -> None:
     assert out["p50_latency_ms"] == 40.0 and out["p95_latency_ms"] == 120.0 and out["p99_latency_ms"] == 300.0
     assert out["target_qps"] == 50
     assert out["cache_hit_ratio"] == 0.4
-    assert out["tasks_accepted"] == 0  # counter unchanged between the two instants (same answer)
+    assert out["llm_cost_usd"] == 0.25 and out["llm_calls"] == 60 and out["llm_tokens"] == 100_000
+    assert out["llm_cost_per_1k_tokens_usd"] == 0.005  # 0.25 USD / 50k delivered tokens * 1000
+    assert out["billed_cost_per_1k_tokens_usd"] == 0.0025  # 0.25 USD / 100k billed tokens * 1000
+    assert out["cost_per_request_usd"] == 0.00025  # 0.25 USD / 1000 successful requests
+    assert out["tasks_accepted"] == 500 and out["tasks_failed"] == 0
+    assert out["counter_resets"] == 0 and not out["notes"]
+    assert out["replicas"] == {
+        "orchestrator": {"configured": None, "observed_max": 3},
+        "workers": {"configured": None, "observed_max": 2},
+    }
     assert out["tasks_lost"] is None  # no database: unknowable, never reported as 0
     assert out["threshold_results"]["tasks_lost"] is False  # type: ignore[index]
     assert out["thresholds_passed"] is False
@@ -158,7 +183,7 @@ def test_measure_arithmetic_on_fixed_answers() -> None:
         ({"histogram_quantile(0.95, sum(k6_": 450.0}, "p95_latency_ms"),
         ({'expected_response="false"': 20}, "error_rate"),
         ({"k6_dropped_iterations_total": 3}, "dropped_iterations"),
-        ({"loadproof_tokens_delivered_total": 0.009}, "llm_cost_per_1k_tokens_usd"),
+        ({"loadproof_tokens_delivered_total": 10_000}, "llm_cost_per_1k_tokens_usd"),  # 0.025 per 1k
         ({"loadproof_tokens_delivered_total": None}, "llm_cost_per_1k_tokens_usd"),  # unmeasured fails
         ({"histogram_quantile(0.95, sum(k6_": None}, "p95_latency_ms"),
     ],
@@ -233,16 +258,9 @@ def test_lost_tasks_are_accepted_minus_rows(task_db: str) -> None:
     t0 = 3_000_000.0
     _insert(task_db, [("done", False, t0 + 1)] * 3)
     window = ms.RunWindow(started_at=t0, ended_at=t0 + 30, warmup_s=5, drained_at=t0 + 40)
-    calls = {"n": 0}
-
-    def answer(query: str) -> float | None:
-        if 'loadproof_tasks_total{event="accepted"}' in query:
-            calls["n"] += 1
-            return 0.0 if calls["n"] % 2 == 0 else 5.0  # after = 5, before = 0 -> 5 accepted
-        return scripted(BASE)(query)
 
     out = ms.measure(
-        fake_prometheus(answer),
+        fake_prometheus(scripted({**BASE, 'loadproof_tasks_total{event="accepted"}': 5})),
         test_id="t",
         profile_name="smoke",
         profile=PROFILE,
@@ -255,6 +273,25 @@ def test_lost_tasks_are_accepted_minus_rows(task_db: str) -> None:
     assert out["tasks_completed"] == 3
     assert out["tasks_lost"] == 2  # accepted per the service's counter, but no row
     assert out["threshold_results"]["tasks_lost"] is False  # type: ignore[index]
+    assert "tasks_lost" not in out["lower_bounds"]  # type: ignore[operator]
+
+
+def test_more_rows_than_counted_acceptances_is_said(task_db: str) -> None:
+    """A pod that ended between scrapes took uncounted acceptances with it: tasks_lost is then only a lower bound."""
+    t0 = 3_500_000.0
+    _insert(task_db, [("done", False, t0 + 1)] * 4)
+    out = ms.measure(
+        fake_prometheus(scripted({**BASE, 'loadproof_tasks_total{event="accepted"}': 3})),
+        test_id="t",
+        profile_name="smoke",
+        profile=PROFILE,
+        thresholds=THRESHOLDS,
+        window=ms.RunWindow(started_at=t0, ended_at=t0 + 30, warmup_s=5, drained_at=t0 + 40),
+        database_url=task_db,
+        machine={},
+    )
+    assert out["tasks_lost"] == 0 and out["lower_bounds"] == ["tasks_lost"]
+    assert any("1 more task rows than counted acceptances" in n for n in out["notes"])  # type: ignore[union-attr]
 
 
 # ------------------------------------------------------------------ a real run: Prometheus agrees with k6
@@ -316,3 +353,126 @@ def test_quantile_beyond_last_bucket_is_flagged() -> None:
     assert any("completion_p95_ms is at least" in n for n in out["notes"])  # type: ignore[union-attr]
     assert out["lower_bounds"] == ["completion_p95_ms"]
     assert not any("server_p95" in n for n in out["notes"])  # type: ignore[union-attr]
+
+
+# ------------------------------------------------------------------ restarts and ended series: a real Prometheus
+
+
+class Target:
+    """A scrape target serving a settable text exposition on a fixed port; ``restart`` is a process restart
+    (the port goes away, then answers with fresh counters), ``stop`` a deleted pod."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.text = ""
+        self._server: ThreadingHTTPServer | None = None
+
+    def start(self, text: str) -> None:
+        self.text = text
+        target = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = target.text.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def restart(self, text: str) -> None:
+        self.stop()
+        self.start(text)
+
+
+def api(accepted: float, started: float) -> str:
+    return f'loadproof_tasks_total{{event="accepted"}} {accepted}\nprocess_start_time_seconds {started}\n'
+
+
+def worker(completed: float) -> str:  # multiprocess-mode style: no process_start_time_seconds
+    return f'loadproof_tasks_total{{event="completed"}} {completed}\n'
+
+
+def test_counter_totals_survive_restarts_and_deleted_pods(tmp_path: Path) -> None:
+    """Counters that reset (a restart, seen by a step down or only by a new process start time), a pod
+    that appears mid-run with counts already made, and one that disappears: the report counts exactly what
+    was counted, flags the restarts and reports the replicas that really ran."""
+    a, b, c, k6 = Target(), Target(), Target(), Target()
+    prom = PrometheusServer(
+        {
+            "orchestrator": [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"],
+            "workers": [f"127.0.0.1:{c.port}"],
+            "k6": [f"127.0.0.1:{k6.port}"],
+        },
+        scrape_interval_s=1,
+        workdir=tmp_path / "prom",
+        port=free_port(),
+    )
+    hold = 2.5  # >= 2 scrapes of every state
+    try:
+        a.start(api(5, 1000))  # 5 accepted before the run: not the run's
+        c.start(worker(0))
+        k6.start('k6_http_reqs_total{testid="reset-run",phase="measured"} 100\n')
+        prom.start()
+        deadline = time.monotonic() + 30
+        while (ms.Prometheus(prom.url).scalar("count(up == 1)", time.time()) or 0) < 3:
+            assert time.monotonic() < deadline, "targets never came up"
+            time.sleep(0.2)
+        time.sleep(hold)
+        started_at = time.time()
+        a.text, c.text = api(15, 1000), worker(8)  # +10, +8
+        time.sleep(hold)
+        a.restart(api(20, 2000))  # restarted and counted 20 before its first scrape: no step down to see
+        c.restart(worker(2))  # restarted: 8 -> 2, a step down (+2)
+        b.start(api(4, 3000))  # a new pod, first scraped with 4 already counted
+        time.sleep(hold)
+        a.text, b.text, c.text = api(24, 2000), api(6, 3000), worker(5)  # +4, +2, +3
+        time.sleep(hold)
+        b.stop()  # the pod is deleted: its series ends
+        time.sleep(hold)
+        ended_at = time.time()
+        time.sleep(2)
+        window = ms.RunWindow(started_at, ended_at, warmup_s=1)
+        naive = ms.Prometheus(prom.url)
+        accepted_sum = 'sum(loadproof_tasks_total{event="accepted"})'
+        # The old two-instant difference: B's series is gone at the end and A's restart is invisible.
+        two_instants = (naive.scalar(accepted_sum, ended_at + 1.5) or 0) - (naive.scalar(accepted_sum, started_at) or 0)
+        out = ms.measure(
+            prom.url,
+            test_id="reset-run",
+            profile_name="smoke",
+            profile=PROFILE,
+            thresholds=THRESHOLDS,
+            window=window,
+            machine={},
+            settle_s=1.5,
+            scrape_interval_s=1,
+            configured_replicas={"orchestrator": 1, "workers": 1},
+        )
+    finally:
+        for t in (a, b, c, k6):
+            t.stop()
+        prom.stop()
+    assert two_instants == 19  # 24 - 5: undercounted by more than half
+    assert out["tasks_accepted"] == 10 + 20 + 4 + 6
+    assert out["tasks_completed"] == 8 + 2 + 3
+    assert out["counter_resets"] == 2  # A (process start time changed), C (step down); B's birth is no reset
+    (note,) = [n for n in out["notes"] if "counter reset" in n]  # type: ignore[union-attr]
+    assert f"orchestrator 127.0.0.1:{a.port} x1" in note and f"workers 127.0.0.1:{c.port} x1" in note
+    assert out["replicas"] == {
+        "orchestrator": {"configured": 1, "observed_max": 2},  # A and B up at once
+        "workers": {"configured": 1, "observed_max": 1},
+    }
+    assert out["requests"] == 100
