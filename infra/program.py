@@ -9,6 +9,7 @@ from typing import Any
 
 import pulumi
 
+from common.outputs import STACK_OUTPUTS
 from common.stackconfig import PROJECT, StackConfig, parse
 from infra.baseline import Baseline
 from infra.llm import Llm
@@ -20,30 +21,6 @@ from infra.redis import Redis
 from infra.report import Report
 
 # The measured numbers exported one by one (and all of them under `report`).
-REPORT_OUTPUTS = (
-    "p95_latency_ms",
-    "p99_latency_ms",
-    "server_p95_latency_ms",
-    "achieved_qps",
-    "target_qps",
-    "error_rate",
-    "dropped_iterations",
-    "cache_hit_ratio",
-    "llm_calls",
-    "llm_cost_usd",
-    "llm_cost_per_1k_tokens_usd",
-    "cost_per_request_usd",
-    "completion_p95_ms",
-    "tasks_accepted",
-    "tasks_completed",
-    "tasks_failed",
-    "tasks_lost",
-    "thresholds_passed",
-    "counter_resets",
-    "replicas",
-    "test_id",
-    "profile",
-)
 
 
 @dataclass(frozen=True)
@@ -127,6 +104,6 @@ def deploy(cfg: StackConfig, secrets: Secrets) -> dict[str, Any]:
         "grafana_admin_password": monitoring.grafana_admin_password,
         "report": report.report,
     }
-    for key in REPORT_OUTPUTS:
+    for key in STACK_OUTPUTS:
         outputs[key] = report.report.apply(lambda r, k=key: r.get(k))
     return outputs

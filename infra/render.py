@@ -75,9 +75,9 @@ def mock_password(name: str) -> str:
 
 def mock_report(test_id: str, profile: str) -> dict[str, Any]:
     """What the fake report ConfigMap holds: clearly fake numbers, never shown as measured."""
-    from infra.program import REPORT_OUTPUTS
+    from common.outputs import STACK_OUTPUTS
 
-    doc: dict[str, Any] = dict.fromkeys(REPORT_OUTPUTS, None)
+    doc: dict[str, Any] = dict.fromkeys(STACK_OUTPUTS, None)
     doc.update({"test_id": test_id, "profile": profile, "mock": True})
     return doc
 

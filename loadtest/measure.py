@@ -54,42 +54,6 @@ from common.stackconfig import ProfileConfig, ThresholdsConfig
 from service.metrics import HTTP_BUCKETS, SLOW_BUCKETS
 
 # Every outputs.json key a consumer may rely on (tests check all of them).
-OUTPUT_KEYS = (
-    "p50_latency_ms",
-    "p95_latency_ms",
-    "p99_latency_ms",
-    "server_p95_latency_ms",
-    "achieved_qps",
-    "target_qps",
-    "error_rate",
-    "dropped_iterations",
-    "cache_hit_ratio",
-    "llm_calls",
-    "llm_tokens",
-    "llm_cost_usd",
-    "llm_cost_per_1k_tokens_usd",
-    "billed_cost_per_1k_tokens_usd",
-    "cost_per_request_usd",
-    "completion_p95_ms",
-    "tasks_accepted",
-    "tasks_completed",
-    "tasks_failed",
-    "tasks_lost",
-    "tasks_pending_after_drain",
-    "thresholds_passed",
-    "test_id",
-    "profile",
-    "started_at",
-    "duration_s",
-    "warmup_s",
-    "measured_window_s",
-    "requests",
-    "machine",
-    "grafana_url",
-    "k6_cross_check",
-    "counter_resets",
-    "replicas",
-)
 
 MEASURED = q.MEASURED_PHASE  # k6 tags requests after the warm-up phase="measured" (loadtest/k6/task.js)
 # Prometheus's default lookback: an instant selector sees a sample at most this old. Counter totals

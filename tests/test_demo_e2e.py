@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
+from common.outputs import OUTPUT_KEYS
 from common.stackconfig import ProfileConfig, StackConfig, Stage, load
 from common.tools import tool
 from loadtest import report
 from loadtest.demo import run_demo
-from loadtest.measure import OUTPUT_KEYS
 from localstack.proof import ProofStack
 
 pytestmark = pytest.mark.e2e

@@ -12,10 +12,10 @@ import pytest
 import yaml
 
 from common import k6config
+from common.outputs import STACK_OUTPUTS
 from common.stackconfig import REPO_ROOT, StackConfig, load
 from infra import kube, postgres, redis, render
 from infra.orchestrator import PRESTOP_SLEEP_S, grace_period_s
-from infra.program import REPORT_OUTPUTS
 from loadtest import report_job
 from service.config import Settings
 from service.orchestrator import drain_delay_s
@@ -277,7 +277,7 @@ def test_grafana_is_provisioned_with_datasource_and_dashboards(objects: list[dic
 
 def test_outputs_carry_every_measured_key_and_the_secret_password(dev: render.Evaluation) -> None:
     out = dev.outputs
-    assert set(REPORT_OUTPUTS) <= set(out)
+    assert set(STACK_OUTPUTS) <= set(out)
     assert out["report"]["mock"] is True  # the mock report, never a measured number
     assert out["test_id"] == f"lp-{render.MOCK_RUN_HEX}"
     assert out["grafana_url"] == "http://grafana.loadproof.local/"

@@ -16,6 +16,7 @@ import httpx
 import psycopg
 import pytest
 
+from common.outputs import OUTPUT_KEYS
 from common.stackconfig import ProfileConfig, Stage, ThresholdsConfig, load
 from loadtest import measure as ms
 from loadtest.bench import ReferenceServer
@@ -152,7 +153,7 @@ def run_fake(values: dict[str, float | None], **kwargs: object) -> dict[str, obj
 
 def test_measure_arithmetic_on_fixed_answers() -> None:
     out = run_fake(BASE)
-    for key in ms.OUTPUT_KEYS:
+    for key in OUTPUT_KEYS:
         assert key in out, key
     assert out["requests"] == 1000
     assert out["requests_including_warmup"] == 1100
