@@ -11,7 +11,7 @@ import json
 from fractions import Fraction
 from pathlib import Path
 
-from common.stackconfig import REPO_ROOT, StackConfig
+from common.stackconfig import REPO_ROOT, ProfileConfig, StackConfig
 
 SCRIPT = REPO_ROOT / "loadtest" / "k6" / "task.js"
 CONFIG_ENV = "LOADPROOF_K6_CONFIG"
@@ -21,6 +21,58 @@ CONFIG_ENV = "LOADPROOF_K6_CONFIG"
 # (timed-out requests count as failed) instead of hanging it.
 REQUEST_TIMEOUT_S = 10
 GRACEFUL_STOP_S = 10
+
+
+def peak_arrival_rate(profile: ProfileConfig) -> int:
+    """The profile's highest configured arrival rate (requests/s): the QPS the run claims to offer."""
+    return max([profile.start_rate, *(s.target for s in profile.stages)])
+
+
+def duration_seconds(text: str) -> float:
+    """k6 duration (``1m30s``, ``20s``, ``500ms``, ``2h``) in seconds."""
+    total, number = 0.0, ""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch.isdigit() or ch == ".":
+            number += ch
+            i += 1
+            continue
+        unit = "ms" if text.startswith("ms", i) else ch
+        if unit not in units or not number:
+            raise ValueError(f"bad k6 duration {text!r}")
+        total += float(number) * units[unit]
+        number = ""
+        i += len(unit)
+    if number:
+        raise ValueError(f"k6 duration {text!r} lacks a unit")
+    return total
+
+
+def profile_duration_s(profile: ProfileConfig) -> float:
+    return sum(duration_seconds(s.duration) for s in profile.stages)
+
+
+def plateau_window(profile: ProfileConfig) -> tuple[float, float] | None:
+    """(start, end) seconds from the run's start of the longest span held at the peak rate, or None.
+
+    "At 1000 QPS" has to mean a time when 1000/s was actually offered: a ramp that touches the peak
+    and turns back offers it for an instant. A span counts when a stage starts and ends at the peak.
+    """
+    peak = peak_arrival_rate(profile)
+    best: tuple[float, float] | None = None
+    t, rate, span_start = 0.0, profile.start_rate, None
+    for stage in profile.stages:
+        length = duration_seconds(stage.duration)
+        if rate == peak and stage.target == peak:
+            span_start = t if span_start is None else span_start
+            if best is None or t + length - span_start > best[1] - best[0]:
+                best = (span_start, t + length)
+        else:
+            span_start = None
+        t, rate = t + length, stage.target
+    return best
 
 
 def k6_config(
@@ -49,6 +101,9 @@ def k6_config(
         "requestTimeoutS": request_timeout_s,
         "gracefulStopS": graceful_stop_s,
     }
+    plateau = plateau_window(prof)
+    if plateau is not None:  # requests started in it are tagged plateau=yes and judged on their own
+        doc["plateau"] = {"startS": plateau[0], "endS": plateau[1]}
     if summary_path:
         doc["summaryPath"] = summary_path
     return doc

@@ -25,6 +25,9 @@ OUTPUTS = (
     Output("target_qps", True),
     Output("error_rate", True),
     Output("dropped_iterations", True),
+    Output("plateau_qps", True),  # the figures of the span held at the peak rate, when the profile has one
+    Output("plateau_p95_latency_ms", True),
+    Output("plateau_error_rate", True),
     Output("cache_hit_ratio", True),
     Output("llm_calls", True),
     Output("llm_tokens", False),

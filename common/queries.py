@@ -236,15 +236,20 @@ def dropped_iterations_total(window: str, testid: str) -> str:
 # summed as-is (last_over_time() of native histograms is broken in Prometheus 2.42).
 
 
-def run_latency_quantile_ms(quantile: float, testid: str, phase: str | None = MEASURED_PHASE) -> str:
+def run_latency_quantile_ms(
+    quantile: float, testid: str, phase: str | None = MEASURED_PHASE, labels: Labels | None = None
+) -> str:
     """Client latency quantile (ms) over every request of one run's phase, all runners merged."""
-    sel = k6_selector(K6_HTTP_REQ_DURATION, testid, _phase(phase))
+    sel = k6_selector(K6_HTTP_REQ_DURATION, testid, _phase(phase, labels))
     return f"histogram_quantile({quantile}, sum({sel})) * 1000"
 
 
 def run_p95_latency_ms(testid: str, phase: str | None = MEASURED_PHASE) -> str:
     """Client p95 (ms) of one run's measured phase: the number the k6 threshold judges."""
     return run_latency_quantile_ms(0.95, testid, phase)
+
+
+PLATEAU = {"plateau": "yes"}  # k6 tag on requests started while the peak rate was held
 
 
 def run_total(metric: str, testid: str, labels: Labels | None = None, phase: str | None = None) -> str:

@@ -32,11 +32,17 @@ import pulumi
 import pulumi_kubernetes as k8s
 import pulumi_random as random
 
-from common.k6config import GRACEFUL_STOP_S, execution_segments, k6_env, script_text, segment_sequence
+from common.k6config import (
+    GRACEFUL_STOP_S,
+    execution_segments,
+    k6_env,
+    profile_duration_s,
+    script_text,
+    segment_sequence,
+)
 from common.queries import K6_RUNNER_LABEL
 from common.stackconfig import Resources, StackConfig
 from infra import kube as c
-from loadtest.measure import profile_duration_s
 
 K6_UID = 12345  # the grafana/k6 image's user
 APP_UID = 10001

@@ -277,6 +277,7 @@ def results_table(out: Mapping[str, Any]) -> Table:
     for key in (
         "achieved_qps",
         "peak_achieved_qps",
+        "plateau_qps",
         "target_qps",
         "server_p95_latency_ms",
         "p99_latency_ms",

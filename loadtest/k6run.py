@@ -15,10 +15,9 @@ from typing import Any
 
 from rich.console import Console
 
-from common.k6config import SCRIPT, k6_env
+from common.k6config import SCRIPT, k6_env, profile_duration_s
 from common.stackconfig import StackConfig
 from common.tools import tool
-from loadtest import measure as ms
 from localstack.process import free_port
 from localstack.reaper import reaper
 
@@ -88,7 +87,7 @@ def run_k6(
         )
         reaper().watch(proc.pid)  # own session: the watchdog ends it if this launcher is killed
         try:
-            total = ms.profile_duration_s(cfg.loadtest.profiles[profile])
+            total = profile_duration_s(cfg.loadtest.profiles[profile])
             if console is not None:
                 with console.status("") as status:
                     while proc.poll() is None:

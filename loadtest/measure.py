@@ -50,6 +50,7 @@ from typing import Any
 import httpx
 
 from common import queries as q
+from common.k6config import duration_seconds, peak_arrival_rate, plateau_window
 from common.stackconfig import ProfileConfig, ThresholdsConfig
 from service.metrics import HTTP_BUCKETS, SLOW_BUCKETS
 
@@ -259,37 +260,6 @@ DONE_STATUSES = ("done",)
 FAILED_STATUSES = ("failed",)
 
 
-def peak_arrival_rate(profile: ProfileConfig) -> int:
-    """The profile's highest configured arrival rate (requests/s): the QPS the run claims to offer."""
-    return max([profile.start_rate, *(s.target for s in profile.stages)])
-
-
-def duration_seconds(text: str) -> float:
-    """k6 duration (``1m30s``, ``20s``, ``500ms``, ``2h``) in seconds."""
-    total, number = 0.0, ""
-    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch.isdigit() or ch == ".":
-            number += ch
-            i += 1
-            continue
-        unit = "ms" if text.startswith("ms", i) else ch
-        if unit not in units or not number:
-            raise ValueError(f"bad k6 duration {text!r}")
-        total += float(number) * units[unit]
-        number = ""
-        i += len(unit)
-    if number:
-        raise ValueError(f"k6 duration {text!r} lacks a unit")
-    return total
-
-
-def profile_duration_s(profile: ProfileConfig) -> float:
-    return sum(duration_seconds(s.duration) for s in profile.stages)
-
-
 def target_rate_at(profile: ProfileConfig, t: float) -> float:
     """Configured arrival rate at ``t`` seconds into the run (linear ramps, as k6 does)."""
     rate, elapsed = float(profile.start_rate), 0.0
@@ -388,6 +358,29 @@ def wait_for_drain(
 
 def _round(value: float | None, digits: int) -> float | None:
     return None if value is None else round(value, digits)
+
+
+def _plateau(prom: Prometheus, test_id: str, profile: ProfileConfig, at: float) -> dict[str, Any]:
+    """The figures of the span held at the peak rate (requests k6 tagged plateau=yes); {} without one.
+
+    Exact like the whole-run figures: k6's counters and histogram for those requests alone, so a ramp
+    that passes the peak cannot stand in for time spent at it.
+    """
+    span = plateau_window(profile)
+    if span is None:
+        return {}
+    reqs = int(prom.scalar(q.run_total(q.K6_HTTP_REQS, test_id, q.PLATEAU), at) or 0)
+    failed = int(
+        prom.scalar(q.run_total(q.K6_HTTP_REQS, test_id, {**q.PLATEAU, "expected_response": "false"}), at) or 0
+    )
+    p95 = prom.scalar(q.run_latency_quantile_ms(0.95, test_id, None, q.PLATEAU), at) if reqs else None
+    seconds = span[1] - span[0]
+    return {
+        "plateau_s": seconds,
+        "plateau_qps": round(reqs / seconds, 2),
+        "plateau_p95_latency_ms": _round(p95, 2),
+        "plateau_error_rate": _round(failed / reqs, 6) if reqs else None,
+    }
 
 
 def k6_cross_check(summary: Mapping[str, Any] | None, prom_p95_ms: float | None, prom_requests: int) -> dict[str, Any]:
@@ -493,6 +486,7 @@ def _measure(
     measured_s = window.measured_s
     achieved_qps = requests / measured_s
     error_rate = failed / requests if requests else None
+    plateau = _plateau(prom, test_id, profile, end)
     # Peak of the achieved rate (15 s rate windows: >= 3 pushes even at the cluster's 5 s push interval).
     peak_start = min(window.measured_start + 15, end)
     peak_points = prom.series(q.achieved_qps("15s", test_id), peak_start, end, 2)
@@ -595,6 +589,16 @@ def _measure(
     checks = {
         "p95_latency_ms": p95 is not None and p95 < thresholds.p95_ms,
         "error_rate": error_rate is not None and error_rate < thresholds.error_rate,
+        **(
+            {
+                "plateau_p95_latency_ms": plateau["plateau_p95_latency_ms"] is not None
+                and plateau["plateau_p95_latency_ms"] < thresholds.p95_ms,
+                "plateau_error_rate": plateau["plateau_error_rate"] is not None
+                and plateau["plateau_error_rate"] < thresholds.error_rate,
+            }
+            if plateau
+            else {}
+        ),
         "dropped_iterations": dropped == 0,
         "llm_cost_per_1k_tokens_usd": cost_per_1k is not None and cost_per_1k < thresholds.cost_per_1k_tokens_usd,
         "tasks_lost": lost == 0,
@@ -619,6 +623,7 @@ def _measure(
         "target_qps": target_qps,
         "error_rate": _round(error_rate, 6),
         "dropped_iterations": dropped,
+        **plateau,
         "cache_hit_ratio": _round(hit_ratio, 4),
         "llm_calls": None if llm_calls is None else round(llm_calls),
         "llm_tokens": None if llm_tokens is None else round(llm_tokens),
@@ -637,6 +642,11 @@ def _measure(
         "thresholds": {
             "p95_latency_ms": thresholds.p95_ms,
             "error_rate": thresholds.error_rate,
+            **(
+                {"plateau_p95_latency_ms": thresholds.p95_ms, "plateau_error_rate": thresholds.error_rate}
+                if plateau
+                else {}
+            ),
             "dropped_iterations": 0,
             "llm_cost_per_1k_tokens_usd": thresholds.cost_per_1k_tokens_usd,
             "tasks_lost": 0,

@@ -24,6 +24,9 @@ HEADLINE: tuple[tuple[str, str, str], ...] = (
     ("achieved_qps", "Achieved QPS (measured-window average)", "req/s"),
     ("peak_achieved_qps", "Peak achieved QPS (15 s rate)", "req/s"),
     ("target_qps", "Target (peak arrival rate)", "req/s"),
+    ("plateau_qps", "Achieved QPS while the peak rate was held (plateau)", "req/s"),
+    ("plateau_p95_latency_ms", "Client p95 latency on the plateau", "ms"),
+    ("plateau_error_rate", "Error rate on the plateau", ""),
     ("error_rate", "Error rate", ""),
     ("dropped_iterations", "Dropped iterations (whole run)", ""),
     ("cache_hit_ratio", "Cache hit ratio", ""),
@@ -40,10 +43,14 @@ HEADLINE: tuple[tuple[str, str, str], ...] = (
     ("tasks_lost", "Tasks lost", ""),
     ("tasks_pending_after_drain", "Tasks still queued after the drain", ""),
 )
-LATENCY_KEYS = frozenset({"p50_latency_ms", "p95_latency_ms", "p99_latency_ms", "server_p95_latency_ms"})
+LATENCY_KEYS = frozenset(
+    {"p50_latency_ms", "p95_latency_ms", "p99_latency_ms", "server_p95_latency_ms", "plateau_p95_latency_ms"}
+)
 THRESHOLD_TEXT = {
     "p95_latency_ms": "< {v:g} ms",
     "error_rate": "< {pct}",
+    "plateau_p95_latency_ms": "< {v:g} ms",
+    "plateau_error_rate": "< {pct}",
     "dropped_iterations": "= 0",
     "llm_cost_per_1k_tokens_usd": "< ${v:g}",
     "tasks_lost": "= 0",
@@ -56,7 +63,7 @@ def fmt(key: str, value: Any) -> str:
         return "n/a"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if key in ("error_rate", "cache_hit_ratio"):
+    if key in ("error_rate", "plateau_error_rate", "cache_hit_ratio"):
         return f"{100 * float(value):.2f} %"
     if key.endswith("_usd"):
         return f"${float(value):.6f}" if float(value) < 1 else f"${float(value):.2f}"
@@ -87,6 +94,8 @@ def threshold_rows(out: Mapping[str, Any]) -> list[tuple[str, str, str, bool]]:
     labels = {
         "p95_latency_ms": "Client p95 latency",
         "error_rate": "Error rate",
+        "plateau_p95_latency_ms": "Client p95 at the peak rate (plateau)",
+        "plateau_error_rate": "Error rate at the peak rate (plateau)",
         "dropped_iterations": "Dropped iterations",
         "llm_cost_per_1k_tokens_usd": "Cost per 1k delivered tokens",
         "tasks_lost": "Tasks lost",

@@ -16,6 +16,7 @@ import httpx
 import psycopg
 import pytest
 
+from common.k6config import duration_seconds, peak_arrival_rate, plateau_window, profile_duration_s
 from common.outputs import OUTPUT_KEYS
 from common.stackconfig import ProfileConfig, Stage, ThresholdsConfig, load
 from loadtest import measure as ms
@@ -36,24 +37,44 @@ PROFILE = ProfileConfig(
 
 
 def test_duration_parsing() -> None:
-    assert ms.duration_seconds("20s") == 20
-    assert ms.duration_seconds("1m30s") == 90
-    assert ms.duration_seconds("2h") == 7200
-    assert ms.duration_seconds("500ms") == 0.5
+    assert duration_seconds("20s") == 20
+    assert duration_seconds("1m30s") == 90
+    assert duration_seconds("2h") == 7200
+    assert duration_seconds("500ms") == 0.5
     for bad in ("20", "s", "1x"):
         with pytest.raises(ValueError):
-            ms.duration_seconds(bad)
+            duration_seconds(bad)
 
 
 def test_profile_schedule() -> None:
-    assert ms.peak_arrival_rate(PROFILE) == 50
-    assert ms.profile_duration_s(PROFILE) == 30
+    assert peak_arrival_rate(PROFILE) == 50
+    assert profile_duration_s(PROFILE) == 30
     assert ms.target_rate_at(PROFILE, 0) == 10
     assert ms.target_rate_at(PROFILE, 5) == 30  # halfway up the 10 -> 50 ramp
     assert ms.target_rate_at(PROFILE, 25) == 50
     assert ms.target_rate_at(PROFILE, 31) == 0
     demo = load("dev").loadtest.profiles["demo"]
-    assert ms.peak_arrival_rate(demo) == max(s.target for s in demo.stages)
+    assert peak_arrival_rate(demo) == max(s.target for s in demo.stages)
+
+
+def test_plateau_is_the_longest_span_held_at_the_peak() -> None:
+    assert plateau_window(PROFILE) == (10.0, 30.0)
+    ramp = ProfileConfig(start_rate=10, stages=[Stage(duration="10s", target=50), Stage(duration="10s", target=0)])
+    assert plateau_window(ramp) is None  # touches the peak for an instant: no plateau
+    two = ProfileConfig(
+        start_rate=50,
+        stages=[
+            Stage(duration="5s", target=50),
+            Stage(duration="5s", target=10),
+            Stage(duration="5s", target=50),
+            Stage(duration="8s", target=50),
+            Stage(duration="4s", target=50),
+        ],
+    )
+    assert plateau_window(two) == (15.0, 27.0)  # consecutive peak stages join; the longer span wins
+    demo = load("dev").loadtest.profiles["demo"]
+    start, end = plateau_window(demo) or (0.0, 0.0)
+    assert end - start >= 30 and ms.target_rate_at(demo, start + 1) == peak_arrival_rate(demo) == 1000
 
 
 def test_cross_check_flags_disagreement() -> None:
