@@ -26,7 +26,8 @@ system-deps:
 	@./.ci/system-deps
 
 $(VENV)/.installed: requirements.txt
-	$(PYTHON) -m venv $(VENV)
+	@# a working venv is updated in place; a missing or broken one (e.g. made by another python) is made anew
+	@$(PY) -c 'import binascii' 2>/dev/null || $(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	@touch $@
