@@ -350,7 +350,8 @@ def render_markdown(
         "Regenerate with the commands below.",
         "",
         f"**Verdict: {'all targets met' if out.get('thresholds_passed') else 'targets NOT met'}** "
-        f"(run `{out.get('test_id')}`, profile `{out.get('profile')}`, started {out.get('started_at')}).",
+        f"(run `{out.get('test_id')}`, profile `{out.get('profile')}`, started {out.get('started_at')}, "
+        f"commit `{out.get('git_commit') or 'unknown'}`).",
         "",
         "| Target | Measured | Required | Result |",
         "|---|---|---|---|",
@@ -389,7 +390,13 @@ def render_markdown(
         f"{out.get('dropped_iterations')}.",
         f"- Workload: persona ids and topics drawn Zipf-distributed (exponent s = {workload.get('zipfS')}) over "
         f"{workload.get('personas')} personas x {workload.get('topics')} topics, seeded PRNG (seed "
-        f"{workload.get('seed')}) so runs are comparable.",
+        f"{workload.get('seed')}) so runs are comparable"
+        + (
+            f"; {100 * float(profile.get('newTopics') or 0):g} % of requests carry a never-seen topic instead "
+            "(each a new task: the cache cannot help)."
+            if profile.get("newTopics")
+            else "."
+        ),
         f"- Warm-up: the first {out.get('warmup_s')} s are tagged `phase=warmup` by k6 and excluded; the measured "
         f"window is {out.get('measured_window_s')} s with {out.get('requests')} requests "
         f"({out.get('requests_including_warmup')} including warm-up).",
