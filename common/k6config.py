@@ -58,7 +58,8 @@ def plateau_window(profile: ProfileConfig) -> tuple[float, float] | None:
     """(start, end) seconds from the run's start of the longest span held at the peak rate, or None.
 
     "At 1000 QPS" has to mean a time when 1000/s was actually offered: a ramp that touches the peak
-    and turns back offers it for an instant. A span counts when a stage starts and ends at the peak.
+    and turns back offers it for an instant. A span counts when a stage starts and ends at the peak;
+    the part of it inside the warm-up is excluded, like everywhere else.
     """
     peak = peak_arrival_rate(profile)
     best: tuple[float, float] | None = None
@@ -72,7 +73,9 @@ def plateau_window(profile: ProfileConfig) -> tuple[float, float] | None:
         else:
             span_start = None
         t, rate = t + length, stage.target
-    return best
+    if best is None or best[1] <= profile.warmup_s:
+        return None
+    return (max(best[0], float(profile.warmup_s)), best[1])  # the warm-up is excluded here too
 
 
 def k6_config(

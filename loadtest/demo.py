@@ -26,7 +26,7 @@ from rich.table import Table
 from common.k6config import REQUEST_TIMEOUT_S
 from common.stackconfig import REPO_ROOT, StackConfig, StackConfigError, load
 from loadtest import measure as ms
-from loadtest import report
+from loadtest import report, tasks
 from loadtest.k6run import K6_PUSH_INTERVAL_S, run_k6
 from localstack.proof import ProofStack, StackStartError
 
@@ -87,7 +87,7 @@ def drain(stack: ProofStack, since: float, timeout_s: float, console: Console | 
                 if status is not None:
                     status.update(f"drain: {pending} task(s) still queued/running")
 
-            drained_at, pending = ms.wait_for_drain(stack.database_url, since, timeout_s, on_poll=on_poll)
+            drained_at, pending = tasks.wait_for_drain(stack.database_url, since, timeout_s, on_poll=on_poll)
         return drained_at, pending, note
     except Exception as exc:  # no task table (schema mismatch) -> queue gauges, and say so
         note = f"task rows unavailable ({type(exc).__name__}: {exc}); drained on queue gauges"

@@ -2,10 +2,10 @@
 
 The front page must never show a typed or remembered figure, so its two blocks are copies:
 
-* ``results`` from the root ``PERFORMANCE.md``, which is a run's ``reports/<run-id>/PERFORMANCE.md``
-  (:func:`loadtest.report.render_markdown`, plus the ``make compare`` section when there is one):
-  the verdict, targets table, failure and honesty notes, the machine line and the comparison table,
-  verbatim. The long "Every number" table stays in PERFORMANCE.md, linked.
+* ``results`` from the root ``PERFORMANCE.md`` (:mod:`loadtest.performance`, or one run's
+  ``reports/<run-id>/PERFORMANCE.md``): the latest run's verdict, targets table, failure and honesty
+  notes and machine line, the table of every run, the bench ratios and the comparison table, verbatim.
+  The long "Every number" table stays in PERFORMANCE.md, linked.
 * ``demo-output`` from ``docs/demo-output.txt``, the captured output of that run.
 
 Until a run is committed both files say so and the blocks say there are no numbers yet.
@@ -102,7 +102,7 @@ def results_block(performance: str) -> str:
     if machine:
         parts += ["", *machine]
     for heading, lines in sections.items():
-        if heading.startswith("Baseline vs optimized"):
+        if heading.startswith(("Baseline vs optimized", "Every run", "make bench")):
             parts += ["", f"**{heading}**", *_table_and_prose(lines)]
     parts += [
         "",

@@ -36,193 +36,36 @@ Definitions (also in docs/measurement.md):
 
 from __future__ import annotations
 
-import itertools
-import math
 import os
 import platform
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from common import queries as q
 from common.k6config import duration_seconds, peak_arrival_rate, plateau_window
 from common.stackconfig import ProfileConfig, ThresholdsConfig
+from loadtest.prom import (
+    SERVICE_JOBS,
+    CounterTotal,
+    MeasureError,
+    Prometheus,
+    counter_total,
+    describe_resets,
+    process_starts,
+)
+from loadtest.tasks import DONE_STATUSES, FAILED_STATUSES, TaskRows, count_task_rows, pending_rows
 from service.metrics import HTTP_BUCKETS, SLOW_BUCKETS
 
 # Every outputs.json key a consumer may rely on (tests check all of them).
 
 MEASURED = q.MEASURED_PHASE  # k6 tags requests after the warm-up phase="measured" (loadtest/k6/task.js)
-# Prometheus's default lookback: an instant selector sees a sample at most this old. Counter totals
-# look this far before the window for each series' last value before it.
-LOOKBACK_S = 300
-# The scrape jobs (component names, locally and in the cluster) whose processes the report counts.
-SERVICE_JOBS = ("orchestrator", "workers")
-# Labels of one scraped process: a container restart keeps them (same pod, same address); a new pod does not.
-TARGET_LABELS = ("job", "instance", "pod")
-PROCESS_START = "process_start_time_seconds"  # absent in prometheus-client's multiprocess mode
-
-
-class MeasureError(RuntimeError):
-    """Prometheus could not be queried, or the run left no k6 data to measure."""
-
-
-# ---------------------------------------------------------------- Prometheus access
-
-
-class Prometheus:
-    """Minimal Prometheus HTTP API client (instant and range queries)."""
-
-    def __init__(self, base_url: str, *, timeout_s: float = 30.0, client: httpx.Client | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._client = client or httpx.Client(timeout=timeout_s)
-
-    def close(self) -> None:
-        self._client.close()
-
-    def _get(self, path: str, params: Mapping[str, str]) -> Any:
-        try:
-            resp = self._client.get(f"{self.base_url}/api/v1/{path}", params=params)
-        except httpx.HTTPError as exc:
-            raise MeasureError(f"Prometheus at {self.base_url} unreachable: {exc}") from exc
-        try:
-            body = resp.json()
-        except ValueError as exc:
-            raise MeasureError(f"Prometheus answered {resp.status_code} with non-JSON: {resp.text[:200]}") from exc
-        if body.get("status") != "success":
-            raise MeasureError(f"query failed ({body.get('errorType')}): {body.get('error')} -- {params.get('query')}")
-        return body["data"]
-
-    def vector(self, query: str, at: float) -> list[tuple[dict[str, str], float]]:
-        """Instant query at time ``at`` (epoch seconds): ``[(labels, value)]``."""
-        data = self._get("query", {"query": query, "time": f"{at:.3f}"})
-        if data["resultType"] == "scalar":
-            return [({}, float(data["result"][1]))]
-        return [(r["metric"], float(r["value"][1])) for r in data["result"]]
-
-    def scalar(self, query: str, at: float) -> float | None:
-        """Single-valued instant query; ``None`` for no data or NaN (e.g. 0/0)."""
-        result = self.vector(query, at)
-        if not result:
-            return None
-        value = result[0][1]
-        return None if math.isnan(value) or math.isinf(value) else value
-
-    def samples(
-        self, selector: str, since: float, until: float
-    ) -> list[tuple[dict[str, str], list[tuple[float, float]]]]:
-        """Every raw sample of every series matching ``selector`` in ``[since, until]``: ``[(labels, [(t, v)])]``.
-
-        A range selector returns the samples as scraped (no staleness markers, nothing extrapolated),
-        including those of series that ended before ``until``.
-        """
-        span_ms = max(1, math.ceil((until - since) * 1000))
-        data = self._get("query", {"query": f"{selector}[{span_ms}ms]", "time": f"{until:.3f}"})
-        if data["resultType"] != "matrix":
-            raise MeasureError(f"expected raw samples for {selector}, got {data['resultType']}")
-        return [(r["metric"], [(float(t), float(v)) for t, v in r["values"]]) for r in data["result"]]
-
-    def series(self, query: str, start: float, end: float, step: float) -> list[tuple[float, float]]:
-        """Range query summed to one series: ``[(t, value)]`` (NaN points dropped)."""
-        data = self._get(
-            "query_range", {"query": query, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}"}
-        )
-        if not data["result"]:
-            return []
-        points = data["result"][0]["values"]
-        return [(float(t), float(v)) for t, v in points if not math.isnan(float(v)) and not math.isinf(float(v))]
-
-
-# ---------------------------------------------------------------- exact counter totals
-# (selectors from common.queries; the arithmetic over raw samples is here)
-
-Target = tuple[str, ...]
-Reset = tuple[Target, float]  # (scraped process, time of the first sample after the reset)
-
-
-def _target(labels: Mapping[str, str]) -> Target:
-    return tuple(labels.get(k, "") for k in TARGET_LABELS)
-
-
-@dataclass(frozen=True)
-class CounterTotal:
-    """What a counter counted in a window, summed over its series; ``value`` None = no series at all."""
-
-    value: float | None
-    resets: frozenset[Reset] = frozenset()
-
-
-@dataclass(frozen=True)
-class ProcessStarts:
-    """``process_start_time_seconds`` of the service's targets: per target, its value at each scrape."""
-
-    by_target: dict[Target, dict[float, float]]
-    restarts: frozenset[Reset]
-
-    def restarted(self, target: Target, before: float, after: float) -> bool:
-        """Whether the target's process changed between two scrapes (both must have been seen)."""
-        starts = self.by_target.get(target, {})
-        return before in starts and after in starts and starts[before] != starts[after]
-
-
-def process_starts(prom: Prometheus, start: float, end: float, jobs: tuple[str, ...] = SERVICE_JOBS) -> ProcessStarts:
-    """Start times of the jobs' processes, and every change of one within ``(start, end]`` (a restart)."""
-    by_target: dict[Target, dict[float, float]] = {}
-    restarts: set[Reset] = set()
-    selector = q.selector(PROCESS_START, regex={"job": "|".join(jobs)})
-    for labels, points in prom.samples(selector, start - LOOKBACK_S, end):
-        key = _target(labels)
-        by_target.setdefault(key, {}).update(points)
-        for (_, before), (t, after) in itertools.pairwise(points):
-            if t > start and after != before:
-                restarts.add((key, t))
-    return ProcessStarts(by_target, frozenset(restarts))
-
-
-def counter_total(prom: Prometheus, selector: str, start: float, end: float, starts: ProcessStarts) -> CounterTotal:
-    """Exactly what ``selector``'s series counted in ``(start, end]``, restarts and ended series included.
-
-    Per series: the baseline is its last sample at or before ``start`` (none: it began in the window,
-    from 0); each later sample adds its increase, or its whole value after a restart (a step down, or
-    a new process start time for the same target).
-    """
-    series = prom.samples(selector, start - LOOKBACK_S, end)
-    if not series:
-        return CounterTotal(None)
-    total, resets = 0.0, set()
-    for labels, points in series:
-        key = _target(labels)
-        before = [p for p in points if p[0] <= start]
-        prev = before[-1] if before else None
-        for t, v in (p for p in points if p[0] > start):
-            if prev is None:
-                total += v
-            elif v < prev[1] or starts.restarted(key, prev[0], t):
-                total += v
-                resets.add((key, t))
-            else:
-                total += v - prev[1]
-            prev = (t, v)
-    return CounterTotal(total, frozenset(resets))
 
 
 def _ratio(part: float | None, whole: float | None, scale: float = 1.0) -> float | None:
     return None if part is None or not whole else part / whole * scale
-
-
-def _describe(resets: frozenset[Reset]) -> str:
-    per_target: dict[str, int] = {}
-    for (job, instance, pod), _ in resets:
-        name = f"{job} {pod or instance}".strip()
-        per_target[name] = per_target.get(name, 0) + 1
-    return ", ".join(f"{name} x{n}" for name, n in sorted(per_target.items()))
-
-
-# ---------------------------------------------------------------- inputs
 
 
 @dataclass(frozen=True)
@@ -245,19 +88,6 @@ class RunWindow:
     @property
     def drain_end(self) -> float:
         return self.drained_at if self.drained_at is not None else self.ended_at
-
-
-@dataclass(frozen=True)
-class TaskRows:
-    """Task rows counted in Postgres for the run, by status."""
-
-    total: int
-    by_status: dict[str, int] = field(default_factory=dict)
-
-
-# The task table's status words (service/db.py: queued|running|done|failed).
-DONE_STATUSES = ("done",)
-FAILED_STATUSES = ("failed",)
 
 
 def target_rate_at(profile: ProfileConfig, t: float) -> float:
@@ -300,60 +130,6 @@ def machine_info() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- database reconciliation
-
-
-def _psycopg_url(database_url: str) -> str:
-    """SQLAlchemy URL (``postgresql+psycopg://``) -> libpq URL."""
-    scheme, sep, rest = database_url.partition("://")
-    return f"{scheme.split('+', 1)[0]}{sep}{rest}"
-
-
-def count_task_rows(database_url: str, since: float, until: float, *, table: str = "tasks") -> TaskRows:
-    """Task rows accepted in ``[since, until]``, by status (psycopg 3, read-only).
-
-    Rows stored straight from the cache (``cached``: keyed requests answered 200) were never
-    accepted as work, so they are not counted against ``tasks_accepted``.
-    """
-    import psycopg  # local: the report Job may run without a database
-    from psycopg import sql as psql
-
-    query = psql.SQL(
-        "SELECT status::text, count(*) FROM {} "
-        "WHERE accepted_at >= to_timestamp(%s) AND accepted_at <= to_timestamp(%s) AND NOT cached GROUP BY 1"
-    ).format(psql.Identifier(table))
-    with psycopg.connect(_psycopg_url(database_url), connect_timeout=10) as conn, conn.cursor() as cur:
-        cur.execute(query, (since, until))
-        by_status = {str(status): int(n) for status, n in cur.fetchall()}
-    return TaskRows(total=sum(by_status.values()), by_status=by_status)
-
-
-def pending_rows(rows: TaskRows) -> int:
-    return sum(n for s, n in rows.by_status.items() if s not in DONE_STATUSES + FAILED_STATUSES)
-
-
-def wait_for_drain(
-    database_url: str,
-    since: float,
-    timeout_s: float,
-    *,
-    poll_s: float = 1.0,
-    on_poll: Callable[[int], None] | None = None,
-) -> tuple[float, int]:
-    """Wait (bounded) until no task row created since ``since`` is still queued/running.
-
-    Returns ``(drained_at, still_pending)``; a timeout is not an error, the pending count is reported.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        pending = pending_rows(count_task_rows(database_url, since, time.time() + 60))
-        if on_poll is not None:
-            on_poll(pending)
-        if pending == 0 or time.monotonic() >= deadline:
-            return time.time(), pending
-        time.sleep(poll_s)
-
-
-# ---------------------------------------------------------------- the measurement
 
 
 def _round(value: float | None, digits: int) -> float | None:
@@ -542,7 +318,7 @@ def _measure(
 
     if resets:
         notes.append(
-            f"{len(resets)} counter reset(s) during the run ({_describe(resets)}): restarted processes; "
+            f"{len(resets)} counter reset(s) during the run ({describe_resets(resets)}): restarted processes; "
             "their counts are included from 0 after each restart (only events between a process's last "
             "scrape and its exit are unseen)"
         )

@@ -104,7 +104,8 @@ class Kube:
 def run(doc: dict[str, Any], kube: Kube, database_url: str | None) -> dict[str, Any]:
     """Measure the run described by ``doc`` (see ``infra/report.py:report_job_config``) and store the report."""
     from common.k6config import profile_duration_s
-    from loadtest.measure import RunWindow, measure, wait_for_drain
+    from loadtest.measure import RunWindow, measure
+    from loadtest.tasks import wait_for_drain
 
     ns = doc["namespace"]
     start = kube.get_configmap(ns, doc["startConfigmap"])

@@ -4,11 +4,9 @@ Hot path (a cache hit) = request parsing + one Redis GET + sending pre-rendered 
 no JSON encoding, no response-model validation (routes return ``Response`` objects; the models in
 ``service.schemas`` still document every status in OpenAPI).
 
-One pure-ASGI middleware (:class:`Guard`; ``BaseHTTPMiddleware`` costs too much per request) does
-admission control (``max_inflight`` → 503 + Retry-After), the body limit (``Content-Length`` and
-streamed bodies → 413) and HTTP metrics labelled by route *template*. It also serves well-formed
-``POST /task`` requests itself (same model, same handler as the FastAPI route, which still documents
-it and answers every error case): FastAPI's per-request machinery profiled at over half the CPU.
+One pure-ASGI middleware (:class:`service.guard.Guard`) does admission control, the body limit and
+HTTP metrics, and serves well-formed ``POST /task`` requests through the same handler as the FastAPI
+route, which still documents it and answers every error case.
 
 An identical request whose task is still in flight is joined through Redis alone (one ``MGET``
 looks up the post and the in-flight task id), so hot keys do not reach Postgres while their post is
@@ -19,16 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import threading
-import time
 import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import psycopg
@@ -38,16 +34,15 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
-from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
-from starlette.routing import Match
 
 from service import metrics
 from service.accept import GroupCommitter, NewTask
 from service.cache import INFLIGHT_TTL_S, Cache, clean_topic, inflight_key, make_redis
 from service.config import Settings, get_settings
 from service.db import Database, TaskStoreBusy
+from service.guard import JSON, RETRY_AFTER_S, Guard, json_bytes
 from service.queue import TaskQueue
 from service.schemas import (
     IDEMPOTENCY_KEY_PATTERN,
@@ -69,11 +64,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-JSON = "application/json"
 _ACCEPTED = metrics.TASKS.labels("accepted")
 _COALESCED = metrics.TASKS.labels("coalesced")
-EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes are never shed
-RETRY_AFTER_S = "1"
 QUEUE_WRITE_TIMEOUT_S = 2.0
 
 
@@ -87,8 +79,6 @@ class Runtime:
     queue: TaskQueue | None = None
     accept: GroupCommitter | None = None  # group commit of new tasks (None: one INSERT per request)
     draining: bool = False
-    inflight: int = 0
-    routes: list[Any] = field(default_factory=list)  # the app's routes, to label requests refused before routing
 
 
 _RUNTIME: Runtime | None = None
@@ -127,200 +117,8 @@ def begin_drain() -> None:
         _RUNTIME.draining = True
 
 
-def _json_bytes(doc: Any) -> bytes:
-    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
-
-
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(_json_bytes({"detail": detail}), status_code=status, media_type=JSON, headers=headers)
-
-
-# --- middleware -------------------------------------------------------------------------------
-class Guard:
-    """Admission control, body limit and HTTP metrics for every request, in one pure-ASGI layer."""
-
-    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
-        self.app = app
-        self.rt = runtime
-        self.max_inflight = runtime.settings.max_inflight
-        self.max_body = runtime.settings.max_body_bytes
-        self.enabled = runtime.settings.metrics_enabled
-        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        self.task_route = next(
-            (r for r in runtime.routes if getattr(r, "path", None) == "/task" and "POST" in getattr(r, "methods", ())),
-            None,
-        )
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        rt = self.rt
-        path: str = scope["path"]
-        status = 500
-        if rt.inflight >= self.max_inflight and path not in EXEMPT_PATHS:
-            _count_rejected("overload")
-            await self._reply(send, 503, "server overloaded; retry shortly", retry_after=True)
-            self._observe(scope, 503, started)
-            return
-        rt.inflight += 1
-        _gauge_inc()
-        try:
-            receive, too_large = await self._limit_body(scope, receive)
-            if too_large:
-                _count_rejected("too_large")
-                status = 413
-                await self._reply(send, 413, f"request body larger than {self.max_body} bytes")
-                return
-
-            async def send_wrapper(message: Message) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                await send(message)
-
-            if path == "/task" and scope["method"] == "POST" and self.task_route is not None:
-                fallthrough = await self._fast_task(scope, receive, send_wrapper)
-                if fallthrough is None:
-                    return
-                receive = fallthrough
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            rt.inflight -= 1
-            _gauge_dec()
-            self._observe(scope, status, started)
-
-    async def _fast_task(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
-        """``POST /task`` without FastAPI's per-request machinery, which profiled at more than half of
-        the CPU of a request. Only a JSON body that validates and has no ``Idempotency-Key`` takes this
-        path, through the same model and the same handler as the route; anything else (every error
-        case included) is handed to FastAPI with the body replayed, so answers are identical.
-        Returns None when handled, else the ``receive`` to pass on."""
-        is_json = keyed = False
-        for name, value in scope["headers"]:
-            if name == b"content-type":
-                is_json = value.split(b";", 1)[0].strip().lower() == b"application/json"
-            elif name == b"idempotency-key":
-                keyed = True
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-        async def replay_receive() -> Message:
-            return replay.pop() if replay else await receive()
-
-        if not is_json or keyed:
-            return replay_receive
-        try:
-            task = TaskIn.model_validate_json(replay[0]["body"])
-        except ValidationError:
-            return replay_receive
-        scope["route"] = self.task_route  # the metrics label, as if routed
-        try:
-            response = await create_task_response(self.rt, task, None)
-        except (SQLAlchemyError, psycopg.OperationalError, TaskStoreBusy) as exc:
-            response = _db_unavailable_response(exc)
-        await response(scope, replay_receive, send)
-        return None
-
-    async def _limit_body(self, scope: Scope, receive: Receive) -> tuple[Receive, bool]:
-        """(receive to pass on, too large?). A declared length is checked at once; otherwise the body is
-        read here up to the limit and replayed, so a chunked upload cannot exceed it either."""
-        declared: int | None = None
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    return receive, True  # unparseable length: refuse rather than trust it
-                break
-        if declared is not None:
-            if declared > self.max_body:
-                return receive, True
-            return receive, False
-        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
-            return receive, False
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                return receive, True
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-        async def replay_receive() -> Message:
-            return replay.pop() if replay else await receive()
-
-        return replay_receive, False
-
-    @staticmethod
-    async def _reply(send: Send, status: int, detail: str, retry_after: bool = False) -> None:
-        body = _json_bytes({"detail": detail})
-        headers = [(b"content-type", JSON.encode()), (b"content-length", str(len(body)).encode())]
-        if retry_after:
-            headers.append((b"retry-after", RETRY_AFTER_S.encode()))
-        if status == 413:
-            headers.append((b"connection", b"close"))  # the unread body makes the connection unusable
-        with contextlib.suppress(Exception):
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-
-    def _template(self, scope: Scope) -> str:
-        """The matched route's template; for a request refused before routing (413/503), match it now."""
-        route = scope.get("route")
-        if route is None:
-            for candidate in self.rt.routes:
-                match, _ = candidate.matches(scope)
-                if match != Match.NONE:
-                    route = candidate
-                    break
-        return getattr(route, "path", None) or "other"
-
-    def _observe(self, scope: Scope, status: int, started: float) -> None:
-        if not self.enabled:
-            return
-        try:
-            template = self._template(scope)
-            key = (template, scope["method"], status)
-            pair = self._children.get(key)
-            if pair is None:
-                labels = (template, scope["method"], str(status))
-                pair = (metrics.HTTP_REQUEST_DURATION.labels(*labels), metrics.HTTP_REQUESTS.labels(*labels))
-                if len(self._children) < 1000:  # bounded: methods/status codes are client-controlled
-                    self._children[key] = pair
-            pair[0].observe(time.perf_counter() - started)
-            pair[1].inc()
-        except Exception:  # a metrics failure never fails a request
-            log.debug("http metrics failed", exc_info=True)
-
-
-def _count_rejected(reason: str) -> None:
-    with contextlib.suppress(Exception):
-        metrics.HTTP_REJECTED.labels(reason).inc()
-
-
-def _gauge_inc() -> None:
-    with contextlib.suppress(Exception):
-        metrics.HTTP_INFLIGHT.inc()
-
-
-def _gauge_dec() -> None:
-    with contextlib.suppress(Exception):
-        metrics.HTTP_INFLIGHT.dec()
+    return Response(json_bytes({"detail": detail}), status_code=status, media_type=JSON, headers=headers)
 
 
 # --- app ----------------------------------------------------------------------------------------
@@ -375,8 +173,14 @@ def create_app(settings: Settings | None = None, *, drain_delay_s: float | None 
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(HTTPException, _http_error)
     _routes(app, rt)
-    rt.routes = list(app.router.routes)
-    app.add_middleware(Guard, runtime=rt)
+
+    async def fast_task(task: TaskIn) -> Response:
+        try:
+            return await create_task_response(rt, task, None)
+        except (SQLAlchemyError, psycopg.OperationalError, TaskStoreBusy) as exc:
+            return _db_unavailable_response(exc)
+
+    app.add_middleware(Guard, settings=rt.settings, routes=list(app.router.routes), fast_task=fast_task)
     return app
 
 
@@ -544,7 +348,7 @@ async def create_task_response(rt: Runtime, body: TaskIn, idempotency_key: str |
     hit, joined = await cache.lookup(key, coalesce=coalesce and idempotency_key is None)
     if joined is not None and hit is None:  # identical task in flight: Redis alone answers
         _inc(_COALESCED)
-        return Response(_json_bytes({"status": "queued", "task_id": joined}), status_code=202, media_type=JSON)
+        return Response(json_bytes({"status": "queued", "task_id": joined}), status_code=202, media_type=JSON)
     if hit is not None:
         Cache.delivered(hit)
         if idempotency_key is None:
@@ -562,7 +366,7 @@ async def create_task_response(rt: Runtime, body: TaskIn, idempotency_key: str |
         if existing is not None:
             return _existing(existing, key)
         return Response(
-            _json_bytes({"status": "done", "task_id": task_id, "post": post, "cached": True}), media_type=JSON
+            json_bytes({"status": "done", "task_id": task_id, "post": post, "cached": True}), media_type=JSON
         )
     task_id, topic = str(uuid.uuid4()), clean_topic(body.topic)
     if rt.accept is not None:
@@ -577,7 +381,7 @@ async def create_task_response(rt: Runtime, body: TaskIn, idempotency_key: str |
         )
         if await rt.accept.submit(new):  # committed with its group, XADD attempted
             _inc(_ACCEPTED)
-            return Response(_json_bytes({"status": "queued", "task_id": task_id}), status_code=202, media_type=JSON)
+            return Response(json_bytes({"status": "queued", "task_id": task_id}), status_code=202, media_type=JSON)
         # it conflicted: find the task to join or replay, one request at a time
     task_id, created, existing = await db.insert_task(
         task_id, body.persona_id, topic, key, key if coalesce else None, idempotency_key
@@ -593,7 +397,7 @@ async def create_task_response(rt: Runtime, body: TaskIn, idempotency_key: str |
             if coalesce:
                 await cache.mark_inflight(key, str(existing["id"]))
         return _existing(existing, key)
-    return Response(_json_bytes({"status": "queued", "task_id": task_id}), status_code=202, media_type=JSON)
+    return Response(json_bytes({"status": "queued", "task_id": task_id}), status_code=202, media_type=JSON)
 
 
 def render_metrics() -> bytes:
@@ -621,8 +425,8 @@ def _existing(row: dict[str, Any], key: str) -> Response:
         return _error(409, "Idempotency-Key was already used for a different persona_id/topic")
     if row["status"] == "done" and row.get("post") is not None:
         body = {"status": "done", "task_id": row["id"], "post": row["post"], "cached": bool(row.get("cached"))}
-        return Response(_json_bytes(body), media_type=JSON)
-    return Response(_json_bytes({"status": row["status"], "task_id": row["id"]}), status_code=202, media_type=JSON)
+        return Response(json_bytes(body), media_type=JSON)
+    return Response(json_bytes({"status": row["status"], "task_id": row["id"]}), status_code=202, media_type=JSON)
 
 
 def _inc(counter: Any) -> None:

@@ -20,6 +20,7 @@ from common.k6config import duration_seconds, peak_arrival_rate, plateau_window,
 from common.outputs import OUTPUT_KEYS
 from common.stackconfig import ProfileConfig, Stage, ThresholdsConfig, load
 from loadtest import measure as ms
+from loadtest import tasks
 from loadtest.bench import ReferenceServer
 from loadtest.k6run import run_k6
 from localstack.process import free_port
@@ -72,6 +73,8 @@ def test_plateau_is_the_longest_span_held_at_the_peak() -> None:
         ],
     )
     assert plateau_window(two) == (15.0, 27.0)  # consecutive peak stages join; the longer span wins
+    constant = ProfileConfig(start_rate=80, warmup_s=2, stages=[Stage(duration="12s", target=80)])
+    assert plateau_window(constant) == (2.0, 12.0)  # the warm-up is not part of it
     demo = load("dev").loadtest.profiles["demo"]
     start, end = plateau_window(demo) or (0.0, 0.0)
     assert end - start >= 30 and ms.target_rate_at(demo, start + 1) == peak_arrival_rate(demo) == 1000
@@ -249,7 +252,7 @@ def task_db() -> Iterator[str]:
 def _insert(url: str, rows: list[tuple[str, bool, float]]) -> None:
     import uuid
 
-    with psycopg.connect(ms._psycopg_url(url), autocommit=True) as conn:
+    with psycopg.connect(tasks.psycopg_url(url), autocommit=True) as conn:
         for status, cached, at in rows:
             conn.execute(
                 "INSERT INTO tasks (id, persona_id, topic, cache_key, status, cached, accepted_at) "
@@ -268,11 +271,11 @@ def test_task_rows_are_counted_by_status_and_window(task_db: str) -> None:
         + [("done", True, t0 + 4)] * 5  # served from the cache: never accepted work
         + [("done", False, t0 - 100)],  # an earlier run
     )
-    rows = ms.count_task_rows(task_db, t0, t0 + 10)
+    rows = tasks.count_task_rows(task_db, t0, t0 + 10)
     assert rows.total == 11
     assert rows.by_status == {"done": 7, "failed": 2, "queued": 1, "running": 1}
-    assert ms.pending_rows(rows) == 2
-    drained_at, pending = ms.wait_for_drain(task_db, t0, timeout_s=0.5, poll_s=0.1)
+    assert tasks.pending_rows(rows) == 2
+    drained_at, pending = tasks.wait_for_drain(task_db, t0, timeout_s=0.5, poll_s=0.1)
     assert pending == 2 and drained_at > 0  # bounded: reports what is still queued instead of waiting forever
 
 

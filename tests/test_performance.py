@@ -1,0 +1,45 @@
+"""The committed PERFORMANCE.md lists every run given, with its commit, and the README copies from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from loadtest import frontpage, performance, report
+from tests.test_report import OUT
+
+
+def make_run(root: Path, test_id: str, profile: str, started: str, **values: Any) -> Path:
+    out = {**OUT, "test_id": test_id, "profile": profile, "started_at": started, "git_commit": "abc123", **values}
+    run = root / test_id
+    run.mkdir()
+    (run / "outputs.json").write_text(json.dumps(out))
+    md = report.render_markdown(out, commands=["make demo"], workload={"zipfS": 1.1}, profile={"stages": []})
+    (run / "PERFORMANCE.md").write_text(md)
+    return run
+
+
+def test_every_run_is_listed_and_the_latest_demo_leads(tmp_path: Path) -> None:
+    runs = [
+        make_run(tmp_path, "r1-demo", "demo", "2026-01-01T00:00:00", p95_latency_ms=50.0),
+        make_run(tmp_path, "r2-demo", "demo", "2026-01-01T00:10:00", p95_latency_ms=90.0, thresholds_passed=False),
+        make_run(tmp_path, "r3-demo", "demo", "2026-01-01T00:20:00", p95_latency_ms=70.0),
+        make_run(tmp_path, "r4-cold", "cold", "2026-01-01T00:30:00", cache_hit_ratio=0.0),
+    ]
+    bench = {
+        "git_commit": "abc123",
+        "criteria": {"p95_latency_ms": "< 400", "error_rate": "< 0.01", "step_s": 12},
+        "hot": {"service_max_rate": 2000, "reference_max_rate": 2400, "ratio_service_to_reference": 0.833,
+                "service_cache_hit_ratio_at_max": 0.9, "reference": "one Redis GET per request"},
+    }  # fmt: skip
+    loaded = sorted((performance.load_run(r) for r in runs), key=lambda r: r["started_at"])
+    text = performance.render(loaded, bench)
+    for run_id in ("r1-demo", "r2-demo", "r3-demo", "r4-cold"):
+        assert f"`{run_id}` | `abc123`" in text  # every run, the failing one included
+    assert "| `r2-demo` | `abc123` | demo | FAIL |" in text
+    assert "`demo`, 3 runs, 2 passed — median: p95 70.0 ms" in text  # the median, not the best
+    assert frontpage.run_id(text) == "r3-demo"  # the latest demo run's verdict leads
+    assert "| hot | 2000 | 90.00 % | one Redis GET per request | 2400 | 0.833 |" in text
+    block = frontpage.results_block(text)
+    assert "**Every run**" in block and "**make bench**" in block and "`r4-cold`" in block
