@@ -55,21 +55,22 @@ def runs_table(runs: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def medians(runs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Median of each column per profile, for profiles with three or more runs."""
+    """Median of each column over the latest three runs of each profile that has three."""
     by_profile: dict[str, list[Mapping[str, Any]]] = {}
-    for r in runs:
+    for r in sorted(runs, key=lambda r: str(r.get("started_at"))):
         by_profile.setdefault(str(r.get("profile")), []).append(r)
     lines = []
-    for profile, group in by_profile.items():
-        if len(group) < 3:
+    for profile, all_runs in by_profile.items():
+        if len(all_runs) < 3:
             continue
+        group = all_runs[-3:]
         parts = []
         for key, label in COLUMNS:
             values = [float(r[key]) for r in group if isinstance(r.get(key), int | float)]
             if values:
                 parts.append(f"{label} {fmt(key, statistics.median(values))}")
         passed = sum(1 for r in group if r.get("thresholds_passed"))
-        lines.append(f"- `{profile}`, {len(group)} runs, {passed} passed — median: " + ", ".join(parts) + ".")
+        lines.append(f"- `{profile}`, latest {len(group)} runs, {passed} passed — median: " + ", ".join(parts) + ".")
     return lines
 
 
@@ -94,7 +95,7 @@ def bench_lines(bench: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def render(runs: Sequence[Mapping[str, Any]], bench: Mapping[str, Any] | None) -> str:
+def render(runs: Sequence[Mapping[str, Any]], bench: Mapping[str, Any] | None, notes: Sequence[str] = ()) -> str:
     demos = [r for r in runs if r.get("profile") == "demo"]
     latest = max(demos or runs, key=lambda r: str(r.get("started_at")))
     own = (Path(latest["_dir"]) / "PERFORMANCE.md").read_text().splitlines()
@@ -118,6 +119,7 @@ def render(runs: Sequence[Mapping[str, Any]], bench: Mapping[str, Any] | None) -
         *runs_table(runs),
         "",
         *medians(runs),
+        *(f"- {note}" for note in notes),
         "",
     ]
     if bench is not None:
@@ -132,10 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (reports/<run-id>)")
     parser.add_argument("--bench", type=Path, default=None, help="reports/bench/bench.json")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "PERFORMANCE.md")
+    parser.add_argument("--note", action="append", default=[], help="a sentence about the runs (repeatable)")
     args = parser.parse_args(argv)
     runs = sorted((load_run(d) for d in args.runs), key=lambda r: str(r.get("started_at")))
     bench = json.loads(args.bench.read_text()) if args.bench else None
-    args.out.write_text(render(runs, bench))
+    args.out.write_text(render(runs, bench, args.note))
     print(f"wrote {args.out} ({len(runs)} runs)")
     return 0
 

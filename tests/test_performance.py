@@ -38,7 +38,7 @@ def test_every_run_is_listed_and_the_latest_demo_leads(tmp_path: Path) -> None:
     for run_id in ("r1-demo", "r2-demo", "r3-demo", "r4-cold"):
         assert f"`{run_id}` | `abc123`" in text  # every run, the failing one included
     assert "| `r2-demo` | `abc123` | demo | FAIL |" in text
-    assert "`demo`, 3 runs, 2 passed — median: p95 70.0 ms" in text  # the median, not the best
+    assert "`demo`, latest 3 runs, 2 passed — median: p95 70.0 ms" in text  # the median, not the best
     assert frontpage.run_id(text) == "r3-demo"  # the latest demo run's verdict leads
     assert "| hot | 2000 | 90.00 % | one Redis GET per request | 2400 | 0.833 |" in text
     block = frontpage.results_block(text)
