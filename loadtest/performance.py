@@ -95,7 +95,9 @@ def bench_lines(bench: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def render(runs: Sequence[Mapping[str, Any]], bench: Mapping[str, Any] | None, notes: Sequence[str] = ()) -> str:
+def render(
+    runs: Sequence[Mapping[str, Any]], benches: Sequence[Mapping[str, Any]] = (), notes: Sequence[str] = ()
+) -> str:
     demos = [r for r in runs if r.get("profile") == "demo"]
     latest = max(demos or runs, key=lambda r: str(r.get("started_at")))
     own = (Path(latest["_dir"]) / "PERFORMANCE.md").read_text().splitlines()
@@ -122,8 +124,10 @@ def render(runs: Sequence[Mapping[str, Any]], bench: Mapping[str, Any] | None, n
         *(f"- {note}" for note in notes),
         "",
     ]
-    if bench is not None:
-        lines += ["## make bench", "", *bench_lines(bench), ""]
+    if benches:
+        lines += ["## make bench", ""]
+        for bench in benches:  # every bench run given, in order
+            lines += [*bench_lines(bench), ""]
     lines += [f"## Latest {latest.get('profile')} run in full", "", *own[first_section:]]
     text = "\n".join(lines)
     return text.replace("\n## Every number", "\n### Every number").rstrip() + "\n"
@@ -132,13 +136,13 @@ def render(runs: Sequence[Mapping[str, Any]], bench: Mapping[str, Any] | None, n
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (reports/<run-id>)")
-    parser.add_argument("--bench", type=Path, default=None, help="reports/bench/bench.json")
+    parser.add_argument("--bench", type=Path, action="append", default=[], help="a bench.json (repeatable)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "PERFORMANCE.md")
     parser.add_argument("--note", action="append", default=[], help="a sentence about the runs (repeatable)")
     args = parser.parse_args(argv)
     runs = sorted((load_run(d) for d in args.runs), key=lambda r: str(r.get("started_at")))
-    bench = json.loads(args.bench.read_text()) if args.bench else None
-    args.out.write_text(render(runs, bench, args.note))
+    benches = [json.loads(path.read_text()) for path in args.bench]
+    args.out.write_text(render(runs, benches, args.note))
     print(f"wrote {args.out} ({len(runs)} runs)")
     return 0
 

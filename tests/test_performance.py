@@ -34,7 +34,7 @@ def test_every_run_is_listed_and_the_latest_demo_leads(tmp_path: Path) -> None:
                 "service_cache_hit_ratio_at_max": 0.9, "reference": "one Redis GET per request"},
     }  # fmt: skip
     loaded = sorted((performance.load_run(r) for r in runs), key=lambda r: r["started_at"])
-    text = performance.render(loaded, bench)
+    text = performance.render(loaded, [bench])
     for run_id in ("r1-demo", "r2-demo", "r3-demo", "r4-cold"):
         assert f"`{run_id}` | `abc123`" in text  # every run, the failing one included
     assert "| `r2-demo` | `abc123` | demo | FAIL |" in text
