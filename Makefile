@@ -55,6 +55,7 @@ frontpage: $(VENV)/.installed
 
 lint: deps
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pyright
 
 test: deps lint
