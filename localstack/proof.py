@@ -147,13 +147,6 @@ class ProofStack:
                 workdir=self.workdir / "service",
             )
             self.service.start()
-        except BaseException as exc:
-            tail = self._tail_of(self._current)
-            self.stop()
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
-                raise
-            raise StackStartError(self._current, str(exc).splitlines()[0] if str(exc) else repr(exc), tail) from exc
-        try:
             self._current = "prometheus"
             targets = {"orchestrator": [f"127.0.0.1:{self.service.orchestrator.port}"]}  # type: ignore[union-attr]
             targets["workers"] = [f"127.0.0.1:{p}" for p in self.service.worker_metrics_ports]

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from common.k6config import execution_segments, segment_sequence
+from common.k6config import execution_segments, profile_duration_s, segment_sequence
 from common.stackconfig import StackConfig, load
 from common.tools import tool
 from infra import render
@@ -429,7 +429,7 @@ def test_report_job_measures_the_recorded_window_and_stores_the_result(
     report = report_job.run(report_doc(cfg), kube, None)
     window = seen["window"]
     assert window.started_at == 1000.0
-    assert window.ended_at == 1000.0 + 130  # demo: 20s + 30s + 60s + 20s
+    assert window.ended_at == 1000.0 + profile_duration_s(cfg.loadtest.profiles["demo"])
     assert window.warmup_s == cfg.loadtest.profiles["demo"].warmup_s
     assert seen["prometheus_url"] == "http://prometheus:9090" and seen["test_id"] == "lp-x"
     assert seen["machine"]["where"] == "kubernetes"
