@@ -53,9 +53,6 @@ class Reaper:
     def remove_on_death(self, path: str) -> None:
         self._send(f"d {path}")
 
-    def keep(self, path: str) -> None:
-        self._send(f"k {path}")
-
 
 _REAPER: Reaper | None = None
 _REAPER_LOCK = threading.Lock()
@@ -88,9 +85,6 @@ def watchdog(read_fd: int) -> None:
                 groups.discard(int(line[1:]))
             elif line.startswith("d "):
                 dirs.append(line[2:])
-            elif line.startswith("k "):
-                with contextlib.suppress(ValueError):
-                    dirs.remove(line[2:])
     for pgid in groups:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
