@@ -23,7 +23,7 @@ import signal
 import threading
 import types
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -58,11 +58,6 @@ from service.schemas import (
 
 log = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _ACCEPTED = metrics.TASKS.labels("accepted")
 _COALESCED = metrics.TASKS.labels("coalesced")
