@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -149,14 +148,18 @@ def group_members(pgids: set[int]) -> set[int]:
 
 
 def listening(port: int) -> bool:
-    """Whether anything listens on 127.0.0.1:port (SO_REUSEADDR: connections left in TIME_WAIT don't count)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-        return False
+    """Whether any socket on this machine listens on ``port`` (from /proc/net/tcp*, state 0A = LISTEN).
+
+    Reading the kernel's table, not trying to bind: a freed port may at once be reused as the local
+    port of some unrelated outgoing connection, which would make a bind fail without anyone listening.
+    """
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
 
 
 def post_tasks(url: str, n: int, tag: str) -> list[str]:
@@ -228,3 +231,15 @@ def test_sigkill_of_the_launcher_leaves_no_process_and_no_port(serve: Serve) -> 
     assert not left, f"still running after the launcher's SIGKILL: {sorted(left)}"
     busy = [p for p in ports if listening(p)]
     assert not busy, f"ports still listened on: {busy}"
+
+
+def test_listening_sees_a_listener_and_only_a_listener() -> None:
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        assert not listening(port)  # bound, not listening
+        server.listen()
+        assert listening(port)
+    assert not listening(port)
