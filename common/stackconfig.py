@@ -232,6 +232,9 @@ class OrchestratorConfig(Section):
     db_pool_recycle_s: int = Field(default=3600, description="Connection max age.")
     cache_enabled: bool = Field(default=True, description="Redis response cache (off = baseline).")
     cache_ttl_s: int = Field(default=3600, description="Cached post lifetime.")
+    cache_lookup_batching: bool = Field(
+        default=True, description="Lookups in one event-loop turn share one MGET (off = baseline)."
+    )
     coalesce_enabled: bool = Field(default=True, description="Join identical in-flight requests (off = baseline).")
     accept_group_commit: bool = Field(
         default=True, description="New tasks written in groups: one INSERT + one XADD pipeline (off = baseline)."
@@ -452,6 +455,7 @@ class StackConfig(Section):
             "DB_POOL_RECYCLE_S": o.db_pool_recycle_s,
             "CACHE_ENABLED": o.cache_enabled,
             "CACHE_TTL_S": o.cache_ttl_s,
+            "CACHE_LOOKUP_BATCHING": o.cache_lookup_batching,
             "COALESCE_ENABLED": o.coalesce_enabled,
             "ACCEPT_GROUP_COMMIT": o.accept_group_commit,
             "ACCEPT_LINGER_MS": o.accept_linger_ms,

@@ -50,12 +50,20 @@ SHOWN_KEYS = (
 )
 
 
+BASELINE_ORCHESTRATOR = {
+    "cache_enabled": False,
+    "db_pool_mode": "null",
+    "coalesce_enabled": False,
+    "accept_group_commit": False,
+    "cache_lookup_batching": False,
+}
+BASELINE_WORKERS = {"batch_size": 1}
+
+
 def baseline_config(cfg: StackConfig) -> StackConfig:
     """The stack with every optimization off; everything else (workload, profile, processes) unchanged."""
-    orchestrator = cfg.orchestrator.model_copy(
-        update={"cache_enabled": False, "db_pool_mode": "null", "coalesce_enabled": False, "accept_group_commit": False}
-    )
-    workers = cfg.workers.model_copy(update={"batch_size": 1})
+    orchestrator = cfg.orchestrator.model_copy(update=BASELINE_ORCHESTRATOR)
+    workers = cfg.workers.model_copy(update=BASELINE_WORKERS)
     return cfg.model_copy(update={"orchestrator": orchestrator, "workers": workers})
 
 
@@ -71,13 +79,7 @@ def ratio(optimized: Any, baseline: Any) -> float | None:
 def comparison(baseline: Mapping[str, Any], optimized: Mapping[str, Any], *, profile: str) -> dict[str, Any]:
     return {
         "profile": profile,
-        "baseline_settings": {
-            "cache_enabled": False,
-            "db_pool_mode": "null",
-            "batch_size": 1,
-            "coalesce_enabled": False,
-            "accept_group_commit": False,
-        },
+        "baseline_settings": {**BASELINE_ORCHESTRATOR, **BASELINE_WORKERS},
         "ratios_optimized_over_baseline": {k: ratio(optimized.get(k), baseline.get(k)) for k in RATIO_KEYS},
         "baseline": dict(baseline),
         "optimized": dict(optimized),

@@ -374,10 +374,12 @@ async def create_task_response(rt: Runtime, body: TaskIn, idempotency_key: str |
             idempotency_key,
             inflight_key(key) if coalesce else None,
         )
-        if await rt.accept.submit(new):  # committed with its group, XADD attempted
-            _inc(_ACCEPTED)
-            return Response(json_bytes({"status": "queued", "task_id": task_id}), status_code=202, media_type=JSON)
-        # it conflicted: find the task to join or replay, one request at a time
+        accepted = await rt.accept.submit(new)  # committed with its group, XADD attempted
+        if accepted is not None:
+            _inc(_ACCEPTED if accepted.created else _COALESCED)
+            body_out = {"status": accepted.status, "task_id": accepted.task_id}
+            return Response(json_bytes(body_out), status_code=202, media_type=JSON)
+        # it conflicted otherwise: find the task to join or replay, one request at a time
     task_id, created, existing = await db.insert_task(
         task_id, body.persona_id, topic, key, key if coalesce else None, idempotency_key
     )

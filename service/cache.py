@@ -8,10 +8,16 @@ hit costs one GET and no JSON work: the hot path of the whole service.
 Every Redis failure (down, slow past ``redis_socket_timeout_s``, pool exhausted) is a miss, counted
 in ``CACHE_ERRORS``; after ``cache_breaker_failures`` in a row the breaker skips Redis for
 ``cache_breaker_reset_s`` so a dead Redis costs nothing per request.
+
+Lookups issued in the same event-loop turn share one ``MGET`` (``cache_lookup_batching``): a Redis
+round trip through redis-py costs this process more CPU than the rest of a cache hit, and requests
+that arrive together (uvicorn starts every request parsed from one socket read in the same turn) pay
+it once. Nothing waits for a timer: the batch is sent on the loop's next turn.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -100,6 +106,51 @@ def make_redis(settings: Settings, *, socket_timeout: float | None, pool_size: i
     return aioredis.Redis(connection_pool=pool)
 
 
+class LookupBatcher:
+    """Coalesces the ``MGET`` calls made in one event-loop turn into one round trip.
+
+    A failed round trip fails every lookup of the batch with the same exception (each caller then
+    answers a miss); a caller that went away (cancelled) is skipped when results are handed out.
+    """
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self._pending: list[tuple[list[str], asyncio.Future[list[object]]]] = []
+        self._scheduled = False
+        self._sends: set[asyncio.Task[None]] = set()
+
+    async def mget(self, keys: list[str]) -> list[object]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[object]] = loop.create_future()
+        self._pending.append((keys, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._send)
+        return await future
+
+    def _send(self) -> None:
+        self._scheduled = False
+        batch, self._pending = self._pending, []
+        if batch:
+            task = asyncio.get_running_loop().create_task(self._mget(batch))
+            self._sends.add(task)
+            task.add_done_callback(self._sends.discard)
+
+    async def _mget(self, batch: list[tuple[list[str], asyncio.Future[list[object]]]]) -> None:
+        try:
+            raws = await self.client.mget([key for keys, _ in batch for key in keys])
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        offset = 0
+        for keys, future in batch:
+            if not future.done():
+                future.set_result(list(raws[offset : offset + len(keys)]))
+            offset += len(keys)
+
+
 class Cache:
     """Best-effort GET/SET of posts; ``enabled=False`` (the baseline) is a permanent miss without metrics."""
 
@@ -108,6 +159,7 @@ class Cache:
         self.enabled = settings.cache_enabled
         self.ttl = settings.cache_ttl_s
         self.client = client or make_redis(settings, socket_timeout=settings.redis_socket_timeout_s)
+        self._batcher = LookupBatcher(self.client) if settings.cache_lookup_batching else None
         self.breaker = CircuitBreaker(
             settings.cache_breaker_failures, settings.cache_breaker_reset_s, metrics.CACHE_BREAKER_OPEN
         )
@@ -149,7 +201,7 @@ class Cache:
                 _count(_MISS)
             return None, None
         try:
-            raws = await self.client.mget(keys)
+            raws = await (self._batcher.mget(keys) if self._batcher is not None else self.client.mget(keys))
         except Exception as exc:  # any failure is a miss, never an error
             self.breaker.record_failure()
             _count(_ERR_GET)

@@ -4,7 +4,7 @@ The same knobs appear in ``Pulumi.<stack>.yaml``; ``common/stackconfig.py`` maps
 these variables for both the local demo and the Kubernetes Deployments, so a setting means the same
 thing everywhere. Defaults are the optimized configuration; the baseline for before/after runs is
 ``cache_enabled=false, db_pool_mode=null, batch_size=1, coalesce_enabled=false,
-accept_group_commit=false``.
+accept_group_commit=false, cache_lookup_batching=false``.
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     )
     cache_enabled: bool = Field(default=True, description="Serve finished posts from Redis (off for the baseline).")
     cache_ttl_s: int = Field(default=3600, ge=1, description="Lifetime of a cached post.")
+    cache_lookup_batching: bool = Field(
+        default=True, description="Lookups made in the same event-loop turn share one MGET (off for the baseline)."
+    )
     cache_breaker_failures: int = Field(
         default=5, ge=1, description="Consecutive cache failures that open the cache circuit breaker."
     )

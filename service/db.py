@@ -276,6 +276,15 @@ class Database:
         )
         return {str(r["id"]) for r in rows}
 
+    async def unfinished_by_coalesce_key(self, keys: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """``{coalesce_key: (task id, status)}`` of the queued or running tasks holding these keys."""
+        rows = await self._rows(
+            "SELECT coalesce_key, id::text AS id, status FROM tasks "
+            "WHERE coalesce_key = ANY(%(keys)s::text[]) AND status IN ('queued', 'running')",
+            {"keys": list(keys)},
+        )
+        return {str(r["coalesce_key"]): (str(r["id"]), str(r["status"])) for r in rows}
+
     async def insert_done_from_cache(
         self, task_id: str, persona_id: str, topic: str, cache_key: str, idempotency_key: str, post: str, tokens: int
     ) -> tuple[str, dict[str, Any] | None]:

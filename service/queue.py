@@ -112,6 +112,21 @@ class TaskQueue:
         self.breaker.record_success()
         return True
 
+    async def mark_inflight(self, marks: list[tuple[str, str]], inflight_ttl_s: int = 60) -> None:
+        """``SET inflight_key task_id NX EX`` for each pair, one round trip; best effort (a hint only)."""
+        if not marks or not self.breaker.allow():
+            return
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for inflight_key, task_id in marks:
+                    pipe.set(inflight_key, task_id, nx=True, ex=inflight_ttl_s)
+                await pipe.execute()
+        except Exception as exc:
+            self.breaker.record_failure()
+            log.debug("marking %d task(s) in flight failed: %r", len(marks), exc)
+            return
+        self.breaker.record_success()
+
     async def enqueue_many(self, task_ids: list[str]) -> None:
         """Raises on failure (the caller is a worker that can retry later)."""
         if not task_ids:

@@ -14,7 +14,7 @@ import pytest
 
 from localstack.servers import PostgresServer, RedisServer
 from localstack.services import SimulatorServer
-from service.accept import GroupCommitter, NewTask
+from service.accept import Accepted, GroupCommitter, NewTask
 from service.cache import make_redis
 from service.db import Database
 from service.queue import TaskQueue, sweep
@@ -129,7 +129,14 @@ async def test_group_order_is_accept_order_and_conflicts_take_the_per_request_pa
         dup_idem = [new("idem a", idem="key-1"), new("idem b", idem="key-1")]
         dup_coalesce = [new("same topic"), new("same topic")]
         results = await asyncio.gather(*(committer.submit(t) for t in [*tasks, *dup_idem, *dup_coalesce]))
-        assert results == [True] * 30 + [True, False, True, False]
+        assert results[:30] == [Accepted(t.task_id, created=True) for t in tasks]
+        assert results[30:] == [
+            Accepted(dup_idem[0].task_id, created=True),
+            None,  # the key was used: the per-request path replays it
+            Accepted(dup_coalesce[0].task_id, created=True),
+            Accepted(dup_coalesce[0].task_id, created=False),  # joins its identical neighbour: one row
+        ]
+        assert rows(postgres, "same topic") == 1
         entries = await queue.client.xrange(queue.stream)
         streamed = [fields[b"task_id"].decode() for _, fields in entries]
         expected = [t.task_id for t in tasks] + [dup_idem[0].task_id, dup_coalesce[0].task_id]
@@ -137,8 +144,20 @@ async def test_group_order_is_accept_order_and_conflicts_take_the_per_request_pa
         # the losers' per-request path finds the task to replay or join
         replay = await db.insert_task(dup_idem[1].task_id, "p", "idem b", "k:idem b", "k:idem b", "key-1")
         assert replay[0] == dup_idem[0].task_id and replay[1] is False
-        joined = await db.insert_task(dup_coalesce[1].task_id, "p", "same topic", "k:same topic", "k:same topic", None)
-        assert joined[0] == dup_coalesce[0].task_id and joined[1] is False
+        # a later group joins the unfinished task committed by an earlier one, found by one SELECT
+        later = [new("same topic"), new("same topic"), new("fresh")]
+        again = await asyncio.gather(*(committer.submit(t) for t in later))
+        assert again == [
+            Accepted(dup_coalesce[0].task_id, created=False),
+            Accepted(dup_coalesce[0].task_id, created=False),
+            Accepted(later[2].task_id, created=True),
+        ]
+        assert rows(postgres, "same topic") == 1
+        # once it is finished, an identical request makes a new task
+        with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+            conn.execute("UPDATE tasks SET status = 'done', post = 'x' WHERE id = %s", (dup_coalesce[0].task_id,))
+        after = new("same topic")
+        assert await committer.submit(after) == Accepted(after.task_id, created=True)
     finally:
         await committer.aclose()
         await queue.client.aclose()

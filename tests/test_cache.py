@@ -106,3 +106,47 @@ async def test_dead_redis_is_a_fast_miss_and_opens_the_breaker(
     finally:
         await cache.aclose()
         own.cleanup()
+
+
+def _mget_calls(url: str) -> int:
+    stats = redis.Redis.from_url(url).info("commandstats")
+    return int(stats.get("cmdstat_mget", {}).get("calls", 0))
+
+
+@pytest.mark.usefixtures("clean_state")
+@pytest.mark.parametrize("batching", [True, False])
+async def test_lookups_in_one_loop_turn_share_one_mget(
+    postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer, batching: bool
+) -> None:
+    settings = make_settings(postgres, redis_server, simulator, cache_lookup_batching=batching)
+    cache = Cache(settings)
+    try:
+        keys = [cache.key("p", f"topic {i}") for i in range(20)]
+        assert await cache.set_many([(k, encode_hit(f"t{i}", f"post {i}", i)) for i, k in enumerate(keys) if i % 2])
+        redis.Redis.from_url(redis_server.url).set(keys[0].replace("post:", "inflight:"), b"task-0")
+        before = _mget_calls(redis_server.url)
+        results = await asyncio.gather(*(cache.lookup(k, coalesce=True) for k in keys))
+        assert _mget_calls(redis_server.url) - before == (1 if batching else len(keys))
+        for i, (hit, joined) in enumerate(results):  # every caller gets its own keys' values back
+            assert (hit is not None) == bool(i % 2)
+            assert hit is None or hit.post() == f"post {i}"
+            assert joined == ("task-0" if i == 0 else None)
+    finally:
+        await cache.aclose()
+
+
+@pytest.mark.usefixtures("clean_state")
+async def test_failed_batched_lookup_is_a_miss_for_every_caller(
+    postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer
+) -> None:
+    from localstack.process import free_port
+
+    settings = make_settings(postgres, redis_server, simulator, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    cache = Cache(settings)
+    try:
+        misses = sample("loadproof_cache_lookups_total", {"result": "miss"})
+        results = await asyncio.gather(*(cache.lookup(cache.key("p", f"t{i}"), coalesce=True) for i in range(5)))
+        assert results == [(None, None)] * 5
+        assert sample("loadproof_cache_lookups_total", {"result": "miss"}) == misses + 5
+    finally:
+        await cache.aclose()

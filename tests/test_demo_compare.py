@@ -13,6 +13,7 @@ def test_baseline_turns_every_optimization_off_and_nothing_else() -> None:
     assert base.orchestrator.db_pool_mode == "null"
     assert base.orchestrator.coalesce_enabled is False
     assert base.orchestrator.accept_group_commit is False
+    assert base.orchestrator.cache_lookup_batching is False
     assert base.workers.batch_size == 1
     env, base_env = cfg.service_env(), base.service_env()
     changed = {k for k in env if env[k] != base_env[k]}
@@ -21,6 +22,7 @@ def test_baseline_turns_every_optimization_off_and_nothing_else() -> None:
         "LOADPROOF_DB_POOL_MODE",
         "LOADPROOF_COALESCE_ENABLED",
         "LOADPROOF_ACCEPT_GROUP_COMMIT",
+        "LOADPROOF_CACHE_LOOKUP_BATCHING",
         "LOADPROOF_BATCH_SIZE",
     }
     assert base.loadtest == cfg.loadtest and base.simulator_env() == cfg.simulator_env()  # same workload
