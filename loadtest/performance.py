@@ -1,12 +1,14 @@
 """The committed ``PERFORMANCE.md``: every listed run, side by side, generated from their ``outputs.json``.
 
     python -m loadtest.performance reports/<run> [reports/<run> ...] [--bench reports/bench/bench.json]
+        [--profile before/profile.json --profile reports/profile/profile.json]
 
 One run's ``PERFORMANCE.md`` says what that run measured; this page says what the machine does
 *reliably*: every run given is listed with its commit, none is dropped, so a figure the next run did
 not reproduce is visible as such. The cached (``demo``) and uncached (``cold``) runs stand next to
 each other, the latest ``demo`` run's own report follows in full (its verdict and targets are what
-``make frontpage`` copies to the README), and ``make bench`` adds its hot and cold ratios.
+``make frontpage`` copies to the README), ``make bench`` adds its hot and cold ratios, and
+``make profile`` runs add where the API's CPU per request goes, before and after a change.
 """
 
 from __future__ import annotations
@@ -95,8 +97,39 @@ def bench_lines(bench: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def profile_lines(profiles: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One table per path: CPU µs per request of the API process by library, one column per profile run."""
+    lines: list[str] = [
+        "CPU time of the API process per request (µs), by the library of the innermost frame, from `py-spy record` "
+        "while k6 held a constant rate (`make profile`; requests counted by the API's own counter over the sampled "
+        "seconds). Columns are runs in the order given, each with its commit; compare columns at the same rate.",
+        "",
+    ]
+    paths = list(dict.fromkeys(p for prof in profiles for p in prof.get("paths", {})))
+    for path in paths:
+        cols = [(prof, prof["paths"][path]) for prof in profiles if path in prof.get("paths", {})]
+        categories = list(dict.fromkeys(c for _, r in cols for c in r.get("by_category_us_per_request", {})))
+        head = " | ".join(f"`{prof.get('git_commit') or 'unknown'}`" for prof, _ in cols)
+        lines += [f"**{path}** path", "", f"| | {head} |", "|---|" + "---|" * len(cols)]
+        rows: list[tuple[str, Any]] = [
+            ("rate (req/s)", lambda r: r.get("rate")),
+            ("requests sampled", lambda r: r.get("requests")),
+            ("cache hit ratio", lambda r: fmt("cache_hit_ratio", r.get("cache_hit_ratio"))),
+            ("k6 step", lambda r: "pass" if r.get("step_passed") else "FAIL"),
+            ("**CPU µs per request**", lambda r: f"**{r.get('cpu_us_per_request')}**"),
+            *((c, lambda r, c=c: r.get("by_category_us_per_request", {}).get(c, 0)) for c in categories),
+        ]
+        for label, value in rows:
+            lines.append(f"| {label} | " + " | ".join(str(value(r)) for _, r in cols) + " |")
+        lines.append("")
+    return lines
+
+
 def render(
-    runs: Sequence[Mapping[str, Any]], benches: Sequence[Mapping[str, Any]] = (), notes: Sequence[str] = ()
+    runs: Sequence[Mapping[str, Any]],
+    benches: Sequence[Mapping[str, Any]] = (),
+    notes: Sequence[str] = (),
+    profiles: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     demos = [r for r in runs if r.get("profile") == "demo"]
     latest = max(demos or runs, key=lambda r: str(r.get("started_at")))
@@ -128,6 +161,8 @@ def render(
         lines += ["## make bench", ""]
         for bench in benches:  # every bench run given, in order
             lines += [*bench_lines(bench), ""]
+    if profiles:
+        lines += ["## Profile of the API process", "", *profile_lines(profiles)]
     lines += [f"## Latest {latest.get('profile')} run in full", "", *own[first_section:]]
     text = "\n".join(lines)
     return text.replace("\n## Every number", "\n### Every number").rstrip() + "\n"
@@ -137,12 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (reports/<run-id>)")
     parser.add_argument("--bench", type=Path, action="append", default=[], help="a bench.json (repeatable)")
+    parser.add_argument("--profile", type=Path, action="append", default=[], help="a profile.json (repeatable)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "PERFORMANCE.md")
     parser.add_argument("--note", action="append", default=[], help="a sentence about the runs (repeatable)")
     args = parser.parse_args(argv)
     runs = sorted((load_run(d) for d in args.runs), key=lambda r: str(r.get("started_at")))
     benches = [json.loads(path.read_text()) for path in args.bench]
-    args.out.write_text(render(runs, benches, args.note))
+    profiles = [json.loads(path.read_text()) for path in args.profile]
+    args.out.write_text(render(runs, benches, args.note, profiles))
     print(f"wrote {args.out} ({len(runs)} runs)")
     return 0
 
