@@ -82,7 +82,11 @@ SCALED_OBJECT_SPEC = _object(
     ("scaleTargetRef", "triggers"),
 )
 TRIGGER_AUTHENTICATION_SPEC = _object(
-    {"secretTargetRef": _array(_object({"parameter": STRING, "name": STRING, "key": STRING}, ("parameter", "name", "key")))}
+    {
+        "secretTargetRef": _array(
+            _object({"parameter": STRING, "name": STRING, "key": STRING}, ("parameter", "name", "key"))
+        )
+    }
 )
 SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
     ("keda.sh/v1alpha1", "ScaledObject"): _resource("keda.sh/v1alpha1", "ScaledObject", SCALED_OBJECT_SPEC),
