@@ -177,11 +177,9 @@ def test_postgres_connections_are_checked_at_keda_max_replicas() -> None:
     o, w = cfg.orchestrator, cfg.workers
     per_process = o.db_pool_size + o.db_max_overflow
     demand = postgres.connection_demand(cfg)
-    assert (
-        demand
-        == postgres.connection_demand(with_changes(cfg, {"workers.autoscaling.enabled": False}))
-        + (w.autoscaling.max_replicas - w.replicas) * per_process
-    )
+    fixed = postgres.connection_demand(with_changes(cfg, {"workers.autoscaling.enabled": False}))
+    assert demand is not None and fixed is not None
+    assert demand == fixed + (w.autoscaling.max_replicas - w.replicas) * per_process
     render.evaluate(with_changes(cfg, {"postgres.maxConnections": demand}))
     with pytest.raises(ValueError, match=r"postgres\.maxConnections.*autoscaling on, its maxReplicas"):
         render.evaluate(with_changes(cfg, {"postgres.maxConnections": demand - 1}))

@@ -458,7 +458,8 @@ def test_quota_fits_the_stack_at_full_scale(stack: str, keda: bool) -> None:
         elif o["kind"] == "StatefulSet":
             n = spec.get("replicas", 1)
         else:
-            base = peak.get(o["metadata"]["name"], spec["replicas"])
+            name = o["metadata"]["name"]
+            base: int = peak[name] if name in peak else spec["replicas"]
             # RollingUpdate (also the default when no strategy is set) runs a surge pod; Recreate does not.
             n = base + (0 if spec.get("strategy", {}).get("type") == "Recreate" else 1)
         for c in spec["template"]["spec"]["containers"]:
