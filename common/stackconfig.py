@@ -68,6 +68,19 @@ class BaselineConfig(Section):
         description="Node labels the installed ingress-nginx is pinned to, tolerating the control-plane taint "
         "(kind maps ports 80/443 of that node); empty = any node (other clusters).",
     )
+    keda_install: bool = Field(
+        default=False,
+        description="Install KEDA (helm, its CRDs included) for `workers.autoscaling`; false = the cluster already "
+        "runs KEDA >= 2.11 (or autoscaling is off).",
+    )
+    keda_namespace: str = Field(
+        default="keda", description="Namespace of the KEDA operator, allowed to reach Redis (installed there)."
+    )
+    keda_operator_pod_selector: dict[str, str] = Field(
+        default_factory=lambda: {"app.kubernetes.io/name": "keda-operator"},
+        description="Pod labels of the KEDA operator within `kedaNamespace` (it runs the Redis scaler); "
+        "empty = every pod of that namespace.",
+    )
     api_server_from_endpoints: bool = Field(
         default=True,
         description="Allow egress to the addresses and ports of the `default/kubernetes` EndpointSlice, "
@@ -82,7 +95,7 @@ class BaselineConfig(Section):
         default="", description="Address of a node-local DNS cache pods query (e.g. `169.254.20.10`); empty = none."
     )
 
-    @field_validator("ingress_pod_selector", "ingress_node_selector", mode="before")
+    @field_validator("ingress_pod_selector", "ingress_node_selector", "keda_operator_pod_selector", mode="before")
     @classmethod
     def _json_map(cls, value: Any) -> Any:
         """``pulumi config set --path ...NodeSelector '{}'`` stores the text ``{}``: read it as the map it spells."""
@@ -262,17 +275,73 @@ class OrchestratorConfig(Section):
         return self
 
 
+class WorkersAutoscalingConfig(Section):
+    """KEDA ``ScaledObject`` on the task queue: worker pods follow the work waiting, not their CPU.
+
+    The trigger is ``redis-streams`` with the consumer group's lag (entries not yet delivered to any
+    worker; KEDA >= 2.11, Redis >= 7): CPU says nothing about an I/O-bound worker waiting on the LLM,
+    while lag grows exactly when every worker is saturated.
+    """
+
+    enabled: bool = Field(default=False, description="Scale the workers with KEDA (off = `workers.replicas` pods).")
+    min_replicas: int = Field(
+        default=1, description="Fewest worker pods; at least 1: the workers also run the queue's sweeper."
+    )
+    max_replicas: int = Field(
+        default=6, description="Most worker pods; Postgres `maxConnections` and the quota must cover them."
+    )
+    lag_threshold: int = Field(
+        default=320,
+        description="Target undelivered entries per worker pod (KEDA `lagCount`); default = one full round of "
+        "one pod's work (concurrency 64 x batchSize 5).",
+    )
+    polling_interval_s: int = Field(default=15, description="How often KEDA checks the trigger (`pollingInterval`).")
+    scale_down_stabilization_s: int = Field(
+        default=300,
+        description="Scale down only to the highest replica count recommended within this window (HPA behavior; "
+        "also rides over moments when Redis cannot state the lag).",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> WorkersAutoscalingConfig:
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"need 1 <= minReplicas ({self.min_replicas}) <= maxReplicas ({self.max_replicas})")
+        if self.lag_threshold < 1 or self.polling_interval_s < 1:
+            raise ValueError("lagThreshold and pollingIntervalS must be at least 1")
+        if not 0 <= self.scale_down_stabilization_s <= 3600:
+            raise ValueError(f"scaleDownStabilizationS ({self.scale_down_stabilization_s}) must lie within 0..3600")
+        return self
+
+
 class WorkersConfig(Section):
     """The persona runtime: batched LLM workers."""
 
-    replicas: int = Field(default=2, description="Worker pods.")
+    replicas: int = Field(default=2, description="Worker pods (with `autoscaling` on: the count KEDA starts from).")
     processes: int = Field(default=1, description="Local worker processes (demo).")
     concurrency: int = Field(default=64, description="Concurrent LLM calls per worker process (I/O-bound).")
     batch_size: int = Field(default=5, description="Tasks per LLM call; 1 = no batching (baseline).")
     batch_wait_ms: int = Field(default=100, description="Longest wait to fill a batch.")
     max_attempts: int = Field(default=3, description="Deliveries before dead-lettering.")
     claim_idle_ms: int = Field(default=30000, description="Reclaim entries idle this long from dead consumers.")
+    autoscaling: WorkersAutoscalingConfig = Field(
+        default_factory=WorkersAutoscalingConfig, description="Queue-driven scaling (KEDA)."
+    )
     resources: Resources = Field(default_factory=Resources, description="Container resources.")
+
+    @model_validator(mode="after")
+    def _replicas_within_autoscaling(self) -> WorkersConfig:
+        a = self.autoscaling
+        if a.enabled and not a.min_replicas <= self.replicas <= a.max_replicas:
+            raise ValueError(
+                f"replicas ({self.replicas}) must lie within autoscaling.minReplicas..maxReplicas "
+                f"({a.min_replicas}..{a.max_replicas}): KEDA would override it at once"
+            )
+        return self
+
+    @property
+    def peak_replicas(self) -> int:
+        """The most worker pods there can be outside a rollout: KEDA's ceiling, or the fixed count."""
+        return self.autoscaling.max_replicas if self.autoscaling.enabled else self.replicas
 
 
 class GrafanaConfig(Section):
@@ -436,6 +505,15 @@ class StackConfig(Section):
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig, description="Monitoring.")
     loadtest: LoadtestConfig = Field(default_factory=LoadtestConfig, description="Load test.")
 
+    @model_validator(mode="after")
+    def _autoscaling_reads_internal_redis(self) -> StackConfig:
+        if self.workers.autoscaling.enabled and self.redis.mode != "internal":
+            raise ValueError(
+                "workers.autoscaling needs redis.mode internal: KEDA's Redis scaler takes an address and a "
+                "password, which only the internal Redis publishes (an external one is a single URL secret)"
+            )
+        return self
+
     def service_env(self) -> dict[str, str]:
         """``LOADPROOF_*`` variables for the service processes (see ``service/config.py``).
 
@@ -518,7 +596,9 @@ def parse(values: dict[str, Any]) -> StackConfig:
     try:
         return StackConfig.model_validate(plain)
     except ValidationError as exc:
-        problems = "; ".join(f"loadproof:{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+        problems = "; ".join(
+            f"loadproof:{'.'.join(str(p) for p in err['loc']) or '(stack)'}: {err['msg']}" for err in exc.errors()
+        )
         raise StackConfigError(problems) from exc
 
 

@@ -61,19 +61,21 @@ KIND_OVERRIDES: dict[str, Any] = {
     },
     "postgres": {
         "storage": "1Gi",
-        "maxConnections": 200,
+        # 3+1 API pods and 1+1 workers need 184; 220 also covers KEDA's 2+1 worker pods (workers.autoscaling).
+        "maxConnections": 220,
         "resources": {"cpuRequest": "100m", "cpuLimit": "1", "memoryRequest": "128Mi", "memoryLimit": "512Mi"},
     },
     "redis": {"resources": {"cpuRequest": "50m", "cpuLimit": "500m", "memoryRequest": "64Mi", "memoryLimit": "384Mi"}},
     "orchestrator": {
         "replicas": 1,
-        # Smaller pools so that 3+1 API pods, 1+1 workers and the report fit maxConnections 200.
+        # Smaller pools so that 3+1 API pods, the workers and the report fit maxConnections.
         "dbPoolSize": 10,
         "dbMaxOverflow": 20,
         "autoscale": {"minReplicas": 1, "maxReplicas": 3},
         "resources": {"cpuRequest": "250m", "cpuLimit": "1", "memoryRequest": "128Mi", "memoryLimit": "512Mi"},
     },
-    "workers": {"replicas": 1},
+    # Off, but sized so that turning it on fits this stack's quota (limits.cpu) and maxConnections.
+    "workers": {"replicas": 1, "autoscaling": {"maxReplicas": 2}},
     "monitoring": {
         "prometheus": {
             "storage": "2Gi",

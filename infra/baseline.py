@@ -23,6 +23,10 @@ ANYWHERE = ("0.0.0.0/0", "::/0")
 KUBE_API_PORTS = (443, 6443)  # the `kubernetes` Service port and the API server's own port (after DNAT)
 DNS_PORT = 53
 INGRESS_NGINX_CHART_VERSION = "4.12.1"
+# KEDA 2.18: tested on Kubernetes 1.31-1.33 (KEDA's compatibility matrix); the redis-streams trigger has
+# scaled on consumer-group lag since 2.11. Chart and app versions are the same number.
+KEDA_CHART_VERSION = "2.18.3"
+KEDA_CHART_REPO = "https://kedacore.github.io/charts"
 # The API server's endpoints as the API server itself publishes them (EndpointSlice, not the v1
 # Endpoints that 1.33 deprecates): the addresses pods reach after the Service's DNAT.
 API_SERVER_ENDPOINTS = "default/kubernetes"
@@ -85,6 +89,9 @@ def flows(cfg: StackConfig) -> list[Flow]:
     sim = cfg.llm.mode == "simulator"
     llm, llm_ports = (pods("simulator"), (c.SIMULATOR_PORT,)) if sim else (out, (_url_port(cfg.llm.base_url),))
     f.append(Flow(workers, llm, llm_ports, "LLM calls (only the workers call the LLM; the API queues)"))
+    if cfg.workers.autoscaling.enabled:  # the stack schema requires internal Redis for it
+        operator = Peer(namespace=b.keda_namespace, pod_labels=tuple(sorted(b.keda_operator_pod_selector.items())))
+        f.append(Flow(operator, rd, rd_ports, "KEDA's operator reads the queue's consumer-group lag"))
     return f
 
 
@@ -166,7 +173,7 @@ def api_server_rules(
 
 
 class Baseline(pulumi.ComponentResource):
-    """Namespace + ResourceQuota + LimitRange + NetworkPolicies (+ ingress-nginx when asked).
+    """Namespace + ResourceQuota + LimitRange + NetworkPolicies (+ ingress-nginx and KEDA when asked).
 
     Args: ``name``, ``cfg`` (sections ``namespace``, ``baseline``; the flows also read the modes of
     ``postgres``/``redis``/``llm`` and the ports), ``opts``. Outputs ``namespace``.
@@ -176,6 +183,8 @@ class Baseline(pulumi.ComponentResource):
     # The ingress-nginx release when installed: Ingresses must wait for it, or its admission
     # webhook (registered before the controller is Ready) refuses them.
     ingress_controller: k8s.helm.v3.Release | None = None
+    # The KEDA release when installed: ScaledObjects need its CRDs and its admission webhook first.
+    keda: k8s.helm.v3.Release | None = None
 
     def __init__(self, name: str, cfg: StackConfig, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("loadproof:infra:Baseline", name, None, opts)
@@ -235,6 +244,18 @@ class Baseline(pulumi.ComponentResource):
                     namespace=b.ingress_namespace,
                     create_namespace=True,
                     values={"controller": ingress_controller_values(cfg)},
+                ),
+                opts=pulumi.ResourceOptions(parent=self),
+            )
+        if b.keda_install:
+            self.keda = k8s.helm.v3.Release(
+                f"{name}-keda",
+                k8s.helm.v3.ReleaseArgs(
+                    chart="keda",
+                    version=KEDA_CHART_VERSION,
+                    repository_opts=k8s.helm.v3.RepositoryOptsArgs(repo=KEDA_CHART_REPO),
+                    namespace=b.keda_namespace,
+                    create_namespace=True,
                 ),
                 opts=pulumi.ResourceOptions(parent=self),
             )

@@ -126,16 +126,17 @@ def spread(match_labels: pulumi.Input[Mapping[str, str]]) -> list[k8s.core.v1.To
     ]
 
 
-def check_settings(env: Mapping[str, str], where: str) -> None:
+def check_settings(env: Mapping[str, str], where: str) -> Settings:
     """Validate ``LOADPROOF_*`` values with the service's own ``Settings`` now, at ``pulumi up``/render time.
 
     The stack schema only checks types; ``Settings`` also has the bounds (``ge``/``le``). Without this a
     bad value would surface as a crash-looping pod in the cluster instead of an error naming the variable.
+    Returns the settings the pods will resolve, for objects that must agree with them (the queue's names).
     """
     prefix = "LOADPROOF_"
     values = {k[len(prefix) :].lower(): v for k, v in env.items() if k.startswith(prefix)}
     try:
-        Settings.model_validate(values)
+        return Settings.model_validate(values)
     except ValidationError as exc:
         problems = "; ".join(f"{prefix}{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
         raise ValueError(f"{where}: the service would refuse its settings: {problems}") from exc

@@ -40,7 +40,8 @@ def grace_period_s(shutdown_timeout_s: float) -> int:
 
 
 class Orchestrator(pulumi.ComponentResource):
-    """API Deployment + Service + PDB + HPA, and the workers Deployment + PDB.
+    """API Deployment + Service + PDB + HPA, and the workers Deployment + PDB (their autoscaler, when on,
+    is :class:`infra.autoscaling.WorkerAutoscaling`).
 
     Args: ``name``, ``cfg`` (sections ``orchestrator``, ``workers``, ``llm``; ``service_env()``),
     ``namespace``, the Secret names/keys of the database and Redis URLs and the LLM key,
@@ -52,6 +53,10 @@ class Orchestrator(pulumi.ComponentResource):
     base_url: str
     api: k8s.apps.v1.Deployment
     workers: k8s.apps.v1.Deployment
+    # The Redis stream and consumer group the workers resolve from their own environment: whatever
+    # watches the queue from outside (the KEDA trigger) reads these, never a second literal.
+    queue_stream: str
+    queue_group: str
 
     def __init__(
         self,
@@ -83,7 +88,8 @@ class Orchestrator(pulumi.ComponentResource):
             "LOADPROOF_PORT": str(c.ORCHESTRATOR_PORT),
             "LOADPROOF_WORKER_METRICS_PORT": str(c.WORKER_METRICS_PORT),
         }
-        c.check_settings({**plain, "LOADPROOF_LLM_BASE_URL": llm_base_url}, "orchestrator/workers")
+        settings = c.check_settings({**plain, "LOADPROOF_LLM_BASE_URL": llm_base_url}, "orchestrator/workers")
+        self.queue_stream, self.queue_group = settings.queue_stream, settings.queue_group
         stores = [
             c.secret_env("LOADPROOF_DATABASE_URL", database_secret, database_key),
             c.secret_env("LOADPROOF_REDIS_URL", redis_secret, redis_key),
@@ -131,7 +137,8 @@ class Orchestrator(pulumi.ComponentResource):
             readiness=c.http_probe("/readyz", c.WORKER_METRICS_PORT, period_s=10),
             grace=grace,
             after=[*after, *workers_after],
-            ignore_replicas=False,
+            # With KEDA on, its HPA owns the count (``replicas`` is only where it starts); else it is fixed.
+            ignore_replicas=w.autoscaling.enabled,
             annotations=restart_on,
         )
         c.cluster_service(f"{name}-service", API_NAME, namespace, API_NAME, "http", c.ORCHESTRATOR_PORT, parent=self)

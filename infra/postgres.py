@@ -27,7 +27,8 @@ def connection_demand(cfg: StackConfig) -> int | None:
     """Connections the service can hold at full scale; None when unbounded (``dbPoolMode: null``).
 
     Every pool is per process and may grow to ``dbPoolSize + dbMaxOverflow``: API pods at the HPA
-    ceiling plus one rolling-update surge pod, worker pods plus one surge pod (one process each),
+    ceiling plus one rolling-update surge pod, worker pods at their peak (KEDA's ``maxReplicas`` when
+    ``workers.autoscaling`` is on, else ``workers.replicas``) plus one surge pod (one process each),
     the report Job, and the superuser slots Postgres keeps back.
     """
     o, w = cfg.orchestrator, cfg.workers
@@ -35,7 +36,7 @@ def connection_demand(cfg: StackConfig) -> int | None:
         return None  # the baseline opens one connection per statement: bounded only by load
     per_process = o.db_pool_size + o.db_max_overflow
     api = (o.autoscale.max_replicas + 1) * o.processes * per_process
-    workers = (w.replicas + 1) * per_process
+    workers = (w.peak_replicas + 1) * per_process
     return api + workers + REPORT_CONNECTIONS + SUPERUSER_RESERVED
 
 
@@ -46,7 +47,8 @@ def check_connections(cfg: StackConfig) -> None:
         raise ValueError(
             f"loadproof:postgres.maxConnections={cfg.postgres.max_connections} is below the {demand} connections "
             "the pools can open at full scale (orchestrator.autoscale.maxReplicas+1 API pods x processes x "
-            "(dbPoolSize+dbMaxOverflow), workers.replicas+1 worker pods x the same, the report Job, "
+            "(dbPoolSize+dbMaxOverflow), workers.replicas (or, with workers.autoscaling on, its maxReplicas)+1 "
+            "worker pods x the same, the report Job, "
             f"{SUPERUSER_RESERVED} superuser slots): raise it or shrink the pools"
         )
 

@@ -11,6 +11,7 @@ import pulumi
 
 from common.outputs import STACK_OUTPUTS
 from common.stackconfig import PROJECT, StackConfig, parse
+from infra.autoscaling import WorkerAutoscaling
 from infra.baseline import Baseline
 from infra.llm import Llm
 from infra.loadtest import LoadTest
@@ -76,6 +77,21 @@ def deploy(cfg: StackConfig, secrets: Secrets) -> dict[str, Any]:
         after=[postgres, redis],
         workers_after=[llm],
     )
+    if cfg.workers.autoscaling.enabled:
+        if redis.address is None or redis.password_key is None:
+            raise ValueError("workers.autoscaling needs redis.mode internal")  # the schema refuses it already
+        WorkerAutoscaling(
+            "autoscaling",
+            cfg,
+            ns,
+            workers=service.workers,
+            stream=service.queue_stream,
+            group=service.queue_group,
+            redis_address=redis.address,
+            redis_secret=redis.secret_name,
+            redis_password_key=redis.password_key,
+            after=[baseline.keda] if baseline.keda else [],
+        )
     loadtest = LoadTest(
         "loadtest",
         cfg,

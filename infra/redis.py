@@ -20,6 +20,7 @@ from infra import kube as c
 
 URL_KEY = "redis-url"
 PASSWORD_KEY = "password"
+DATABASE_INDEX = 0  # the database in the internal URL; the KEDA trigger reads the same one
 REDIS_UID = 999  # the redis user of the alpine image
 # redis-cli reads the password from this variable (no -a on a command line); the entrypoint uses it too.
 AUTH_ENV = "REDISCLI_AUTH"
@@ -75,6 +76,10 @@ class Redis(pulumi.ComponentResource):
 
     secret_name: pulumi.Output[str]
     url_key: str = URL_KEY
+    # Internal mode only (None for an external URL): ``host:port`` in the cluster, and the Secret key of
+    # the password alone, for clients that take the two apart (KEDA's Redis scaler).
+    address: str | None = None
+    password_key: str | None = None
     # Changes when the generated password does (internal mode; None for an external URL): clients read
     # the URL from env at start, so their pod templates carry it and roll when it changes.
     credentials_checksum: pulumi.Output[str] | None = None
@@ -98,8 +103,10 @@ class Redis(pulumi.ComponentResource):
             password = random.RandomPassword(
                 f"{name}-password", length=32, special=False, opts=pulumi.ResourceOptions(parent=self)
             )
-            url = pulumi.Output.concat("redis://:", password.result, f"@{name}.{cfg.namespace}.svc:{c.REDIS_PORT}/0")
+            self.address = f"{name}.{cfg.namespace}.svc:{c.REDIS_PORT}"
+            url = pulumi.Output.concat("redis://:", password.result, f"@{self.address}/{DATABASE_INDEX}")
             data = {URL_KEY: url, PASSWORD_KEY: password.result}
+            self.password_key = PASSWORD_KEY
             # A digest of 32 random characters reveals nothing useful; never of a user-chosen external URL.
             self.credentials_checksum = password.result.apply(lambda pw: hashlib.sha256(pw.encode()).hexdigest()[:16])
         secret = k8s.core.v1.Secret(

@@ -6,7 +6,8 @@ program registers, and writes each Kubernetes object to ``build/manifests/<stack
 Then it checks them the way a cluster would, as far as that is possible offline:
 
 * every object against the Kubernetes OpenAPI schema (``kubernetes-validate``, strict: unknown
-  fields are errors) for each version in :data:`K8S_VERSIONS`;
+  fields are errors) for each version in :data:`K8S_VERSIONS`; custom resources (KEDA's), which it
+  does not know, against the schema of their CRD in ``infra/crds.py``, just as strictly;
 * the Prometheus ConfigMap with ``promtool check config`` / ``check rules``;
 * the k6 script from its ConfigMap with ``k6 inspect``, using the runner Job's own environment.
 
@@ -36,6 +37,7 @@ from pulumi.runtime.mocks import MockMonitor
 from common import prometheus_config as pc
 from common.stackconfig import PROJECT, REPO_ROOT, SECRET_KEYS, StackConfig, load, stack_file
 from common.tools import tool
+from infra import crds
 from infra.program import deploy, read_config
 
 K8S_VERSIONS = ("1.29.0", "1.33.0")
@@ -64,6 +66,8 @@ KIND_ORDER = (
     "Deployment",
     "PodDisruptionBudget",
     "HorizontalPodAutoscaler",
+    "TriggerAuthentication",
+    "ScaledObject",
     "Ingress",
     "Job",
 )
@@ -327,9 +331,13 @@ def write(objects: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 
 
 def validate(objects: list[dict[str, Any]], versions: Iterable[str] = K8S_VERSIONS) -> list[str]:
-    """Strict OpenAPI validation of every object; returns problems (empty = valid)."""
+    """Strict OpenAPI validation of every object (custom resources: their CRD's schema); returns problems
+    (empty = valid)."""
     problems = []
     for obj in objects:
+        if crds.is_custom(obj):
+            problems += crds.validate(obj)
+            continue
         for version in versions:
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
@@ -424,7 +432,10 @@ def main(argv: list[str] | None = None) -> int:
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
         return 1
-    print(f"all valid: kubernetes-validate (strict, {', '.join(K8S_VERSIONS)}), promtool, k6 inspect")
+    print(
+        f"all valid: kubernetes-validate (strict, {', '.join(K8S_VERSIONS)}), CRD schemas (infra/crds.py), "
+        "promtool, k6 inspect"
+    )
     return 0
 
 

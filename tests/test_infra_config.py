@@ -22,6 +22,8 @@ from infra import render
 LOCAL_ONLY = {
     "workers.processes": "local worker processes of `make demo`; in the cluster, replicas scale workers",
 }
+# KEDA on, with Postgres room for its maxReplicas worker pods.
+KEDA_ON: dict[str, Any] = {"workers.autoscaling.enabled": True, "postgres.maxConnections": 5000}
 # A key that only matters together with another: set the other first.
 CONTEXT: dict[str, dict[str, Any]] = {
     "monitoring.grafana.certIssuer": {"monitoring.grafana.tls": True},
@@ -35,6 +37,14 @@ CONTEXT: dict[str, dict[str, Any]] = {
     "orchestrator.autoscale.minReplicas": {"orchestrator.replicas": 3},
     # Only the ingress-nginx this program installs is pinned to a node.
     "baseline.ingressNodeSelector": {"baseline.ingressController": True},
+    # Queue-driven scaling: its knobs only matter with it on (turning it on needs the connections too).
+    "workers.autoscaling.enabled": {"postgres.maxConnections": 5000},
+    **{
+        f"workers.autoscaling.{k}": KEDA_ON
+        for k in ("minReplicas", "maxReplicas", "lagThreshold", "pollingIntervalS", "scaleDownStabilizationS")
+    },
+    "baseline.kedaNamespace": KEDA_ON,
+    "baseline.kedaOperatorPodSelector": KEDA_ON,
     # Without the endpoints, the API server must be reachable some other way.
     "baseline.apiServerFromEndpoints": {"baseline.apiServerCidrs": ["203.0.113.0/28"]},
 }
@@ -48,6 +58,7 @@ SPECIAL: dict[str, Any] = {
     "baseline.ingressNodeSelector": {"kubernetes.io/hostname": "edge-1"},
     "baseline.apiServerCidrs": ["203.0.113.0/28"],
     "baseline.nodeLocalDns": "169.254.20.10",
+    "baseline.kedaOperatorPodSelector": {"app": "keda-operator"},
 }
 
 

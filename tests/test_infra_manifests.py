@@ -435,11 +435,19 @@ def test_namespace_guard_rails(objects: list[dict[str, Any]]) -> None:
     assert render.find(objects, "LimitRange", "loadproof-limits")["spec"]["limits"][0]["type"] == "Container"
 
 
+# KEDA on and installed. The kind and k3d stacks are sized for it; dev needs more Postgres connections.
+KEDA_ON = {"workers.autoscaling.enabled": True, "baseline.kedaInstall": True}
+KEDA_CHANGES = {"dev": {**KEDA_ON, "postgres.maxConnections": 5000}, "kind": KEDA_ON, "k3d": KEDA_ON}
+
+
+@pytest.mark.parametrize("keda", [False, True], ids=["fixed-workers", "keda"])
 @pytest.mark.parametrize("stack", STACKS)
-def test_quota_fits_the_stack_at_full_scale(stack: str) -> None:
-    """Peak requests and limits (HPA at max, one surge pod per rolling Deployment, all Jobs) fit the ResourceQuota."""
-    cfg = load(stack)
+def test_quota_fits_the_stack_at_full_scale(stack: str, keda: bool) -> None:
+    """Peak requests and limits (HPA and KEDA at max, one surge pod per rolling Deployment, all Jobs) fit the
+    ResourceQuota."""
+    cfg = with_changes(load(stack), KEDA_CHANGES[stack]) if keda else load(stack)
     objects = render.evaluate(cfg, stack=stack).manifests()
+    peak = {"orchestrator": cfg.orchestrator.autoscale.max_replicas, "workers": cfg.workers.peak_replicas}
     totals = {"requests.cpu": 0.0, "requests.memory": 0.0, "limits.cpu": 0.0, "limits.memory": 0.0, "pods": 0.0}
     for o in objects:
         if o["kind"] not in (*WORKLOAD_KINDS, "Job"):
@@ -450,9 +458,8 @@ def test_quota_fits_the_stack_at_full_scale(stack: str) -> None:
         elif o["kind"] == "StatefulSet":
             n = spec.get("replicas", 1)
         else:
-            base = (
-                cfg.orchestrator.autoscale.max_replicas if o["metadata"]["name"] == "orchestrator" else spec["replicas"]
-            )
+            name = o["metadata"]["name"]
+            base: int = peak[name] if name in peak else spec["replicas"]
             # RollingUpdate (also the default when no strategy is set) runs a surge pod; Recreate does not.
             n = base + (0 if spec.get("strategy", {}).get("type") == "Recreate" else 1)
         for c in spec["template"]["spec"]["containers"]:
