@@ -10,7 +10,7 @@ PROFILE ?=
 PROFILE_ARG = $(if $(PROFILE),--profile $(PROFILE))
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help deps system-deps serve demo compare bench test lint typecheck manifests frontpage clean
+.PHONY: help deps system-deps serve demo compare bench chaos test lint typecheck manifests frontpage clean
 
 help:
 	@echo "make demo      - the whole proof on this machine (local stack, k6, measured report; PROFILE=smoke|demo|seed)"
@@ -18,6 +18,7 @@ help:
 	@echo "make serve     - run the service locally on 127.0.0.1:8080 until Ctrl-C"
 	@echo "make compare   - baseline vs optimized, same workload, one run"
 	@echo "make bench     - highest sustainable arrival rate vs a bare reference endpoint"
+	@echo "make chaos     - fault campaign under steady load (kills, outages, LLM faults, overload, abuse) -> CHAOS.md"
 	@echo "make manifests - render and validate the Kubernetes manifests offline (STACK=$(STACK))"
 	@echo "make lint      - ruff and pyright"
 	@echo "make frontpage - copy the committed PERFORMANCE.md and docs/demo-output.txt into README.md"
@@ -45,6 +46,9 @@ compare: deps
 
 bench: deps
 	$(PY) -m loadtest.bench --stack $(STACK)
+
+chaos: deps
+	$(PY) -m loadtest.chaos
 
 manifests: deps
 	$(PY) -m infra.render --stack $(STACK)

@@ -279,7 +279,7 @@ class Tolerance:
 
     error_pp: float = 0.01
     p95_factor: float = 2.0
-    p95_slack_ms: float = 50.0
+    p95_slack_ms: float = 100.0
     bucket_s: float = 1.0
     hold: int = 3
 
