@@ -290,6 +290,14 @@ def api_processes(pid: int) -> set[int]:
     return out
 
 
+def gone(pid: int) -> bool:
+    """The process no longer runs (exited, or a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
 def git_commit() -> str | None:
     from loadtest.demo import git_commit as commit
 
@@ -387,8 +395,13 @@ class Campaign:
             pid = worker.process.pid
             f.inject()
             os.kill(pid or 0, signal.SIGKILL)
-            restarted = wait_until(lambda: self.stack.restarts().get(worker.name, 0) > before, 60, 0.05)
-            ready = restarted and wait_until(lambda: worker.process is not None and worker.process.ready(), 60, 0.1)
+            proc = worker.process
+            restarted = wait_until(
+                lambda: self.stack.restarts().get(worker.name, 0) > before and proc.running and proc.pid != pid,
+                60,
+                0.05,
+            )
+            ready = restarted and wait_until(http_check(worker.metrics_url.replace("/metrics", "/readyz")), 60, 0.1)
             f.notes["supervised_restart"] = bool(restarted and ready)
             f.clear()
 
@@ -419,13 +432,17 @@ class Campaign:
             victim = min(kids)
             f.inject()
             os.kill(victim, signal.SIGKILL)
+            # the process is gone (zombie) only once the kernel tore it down: its connections close then
+            wait_until(lambda: gone(victim), 10, 0.001)
+            f.notes["died_at"] = time.time()
+            f.notes["died_after_ms"] = round((f.notes["died_at"] - (f.injected_at or 0.0)) * 1000, 1)
             back = wait_until(lambda: len(api_processes(parent) - {victim}) >= len(kids), 60, 0.05)
             f.notes["restarted_by_uvicorn"] = bool(back)
             self.ready()
             f.clear()
 
         def judge(m: ScenarioMeasure) -> list[Check]:
-            at = m.fault.injected_at or 0.0
+            at = float(m.fault.notes.pop("died_at", None) or m.fault.injected_at or 0.0)
             # in flight at the kill, or written within KILL_NOTICE_S after it onto a keep-alive connection
             # of the killed process: the client learns that the connection died only asynchronously
             inflight = inflight_at(m.load.records, at) + sum(
@@ -448,7 +465,7 @@ class Campaign:
                 Check(
                     "errors bounded to in-flight requests",
                     n_errors <= inflight and not after_kill,
-                    f"{n_errors} error(s), {inflight} request(s) in flight at the kill or sent within "
+                    f"{n_errors} error(s), {inflight} request(s) in flight when the process died or sent within "
                     f"{KILL_NOTICE_S * 1000:g} ms after it (all processes), {len(after_kill)} error(s) for "
                     "requests started later",
                 ),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +141,8 @@ def test_guard_answers_408_to_a_body_that_never_ends() -> None:
         await asyncio.sleep(3600)  # a chunked body without end
         return {}
 
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
 
     scope = {"type": "http", "path": "/task", "method": "POST", "headers": [(b"transfer-encoding", b"chunked")]}
     t0 = time.monotonic()
@@ -168,3 +169,19 @@ def test_short_campaign_every_scenario_holds_its_invariants(tmp_path: Path) -> N
         assert by_name[name]["recovery_s"] is not None, name
     assert not any(k.startswith("5") for k in by_name["abuse"]["errors_by_status"])
     assert (tmp_path / "chaos.json").exists() and "| `abuse` | PASS |" in (tmp_path / "CHAOS.md").read_text()
+
+
+def test_a_deeply_nested_invalid_body_is_a_422_not_a_500() -> None:
+    """Found by the abuse scenario: 500 levels of ``{"persona_id": ...}`` validate as a dict, and echoing
+    that input in the 422 recursed past Python's limit (a 500 and a 3000-line traceback per request)."""
+    from fastapi.exceptions import RequestValidationError
+
+    from service.api import _invalid_request
+
+    deep: Any = 1
+    for _ in range(2000):
+        deep = {"persona_id": deep}
+    exc = RequestValidationError([{"type": "string_type", "loc": ("body", "persona_id"), "msg": "m", "input": deep}])
+    response = asyncio.run(_invalid_request(None, exc))  # type: ignore[arg-type]
+    assert response.status_code == 422
+    assert json.loads(bytes(response.body))["detail"][0]["loc"] == ["body", "persona_id"]
