@@ -126,14 +126,15 @@ PROFILES = {p.name: p for p in (FULL, SHORT)}
 def service_env(p: Profile) -> dict[str, str]:
     """The campaign's service settings: what is not the default is here so a fault resolves within a
     scenario's window (a killed worker's entries reclaimed after 5 s, not 30 s; a hung LLM call given
-    up after 5 s)."""
+    up after 20 s, not 30 s: a batch of 5 posts takes ~5 s at the simulator's default latency, so 5 s
+    would time out every batched call)."""
     return {
         "LOADPROOF_PROCESSES": "2",
         "LOADPROOF_QUEUE_CLAIM_IDLE_MS": "5000",
         "LOADPROOF_QUEUE_SWEEP_INTERVAL_S": "2",
         "LOADPROOF_QUEUE_SWEEP_GRACE_S": "5",
-        "LOADPROOF_LLM_TIMEOUT_S": "5",
-        "LOADPROOF_LLM_DEADLINE_S": "30",
+        "LOADPROOF_LLM_TIMEOUT_S": "20",
+        "LOADPROOF_LLM_DEADLINE_S": "60",
         "LOADPROOF_SHUTDOWN_TIMEOUT_S": "5",
         "LOADPROOF_HEADER_TIMEOUT_S": str(p.header_timeout_s),
         "LOADPROOF_BODY_TIMEOUT_S": str(p.body_timeout_s),
