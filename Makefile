@@ -10,7 +10,7 @@ PROFILE ?=
 PROFILE_ARG = $(if $(PROFILE),--profile $(PROFILE))
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help deps system-deps serve demo compare bench profile test lint typecheck manifests frontpage clean
+.PHONY: help deps system-deps serve demo compare bench profile chaos test lint typecheck manifests frontpage clean
 
 help:
 	@echo "make demo      - the whole proof on this machine (local stack, k6, measured report; PROFILE=smoke|demo|seed)"
@@ -19,6 +19,7 @@ help:
 	@echo "make compare   - baseline vs optimized, same workload, one run"
 	@echo "make bench     - highest sustainable arrival rate vs a bare reference endpoint"
 	@echo "make profile   - py-spy: the API's CPU per request by library, hot and cold paths"
+	@echo "make chaos     - fault campaign under steady load (kills, outages, LLM faults, overload, abuse) -> CHAOS.md"
 	@echo "make manifests - render and validate the Kubernetes manifests offline (STACK=$(STACK))"
 	@echo "make lint      - ruff and pyright"
 	@echo "make frontpage - copy the committed PERFORMANCE.md and docs/demo-output.txt into README.md"
@@ -49,6 +50,9 @@ bench: deps
 
 profile: deps
 	$(PY) -m loadtest.profile --stack $(STACK)
+
+chaos: deps
+	$(PY) -m loadtest.chaos
 
 manifests: deps
 	$(PY) -m infra.render --stack $(STACK)

@@ -193,7 +193,12 @@ async def _invalid_request(request: Request, exc: Exception) -> Response:
     sent and UTF-8 cannot carry (a lone surrogate from a ``\\ud800`` escape, undecodable bytes), and
     FastAPI's own handler would fail encoding it (a 500 for bad client input)."""
     assert isinstance(exc, RequestValidationError)
-    return JSONResponse({"detail": jsonable_encoder(_encodable(exc.errors()))}, status_code=422)
+    try:
+        detail = jsonable_encoder(_encodable(exc.errors()))
+    except RecursionError:  # an echoed input nested too deeply to encode: answer without the inputs
+        detail = [{k: v for k, v in e.items() if k not in ("input", "ctx")} for e in exc.errors()]
+        detail = jsonable_encoder(_encodable(detail))
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -29,6 +29,18 @@ class Settings(BaseSettings):
         default=256, ge=1, description="Requests in flight per API process before new ones get 503 + Retry-After."
     )
     max_body_bytes: int = Field(default=8192, ge=256, description="Largest accepted request body; larger gets 413.")
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest wait for a request's complete headers (from connect or its first byte); slower "
+        "connections are closed, so idle or slow-header clients cannot hold them.",
+    )
+    body_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Longest wait for a request's whole body; slower gets 408 and the connection closed "
+        "(a chunked body without end never holds an admission slot).",
+    )
     shutdown_timeout_s: float = Field(
         default=20.0, gt=0, description="Upper bound for draining in-flight requests and batches on SIGTERM."
     )

@@ -2,13 +2,16 @@
 
 For every request: admission control (``max_inflight`` in flight per process, then 503 + Retry-After
 instead of queueing seconds of latency), the body limit (``Content-Length`` and streamed bodies →
-413) and HTTP metrics labelled by route *template* (bounded label sets). It also serves well-formed
+413), the body deadline (a body not received within ``body_timeout_s`` → 408 and the connection
+closed, so a chunked body without end or a stalled upload cannot hold an admission slot) and HTTP
+metrics labelled by route *template* (bounded label sets). It also serves well-formed
 ``POST /task`` requests itself through the route's own handler: FastAPI's per-request machinery
 profiled at over half the CPU of a request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -54,6 +57,7 @@ class Guard:
         self.inflight = 0
         self.max_inflight = settings.max_inflight
         self.max_body = settings.max_body_bytes
+        self.body_timeout_s = settings.body_timeout_s
         self.enabled = settings.metrics_enabled
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.task_route = next(
@@ -76,7 +80,13 @@ class Guard:
         self.inflight += 1
         _gauge_inc()
         try:
-            receive, too_large = await self._limit_body(scope, receive)
+            try:
+                receive, too_large = await self._limit_body(scope, receive)
+            except TimeoutError:
+                _count_rejected("body_timeout")
+                status = 408
+                await self._reply(send, 408, f"request body not received within {self.body_timeout_s:g}s")
+                return
             if too_large:
                 _count_rejected("too_large")
                 status = 413
@@ -137,8 +147,9 @@ class Guard:
         return None
 
     async def _limit_body(self, scope: Scope, receive: Receive) -> tuple[Receive, bool]:
-        """(receive to pass on, too large?). A declared length is checked at once; otherwise the body is
-        read here up to the limit and replayed, so a chunked upload cannot exceed it either."""
+        """(receive to pass on, too large?). A declared length is checked at once; then the body is read
+        here, up to the limit and within ``body_timeout_s`` (``TimeoutError`` otherwise), and replayed,
+        so neither a chunked upload nor a stalled one can exceed either bound."""
         declared: int | None = None
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -147,25 +158,24 @@ class Guard:
                 except ValueError:
                     return receive, True  # unparseable length: refuse rather than trust it
                 break
-        if declared is not None:
-            if declared > self.max_body:
-                return receive, True
-            return receive, False
-        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+        if declared is not None and declared > self.max_body:
+            return receive, True
+        if declared is None and scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
             return receive, False
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                return receive, True
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        async with asyncio.timeout(self.body_timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max_body:
+                    return receive, True
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
         replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
         async def replay_receive() -> Message:
@@ -179,7 +189,7 @@ class Guard:
         headers = [(b"content-type", JSON.encode()), (b"content-length", str(len(body)).encode())]
         if retry_after:
             headers.append((b"retry-after", RETRY_AFTER_S.encode()))
-        if status == 413:
+        if status in (408, 413):
             headers.append((b"connection", b"close"))  # the unread body makes the connection unusable
         with contextlib.suppress(Exception):
             await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -57,7 +57,7 @@ HTTP_INFLIGHT = Gauge("loadproof_http_requests_inflight", "HTTP requests in flig
 HTTP_REJECTED = Counter(
     "loadproof_http_rejected",
     "Requests refused before handling.",
-    ["reason"],  # overload|too_large
+    ["reason"],  # overload|too_large|body_timeout
 )
 
 # --- Cache ---

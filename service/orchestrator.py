@@ -14,6 +14,7 @@ if unset, otherwise the given dir emptied of stale files) before importing the a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("loadproof.orchestrator")
 
@@ -43,6 +45,55 @@ def prepare_multiprocess_dir(processes: int) -> Path | None:
         path = Path(tempfile.mkdtemp(prefix="loadproof-prom-"))
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
     return path
+
+
+class HeaderDeadlineProtocol(HttpToolsProtocol):
+    """httptools with a header deadline: uvicorn bounds only the idle time *between* requests, so a
+    client that connects and sends nothing, or trickles its headers (slowloris), would hold its
+    connection forever. Here a connection is closed when a request's headers are not complete within
+    ``header_timeout_s`` of the connect or of the request's first byte."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        from service.config import get_settings
+
+        self._header_timeout_s = get_settings().header_timeout_s
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self._header_timeout_s, self._header_timeout)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            log.debug("closing a connection whose request headers took over %.1fs", self._header_timeout_s)
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._cancel_header_timer()  # idle until the next request is the keep-alive timer's business
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
 
 
 def drain_delay_s(shutdown_timeout_s: float) -> float:
@@ -77,7 +128,7 @@ def main() -> None:
         timeout_keep_alive=75,
         timeout_graceful_shutdown=int(max(1, settings.shutdown_timeout_s)),
         limit_concurrency=None,
-        http="httptools",
+        http="service.orchestrator:HeaderDeadlineProtocol",
         loop="uvloop",
     )
     server = uvicorn.Server(config)
