@@ -47,6 +47,8 @@ LONG_WINDOW = 600  # windows in the long-term exponential average
 LONG_WARMUP = 10  # windows averaged plainly before the exponential average takes over
 MIN_GRADIENT = 0.5  # never shrink by more than half per window on latency alone (outliers)
 MIN_QUEUE = 4.0  # queue allowance: max(4, sqrt(limit)) calls over the latency-neutral estimate
+FLOOR_FORGET = 1e-4  # the floor (lowest short-term latency) creeps up 0.01 % per window, so it follows a
+FLOOR_CAP = 1.5  # provider that really got slower; the long-term level never exceeds 1.5x the floor
 WINDOW_SAMPLES = 10  # "ok" samples per window, and a window lasts at least one short-term latency
 BACKOFF = 0.5  # multiplicative decrease on 429
 DEFAULT_PAUSE_S = 1.0  # a 429 without Retry-After or reset headers
@@ -242,6 +244,7 @@ class AdaptiveLimiter:
         self._short: float | None = None
         self._long: float | None = None
         self._long_count = 0
+        self._floor: float | None = None
         self._publish()
 
     # --- what callers and the dashboard see ---------------------------------------------------
@@ -258,9 +261,9 @@ class AdaptiveLimiter:
         return len(self._queue)
 
     @property
-    def latency_s(self) -> tuple[float | None, float | None]:
-        """(short-term, long-term) time to first token the gradient compares."""
-        return self._short, self._long
+    def latency_s(self) -> tuple[float | None, float | None, float | None]:
+        """(short-term, long-term, floor) time to first token: the gradient compares the first two."""
+        return self._short, self._long, self._floor
 
     @property
     def paused_until(self) -> float:
@@ -450,6 +453,10 @@ class AdaptiveLimiter:
             self._long += (short - self._long) * 2.0 / (LONG_WINDOW + 1)
         if self._long / short > 2:  # latency fell back after a long overload: forget it faster
             self._long *= 0.95
+        # Gradient2's long-term average follows sustained queueing up (its known drift): anchor it
+        # to a slowly forgetting floor, as Vegas and Envoy anchor to the minimum latency.
+        self._floor = short if self._floor is None else min(short, self._floor * (1 + FLOOR_FORGET))
+        self._long = min(self._long, FLOOR_CAP * self._floor)
         if not self._adaptive or busiest < self._estimate / 2:
             return  # app-limited: a mostly idle limit proves nothing about a higher one
         gradient = max(MIN_GRADIENT, min(1.0, TOLERANCE * self._long / short))
