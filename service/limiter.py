@@ -54,6 +54,7 @@ BACKOFF = 0.5  # multiplicative decrease on 429
 DEFAULT_PAUSE_S = 1.0  # a 429 without Retry-After or reset headers
 MAX_PAUSE_S = 600.0  # a wild Retry-After must not stop the worker for an hour
 EPSILON_S = 1e-4
+TOKEN_SCALE_WEIGHT = 0.2  # how fast the token estimate correction follows what the provider counted
 
 
 # --- header parsing ----------------------------------------------------------------------------
@@ -158,14 +159,22 @@ class TokenBucket:
 class Permit:
     """One admitted call. :meth:`done` releases its slot exactly once (later calls are ignored)."""
 
-    __slots__ = ("_done", "_limiter", "sent_requests", "sent_tokens", "seq", "started", "tokens")
+    __slots__ = ("_done", "_limiter", "requested", "sent_requests", "sent_tokens", "seq", "started", "tokens")
 
     def __init__(
-        self, limiter: AdaptiveLimiter, tokens: int, seq: int, sent_requests: int, sent_tokens: int, started: float
+        self,
+        limiter: AdaptiveLimiter,
+        tokens: int,
+        requested: int,
+        seq: int,
+        sent_requests: int,
+        sent_tokens: int,
+        started: float,
     ) -> None:
         self._limiter = limiter
         self._done = False
-        self.tokens = tokens  # the estimate charged at admission
+        self.tokens = tokens  # charged at admission: the caller's estimate, scaled by what was learnt
+        self.requested = requested  # the caller's estimate
         self.seq = seq  # admission order; a 429 cuts the limit once per round of calls
         self.sent_requests = sent_requests  # totals admitted up to and including this call, to tell
         self.sent_tokens = sent_tokens  # how many a provider's remaining-* did not count yet
@@ -187,9 +196,11 @@ class Permit:
 
         ``outcome``: ``ok`` | ``rate_limited`` (a 429) | ``error`` | ``cancelled``. ``latency_s`` is
         the time to first token and feeds the gradient only for ``ok``. ``headers`` are the response's
-        (``x-ratelimit-*``, ``retry-after``); ``tokens`` the billed total when known: more than the
-        estimate is charged to the token budget, less is not refunded (OpenAI charges prompt +
-        max_tokens at admission).
+        (``x-ratelimit-*``, ``retry-after``); ``tokens`` what the provider counted against its token
+        budget, when known — for OpenAI ``usage.prompt_tokens + max_tokens`` (it charges the cap at
+        admission), for providers that count usage ``usage.total_tokens``. More than was charged is
+        charged too, less is not refunded, and the ratio to the estimate scales later estimates up
+        (never down), so a caller that underestimates prompts does not run into 429s.
         """
         if self._done:
             return
@@ -245,6 +256,7 @@ class AdaptiveLimiter:
         self._long: float | None = None
         self._long_count = 0
         self._floor: float | None = None
+        self._token_scale = 1.0  # >= 1: callers' token estimates times this is what gets charged
         self._publish()
 
     # --- what callers and the dashboard see ---------------------------------------------------
@@ -280,8 +292,16 @@ class AdaptiveLimiter:
         return min(levels) if levels else None
 
     def blocker(self, tokens: int) -> tuple[str, float | None] | None:
-        """What would hold a call of ``tokens`` back right now, and for how long (None: until a slot
-        frees); None when it could start at once (queued callers aside)."""
+        """What would hold a call estimated at ``tokens`` back right now, and for how long (None: until
+        a slot frees); None when it could start at once (queued callers aside)."""
+        return self._blocker(math.ceil(max(0, tokens) * self._token_scale))
+
+    @property
+    def token_scale(self) -> float:
+        """Factor (>= 1) applied to callers' token estimates, learnt from what the provider counted."""
+        return self._token_scale
+
+    def _blocker(self, tokens: int) -> tuple[str, float | None] | None:
         now = self._clock()
         if now < self._paused_until:
             return "rate_limited", self._paused_until - now
@@ -300,7 +320,8 @@ class AdaptiveLimiter:
     async def acquire(self, tokens: int) -> Permit:
         """Wait until a slot is free and the budgets allow one call of about ``tokens`` tokens
         (prompt + max_tokens), then admit it. Cancelling the wait leaves no trace."""
-        need = max(0, int(tokens))
+        requested = max(0, int(tokens))
+        need = math.ceil(requested * self._token_scale)
         me = asyncio.Event()
         self._queue.append(me)
         counted = False
@@ -308,7 +329,7 @@ class AdaptiveLimiter:
             while True:
                 delay: float | None = None
                 if self._queue[0] is me:
-                    blocked = self.blocker(need)
+                    blocked = self._blocker(need)
                     if blocked is None:
                         break
                     self._head_reason, delay = blocked
@@ -329,7 +350,7 @@ class AdaptiveLimiter:
                 self._wake_head()
             raise
         self._queue.popleft()
-        permit = self._admit(need)
+        permit = self._admit(need, requested)
         self._wake_head()
         return permit
 
@@ -349,7 +370,7 @@ class AdaptiveLimiter:
         else:
             permit.done("ok")
 
-    def _admit(self, need: int) -> Permit:
+    def _admit(self, need: int, requested: int) -> Permit:
         now = self._clock()
         self._seq += 1
         self._inflight += 1
@@ -359,7 +380,9 @@ class AdaptiveLimiter:
             budget.sent += amount
             for bucket in budget.all():
                 bucket.take(amount, now)
-        permit = Permit(self, need, self._seq, self._budgets["requests"].sent, self._budgets["tokens"].sent, now)
+        permit = Permit(
+            self, need, requested, self._seq, self._budgets["requests"].sent, self._budgets["tokens"].sent, now
+        )
         self._publish()
         return permit
 
@@ -382,9 +405,13 @@ class AdaptiveLimiter:
             lowered = _lower(headers) if headers else {}
             if lowered:
                 self._observe_headers(permit, lowered, now)
-            if tokens is not None and tokens > permit.tokens:
-                for bucket in self._budgets["tokens"].all():
-                    bucket.take(tokens - permit.tokens, now)
+            if tokens is not None and tokens > 0 and permit.requested > 0:
+                # Learn how far callers' estimates fall short; later ones are scaled up by it.
+                ratio = tokens / permit.requested
+                self._token_scale = max(1.0, self._token_scale + (ratio - self._token_scale) * TOKEN_SCALE_WEIGHT)
+                if tokens > permit.tokens:
+                    for bucket in self._budgets["tokens"].all():
+                        bucket.take(tokens - permit.tokens, now)
             if outcome == "ok" and latency_s is not None and latency_s > 0 and math.isfinite(latency_s):
                 self._sample(latency_s, now)
             elif outcome == "rate_limited":
