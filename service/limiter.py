@@ -4,7 +4,8 @@ Two different things bound an LLM provider, and the limiter honours both:
 
 * **Concurrency**, adapted to latency (Netflix concurrency-limits' *Gradient2*): the limit grows while
   the time to first token stays near its long-run level and shrinks when it rises — a provider that
-  queues our calls shows it in its latency before it fails them. A 429 on top is an explicit "too
+  queues our calls shows it in its latency before it fails them (its long-term level is anchored to
+  a slowly forgetting floor, so it cannot drift up under sustained queueing). A 429 on top is an explicit "too
   much": the limit is cut multiplicatively (AIMD), once per round of calls, and no new call starts
   until the ``Retry-After`` (or ``x-ratelimit-reset-*``) time has passed. Why Gradient2 and not
   Vegas, AIMD alone or Envoy's filter is written down in docs/llm.md.
