@@ -85,6 +85,9 @@ LLM_TOKENS = _name(m.LLM_TOKENS)
 LLM_COST = _name(m.LLM_COST)
 LLM_BREAKER_OPEN = _name(m.LLM_BREAKER_OPEN)
 LLM_INFLIGHT = _name(m.LLM_INFLIGHT)
+LLM_CONCURRENCY_LIMIT = _name(m.LLM_CONCURRENCY_LIMIT)
+LLM_BUDGET_REMAINING = _name(m.LLM_BUDGET_REMAINING)
+LLM_CONCURRENCY_WAITS = _name(m.LLM_CONCURRENCY_WAITS)
 TOKENS_DELIVERED = _name(m.TOKENS_DELIVERED)
 
 
@@ -461,6 +464,23 @@ def llm_inflight() -> str:
     return f"sum({LLM_INFLIGHT})"
 
 
+def llm_concurrency_limit() -> str:
+    """The adaptive limiter's concurrency limit summed over worker processes (each has its own)."""
+    return f"sum({LLM_CONCURRENCY_LIMIT})"
+
+
+def llm_budget_remaining() -> str:
+    """Rate budget left by kind (requests, tokens) in the most constrained worker process: the
+    provider's figure is account-wide, so a sum would count it once per process."""
+    return f"min by (kind) ({LLM_BUDGET_REMAINING})"
+
+
+def llm_concurrency_waits_per_s(window: str) -> str:
+    """LLM calls per second that waited for the limiter, by what held them (concurrency, requests,
+    tokens, rate_limited)."""
+    return f"sum by (reason) (rate({LLM_CONCURRENCY_WAITS}[{window}]))"
+
+
 def breakers_open() -> str:
     """Open circuit breakers by kind (1 = open somewhere)."""
     return (
@@ -528,6 +548,9 @@ def all_queries(window: str, testid: str | None = None) -> dict[str, str]:
             "llm_tokens_per_s": llm_tokens_per_s(window),
             "tokens_delivered_per_s": tokens_delivered_per_s(window),
             "llm_inflight": llm_inflight(),
+            "llm_concurrency_limit": llm_concurrency_limit(),
+            "llm_budget_remaining": llm_budget_remaining(),
+            "llm_concurrency_waits_per_s": llm_concurrency_waits_per_s(window),
             "breakers_open": breakers_open(),
         }
     )

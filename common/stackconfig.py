@@ -181,6 +181,10 @@ class SimulatorConfig(Section):
     jitter: float = Field(default=0.2, description="Bounded relative jitter.")
     output_tokens: int = Field(default=60, description="Output tokens per post.")
     concurrency_knee: int = Field(default=256, description="Concurrent calls beyond which latency grows.")
+    rpm: int = Field(default=0, ge=0, description="Requests per minute admitted before 429 (0 = unlimited).")
+    tpm: int = Field(
+        default=0, ge=0, description="Tokens per minute (prompt + max_tokens) admitted before 429 (0 = unlimited)."
+    )
     rate429: float = Field(default=0.0, description="Injected 429 rate.")
     rate500: float = Field(default=0.0, description="Injected 500 rate.")
     rate_timeout: float = Field(default=0.0, description="Injected timeout rate.")
@@ -205,6 +209,22 @@ class LlmConfig(Section):
     deadline_s: float = Field(default=90.0, description="Total time budget of one call including its retries.")
     breaker_failures: int = Field(default=10, description="Consecutive LLM failures that open the circuit breaker.")
     breaker_reset_s: float = Field(default=10.0, description="How long the open LLM breaker fails fast.")
+    limiter: Literal["adaptive", "fixed"] = Field(
+        default="adaptive",
+        description="`adaptive`: the concurrency limit follows latency and 429s up to `workers.concurrency`; "
+        "`fixed`: it stays there.",
+    )
+    concurrency_initial: int = Field(default=16, ge=1, description="Starting limit of the adaptive limiter.")
+    rpm: int = Field(
+        default=0,
+        ge=0,
+        description="Requests per minute per worker process (its share of the provider's budget); 0 = unlimited.",
+    )
+    tpm: int = Field(
+        default=0,
+        ge=0,
+        description="Tokens per minute per worker process (prompt + max_tokens per call); 0 = unlimited.",
+    )
     prices: dict[str, str] = Field(
         default_factory=dict,
         description="Price overrides: model -> `input/output` USD per 1M tokens (e.g. `0.15/0.60`).",
@@ -318,7 +338,9 @@ class WorkersConfig(Section):
 
     replicas: int = Field(default=2, description="Worker pods (with `autoscaling` on: the count KEDA starts from).")
     processes: int = Field(default=1, description="Local worker processes (demo).")
-    concurrency: int = Field(default=64, description="Concurrent LLM calls per worker process (I/O-bound).")
+    concurrency: int = Field(
+        default=64, description="Upper bound of the adaptive limit of concurrent LLM calls per worker process."
+    )
     batch_size: int = Field(default=5, description="Tasks per LLM call; 1 = no batching (baseline).")
     batch_wait_ms: int = Field(default=100, description="Longest wait to fill a batch.")
     max_attempts: int = Field(default=3, description="Deliveries before dead-lettering.")
@@ -551,6 +573,10 @@ class StackConfig(Section):
             "LLM_DEADLINE_S": llm.deadline_s,
             "LLM_BREAKER_FAILURES": llm.breaker_failures,
             "LLM_BREAKER_RESET_S": llm.breaker_reset_s,
+            "LLM_LIMITER": llm.limiter,
+            "LLM_CONCURRENCY_INITIAL": llm.concurrency_initial,
+            "LLM_RPM": llm.rpm,
+            "LLM_TPM": llm.tpm,
             "LLM_PRICES": ",".join(f"{m}={p}" for m, p in sorted(llm.prices.items())),
         }
         return {f"LOADPROOF_{k}": _env_str(v) for k, v in env.items()}
@@ -564,6 +590,8 @@ class StackConfig(Section):
             "SIM_JITTER": s.jitter,
             "SIM_OUTPUT_TOKENS": s.output_tokens,
             "SIM_CONCURRENCY_KNEE": s.concurrency_knee,
+            "SIM_RPM": s.rpm,
+            "SIM_TPM": s.tpm,
             "SIM_RATE_429": s.rate429,
             "SIM_RATE_500": s.rate500,
             "SIM_RATE_TIMEOUT": s.rate_timeout,

@@ -59,6 +59,32 @@ def service_internals() -> dict[str, Any]:
         .with_panel(
             series_panel(
                 ids,
+                "LLM concurrency (llm_concurrency_limit, llm_inflight)",
+                [
+                    ("limit", q.llm_concurrency_limit()),
+                    ("in flight", q.llm_inflight()),
+                    ("waits/s {{reason}}", q.llm_concurrency_waits_per_s(RATE)),
+                ],
+                "short",
+                "The adaptive limit of concurrent LLM calls (all workers), the calls in flight, and calls "
+                "per second that waited for a slot, the RPM/TPM budget or a 429 pause. A deep queue with "
+                "in flight at the limit: the limiter binds; with waits for requests/tokens: the provider's "
+                "budget binds.",
+            )
+        )
+        .with_panel(
+            series_panel(
+                ids,
+                "LLM budget (llm_budget_remaining)",
+                [("{{kind}}", q.llm_budget_remaining())],
+                "short",
+                "Requests and tokens left in the rate budget (configured share or the provider's "
+                "x-ratelimit-remaining), in the most constrained worker process; 0 means calls wait.",
+            )
+        )
+        .with_panel(
+            series_panel(
+                ids,
                 "Tasks by event",
                 [("{{event}}", q.tasks_per_s(RATE))],
                 "ops",

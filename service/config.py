@@ -101,7 +101,10 @@ class Settings(BaseSettings):
         default=10.0, gt=0, description="Age of an unfinished task before the sweeper may re-enqueue it."
     )
     worker_concurrency: int = Field(
-        default=64, ge=1, description="Concurrent LLM calls per worker process (I/O-bound; the provider's limits bind)."
+        default=64,
+        ge=1,
+        description="Upper bound of the adaptive limit of concurrent LLM calls per worker process "
+        "(with `llm_limiter=fixed`, the limit itself).",
     )
     batch_size: int = Field(default=5, ge=1, description="Tasks per LLM call; 1 disables batching (baseline).")
     batch_wait_ms: int = Field(default=100, ge=0, description="Longest wait to fill a batch.")
@@ -119,6 +122,26 @@ class Settings(BaseSettings):
     llm_max_retries: int = Field(default=4, ge=0, description="Retries after a retryable failure (429/5xx/timeout).")
     llm_breaker_failures: int = Field(default=10, ge=1, description="Consecutive LLM failures that open its breaker.")
     llm_breaker_reset_s: float = Field(default=10.0, gt=0, description="How long the open LLM breaker fails fast.")
+    llm_limiter: Literal["adaptive", "fixed"] = Field(
+        default="adaptive",
+        description="`adaptive`: the concurrency limit follows the provider's latency and 429s (Gradient2 + "
+        "AIMD, see docs/llm.md); `fixed`: it stays at `worker_concurrency`. Budgets apply to both.",
+    )
+    llm_concurrency_initial: int = Field(
+        default=16, ge=1, description="Starting concurrency limit of the adaptive limiter (capped by the upper bound)."
+    )
+    llm_rpm: int = Field(
+        default=0,
+        ge=0,
+        description="Requests per minute this worker process may send (its share of the provider's budget); "
+        "0 = unlimited. The provider's `x-ratelimit-*` headers bind as well when present.",
+    )
+    llm_tpm: int = Field(
+        default=0,
+        ge=0,
+        description="Tokens per minute this worker process may use (prompt + max_tokens per call, as OpenAI "
+        "counts them); 0 = unlimited.",
+    )
     llm_prices: str = Field(
         default="",
         description="Price overrides, `model=input/output` USD per 1M tokens, comma separated "
@@ -134,6 +157,14 @@ class Settings(BaseSettings):
     sim_output_tokens: int = Field(default=60, ge=1, description="Output tokens per generated post.")
     sim_concurrency_knee: int = Field(
         default=256, ge=1, description="Concurrent requests beyond which latency grows linearly."
+    )
+    sim_rpm: int = Field(
+        default=0, ge=0, description="Requests per minute the simulator admits before 429 (0 = unlimited)."
+    )
+    sim_tpm: int = Field(
+        default=0,
+        ge=0,
+        description="Tokens per minute (prompt + max_tokens, charged at admission) before 429 (0 = unlimited).",
     )
     sim_rate_429: float = Field(default=0.0, ge=0, le=1, description="Fraction of calls answered 429 + Retry-After.")
     sim_rate_500: float = Field(default=0.0, ge=0, le=1, description="Fraction of calls answered 500.")

@@ -106,6 +106,24 @@ LLM_BREAKER_OPEN = Gauge(
     "loadproof_llm_breaker_open", "1 while the LLM circuit breaker is open.", multiprocess_mode="max"
 )
 LLM_INFLIGHT = Gauge("loadproof_llm_inflight", "LLM calls in flight.", multiprocess_mode="livesum")
+# The adaptive limiter (service/limiter.py). Each worker process has its own limit, so they add up.
+LLM_CONCURRENCY_LIMIT = Gauge(
+    "loadproof_llm_concurrency_limit", "Current concurrency limit of LLM calls.", multiprocess_mode="livesum"
+)
+# Remaining budget as this process sees it (the tighter of its configured share and the provider's
+# x-ratelimit-remaining-*). The provider's figure is one account-wide number that every process sees,
+# so summing would count it once per process: min shows the most constrained process (0 = it waits).
+LLM_BUDGET_REMAINING = Gauge(
+    "loadproof_llm_budget_remaining",
+    "Requests or tokens left in the rate budget before the limiter waits.",
+    ["kind"],  # requests|tokens
+    multiprocess_mode="livemin",
+)
+LLM_CONCURRENCY_WAITS = Counter(
+    "loadproof_llm_concurrency_waits",
+    "LLM calls that waited for the limiter, by what held them first.",
+    ["reason"],  # concurrency|requests|tokens|rate_limited
+)
 
 # Post tokens handed to clients, cache hits included (billed at $0): effective cost per 1k
 # delivered tokens = sum(llm_cost) / sum(tokens_delivered) * 1000.

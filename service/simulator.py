@@ -7,8 +7,14 @@ unchanged (``base_url=http://host:port/v1``).
 
 Endpoints: ``POST /v1/chat/completions`` (plain and ``stream: true`` SSE with an optional usage
 chunk), ``GET /v1/models``, ``GET /healthz``, ``GET /stats`` (counters that tests and reports read),
-``POST /stats/reset`` and ``POST /control`` (change fault rates at run time or script the outcome
-of the next calls, so tests are deterministic).
+``POST /stats/reset`` and ``POST /control`` (change fault rates, rate limits and the knee at run time
+or script the outcome of the next calls, so tests are deterministic).
+
+Rate limits (``sim_rpm``, ``sim_tpm``; 0 = unlimited) work like OpenAI's: per-minute token buckets
+refilling continuously, a call charged at admission (1 request; prompt + max_tokens tokens), the
+``x-ratelimit-limit/remaining/reset-{requests,tokens}`` headers on every chat response, and past a
+limit 429 with ``Retry-After`` and ``retry-after-ms`` (counted in ``/stats`` as ``rate_limited``,
+apart from injected 429s).
 
 Latency model (all knobs are ``LOADPROOF_SIM_*`` settings)::
 
@@ -52,6 +58,7 @@ from service.simwire import (
     Send,
     completion,
     delta,
+    format_reset,
     load_header,
     read_json,
     send_error,
@@ -90,6 +97,72 @@ class Faults:
 
 
 @dataclass(slots=True)
+class _Bucket:
+    """A per-minute limit as OpenAI enforces it: ``limit`` units refilling continuously."""
+
+    limit: int
+    level: float
+    updated: float
+
+    def refill(self, now: float) -> None:
+        self.level = min(float(self.limit), self.level + (now - self.updated) * self.limit / 60.0)
+        self.updated = now
+
+    def wait_s(self, amount: float) -> float:
+        """Seconds until ``amount`` (at most a full bucket) is available; call after :meth:`refill`."""
+        missing = min(amount, self.limit) - self.level
+        return max(0.0, missing * 60.0 / self.limit)
+
+
+@dataclass(slots=True)
+class RateLimits:
+    """Requests and tokens per minute (0 = unlimited); a call is charged at admission, tokens as OpenAI
+    counts them (prompt + max_tokens). A refused call is not charged."""
+
+    requests: _Bucket | None = None
+    tokens: _Bucket | None = None
+
+    def configure(self, rpm: int, tpm: int, now: float) -> None:
+        """New limits start with a full bucket, like a fresh minute."""
+        self.requests = _Bucket(rpm, float(rpm), now) if rpm else None
+        self.tokens = _Bucket(tpm, float(tpm), now) if tpm else None
+
+    def describe(self) -> dict[str, int]:
+        return {"rpm": self.requests.limit if self.requests else 0, "tpm": self.tokens.limit if self.tokens else 0}
+
+    def admit(self, tokens: int, now: float) -> tuple[str, float] | None:
+        """None and charged if the call fits, else the exhausted kind and seconds until it would fit."""
+        waits: list[tuple[float, str]] = []
+        for kind, bucket, amount in (("requests", self.requests, 1), ("tokens", self.tokens, tokens)):
+            if bucket is not None:
+                bucket.refill(now)
+                if (wait := bucket.wait_s(amount)) > 0:
+                    waits.append((wait, kind))
+        if waits:
+            wait, kind = max(waits)
+            return kind, wait
+        for bucket, amount in ((self.requests, 1), (self.tokens, tokens)):
+            if bucket is not None:
+                bucket.level -= amount
+        return None
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """``x-ratelimit-*`` as OpenAI sends them; reset = time until the bucket is full again."""
+        out: list[tuple[bytes, bytes]] = []
+        for kind, bucket in (("requests", self.requests), ("tokens", self.tokens)):
+            if bucket is None:
+                continue
+            remaining = max(0, math.floor(bucket.level))
+            reset = (bucket.limit - bucket.level) * 60.0 / bucket.limit
+            out += [
+                (f"x-ratelimit-limit-{kind}".encode(), str(bucket.limit).encode()),
+                (f"x-ratelimit-remaining-{kind}".encode(), str(remaining).encode()),
+                (f"x-ratelimit-reset-{kind}".encode(), format_reset(reset).encode()),
+            ]
+        return out
+
+
+@dataclass(slots=True)
 class Stats:
     """Counters since start (or the last reset); ``GET /stats`` returns them."""
 
@@ -100,6 +173,7 @@ class Stats:
     batch_calls: int = 0  # calls whose prompt was a batch (even of one item)
     items_per_call: Counter[int] = field(default_factory=Counter)
     injected: Counter[str] = field(default_factory=Counter)  # 429|500|timeout|malformed_items|bad_json
+    rate_limited: Counter[str] = field(default_factory=Counter)  # requests|tokens: 429s past sim_rpm/sim_tpm
     prompt_tokens: int = 0
     completion_tokens: int = 0
     bad_requests: int = 0
@@ -115,6 +189,7 @@ class Stats:
             "batch_calls": self.batch_calls,
             "items_per_call": {str(k): v for k, v in sorted(self.items_per_call.items())},
             "injected": dict(sorted(self.injected.items())),
+            "rate_limited": {"requests": self.rate_limited["requests"], "tokens": self.rate_limited["tokens"]},
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "bad_requests": self.bad_requests,
@@ -140,6 +215,9 @@ class Simulator:
         )
         self.stats = Stats()
         self.inflight = 0  # not a Stats counter: a reset must not forget calls still in flight
+        self.knee = settings.sim_concurrency_knee  # settable at run time (POST /control)
+        self.limits = RateLimits()
+        self.limits.configure(settings.sim_rpm, settings.sim_tpm, time.monotonic())
 
     # --- ASGI plumbing -------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -191,8 +269,9 @@ class Simulator:
             "itl_ms": st.sim_itl_ms,
             "jitter": st.sim_jitter,
             "output_tokens": st.sim_output_tokens,
-            "concurrency_knee": st.sim_concurrency_knee,
+            "concurrency_knee": self.knee,
             "chars_per_token": CHARS_PER_TOKEN,
+            "rate_limits": self.limits.describe(),
             "faults": self.faults.describe(),
         }
 
@@ -220,6 +299,19 @@ class Simulator:
                 if not isinstance(value, int | float) or not 0 <= value <= 3600:
                     raise BadRequest(f"{key} must be a number of seconds in [0, 3600]")
                 setattr(f, key, float(value))
+        if "concurrency_knee" in body:
+            knee = body["concurrency_knee"]
+            if not isinstance(knee, int) or isinstance(knee, bool) or not 1 <= knee <= 1_000_000:
+                raise BadRequest("concurrency_knee must be an integer in [1, 1000000]")
+            self.knee = knee
+        if "rpm" in body or "tpm" in body:
+            current = self.limits.describe()
+            for key in ("rpm", "tpm"):
+                value = body.get(key, current[key])
+                if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1_000_000_000:
+                    raise BadRequest(f"{key} must be an integer in [0, 1000000000] (0 = unlimited)")
+                current[key] = value
+            self.limits.configure(current["rpm"], current["tpm"], time.monotonic())
         if "script" in body:
             script = body["script"]
             if not isinstance(script, list) or any(s not in OUTCOMES for s in script):
@@ -231,7 +323,7 @@ class Simulator:
             self.rng.seed(body["seed"])
         if body.get("reset_stats"):
             self._reset_stats()
-        await send_json(send, 200, f.describe())
+        await send_json(send, 200, {**f.describe(), "concurrency_knee": self.knee, **self.limits.describe()})
 
     # --- chat completions -----------------------------------------------------------------------
     def _decide(self) -> str:
@@ -264,18 +356,25 @@ class Simulator:
         if items is not None:
             stats.batch_calls += 1
 
+        cap = request.get("max_completion_tokens") or request.get("max_tokens")
+        charge = prompt_tokens(messages) + (cap if isinstance(cap, int) else self.settings.sim_output_tokens * n_items)
+        refused = self.limits.admit(charge, time.monotonic())
+        limit_headers = self.limits.headers()
+        if refused is not None:
+            kind, wait = refused
+            stats.rate_limited[kind] += 1
+            message = f"Rate limit reached for {kind} per minute (simulated: rpm/tpm)."
+            await send_error(send, 429, message, kind, "rate_limit_exceeded", _retry_after(wait) + limit_headers)
+            return
+
         outcome = self._decide()
         self.inflight += 1
         stats.max_inflight = max(stats.max_inflight, self.inflight)
         try:
-            load = max(1.0, self.inflight / self.settings.sim_concurrency_knee)
+            load = max(1.0, self.inflight / self.knee)
             if outcome == "429":
                 stats.injected["429"] += 1
-                ra = self.faults.retry_after_s
-                headers = [
-                    (b"retry-after", str(math.ceil(ra)).encode()),
-                    (b"retry-after-ms", str(int(ra * 1000)).encode()),
-                ]
+                headers = _retry_after(self.faults.retry_after_s) + limit_headers
                 await send_error(
                     send, 429, "Rate limit reached (simulated).", "requests", "rate_limit_exceeded", headers
                 )
@@ -283,21 +382,24 @@ class Simulator:
             if outcome == "500":
                 stats.injected["500"] += 1
                 if await sleep_or_disconnect(receive, self._jittered(self.settings.sim_ttft_ms) * load):
-                    await send_error(send, 500, "The server had an error (simulated).", "server_error")
+                    await send_error(
+                        send, 500, "The server had an error (simulated).", "server_error", headers=limit_headers
+                    )
                 else:
                     self.stats.disconnects += 1
                 return
             if outcome == "timeout":
                 stats.injected["timeout"] += 1
                 if await sleep_or_disconnect(receive, self.faults.hang_s):
-                    await send_error(send, 504, "Upstream timed out (simulated hang).", "server_error")
+                    await send_error(
+                        send, 504, "Upstream timed out (simulated hang).", "server_error", headers=limit_headers
+                    )
                 else:
                     self.stats.disconnects += 1
                 return
 
             content = self._content(request, items, outcome)
             finish_reason = "stop"
-            cap = request.get("max_completion_tokens") or request.get("max_tokens")
             if isinstance(cap, int) and approx_tokens(content) > cap:
                 content, finish_reason = content[: cap * CHARS_PER_TOKEN], "length"
             usage = {
@@ -309,7 +411,9 @@ class Simulator:
             if request.get("stream"):
                 stats.streams += 1
                 include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
-                sent = await self._stream(receive, send, model, content, finish_reason, usage, include_usage, load)
+                sent = await self._stream(
+                    receive, send, model, content, finish_reason, usage, include_usage, load, limit_headers
+                )
             else:
                 latency = self._jittered(self.settings.sim_ttft_ms)
                 latency += self._jittered(self.settings.sim_itl_ms) * usage["completion_tokens"]
@@ -318,6 +422,7 @@ class Simulator:
                 if sent:
                     # The planned latency and load factor, so tests can check the model without timing it.
                     headers = [(b"x-sim-latency-ms", f"{latency * 1000:.3f}".encode()), load_header(load)]
+                    headers += limit_headers
                     await send_json(send, 200, completion(model, content, finish_reason, usage), headers)
             stats = self.stats  # counters may have been reset while this call was in flight
             if sent:
@@ -369,6 +474,7 @@ class Simulator:
         usage: dict[str, int],
         include_usage: bool,
         load: float,
+        limit_headers: list[tuple[bytes, bytes]],
     ) -> bool:
         """Server-sent events like the real API; False if the client went away."""
         chunk_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -388,6 +494,7 @@ class Simulator:
                     (b"content-type", b"text/event-stream"),
                     (b"cache-control", b"no-cache"),
                     load_header(load),
+                    *limit_headers,
                 ],
             }
         )
@@ -415,6 +522,13 @@ class Simulator:
         except OSError:  # client disconnected mid-stream
             return False
         return True
+
+
+def _retry_after(seconds: float) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"retry-after", str(math.ceil(seconds)).encode()),
+        (b"retry-after-ms", str(math.ceil(seconds * 1000)).encode()),
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -30,6 +31,22 @@ class BadRequest(Exception):
 
 def load_header(load: float) -> tuple[bytes, bytes]:
     return (b"x-sim-load", f"{load:.4f}".encode())
+
+
+def format_reset(seconds: float) -> str:
+    """A duration the way OpenAI writes ``x-ratelimit-reset-*`` (Go's format): ``20ms``, ``1s``,
+    ``1m30.5s``, ``6m0s``, ``1h0m0s``; millisecond resolution, rounded up so it is never too early."""
+    ms = max(0, math.ceil(seconds * 1000 - 1e-9))
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
 
 
 def delta(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:

@@ -232,6 +232,10 @@ while True:
     m.DB_POOL_WAITERS.set(0)
     m.HTTP_INFLIGHT.set(11)
     m.LLM_INFLIGHT.set(4)
+    m.LLM_CONCURRENCY_LIMIT.set(24)
+    m.LLM_BUDGET_REMAINING.labels("requests").set(120)
+    m.LLM_BUDGET_REMAINING.labels("tokens").set(5000)
+    m.LLM_CONCURRENCY_WAITS.labels("requests").inc(3)
     m.CACHE_BREAKER_OPEN.set(0)
     m.LLM_BREAKER_OPEN.set(1)
 """
@@ -517,6 +521,9 @@ def test_server_queries_give_the_driven_ratios(live: Live) -> None:
     assert _value(live, q.queue_depth()) == 7
     assert _value(live, q.db_pool_in_use()) == 3
     assert _value(live, q.llm_inflight()) == 4
+    assert _value(live, q.llm_concurrency_limit()) == 24
+    budget = {r["metric"]["kind"]: float(r["value"][1]) for r in instant_query(live.url, q.llm_budget_remaining())}
+    assert budget == {"requests": 120.0, "tokens": 5000.0}
     breakers = {r["metric"]["breaker"]: float(r["value"][1]) for r in instant_query(live.url, q.breakers_open())}
     assert breakers == {"cache": 0.0, "llm": 1.0}
 

@@ -14,6 +14,7 @@ import pytest
 
 from loadtest import simulator_bench
 from service import prompts
+from service.limiter import parse_reset
 from service.llm import LLMItem
 from service.simtext import CHARS_PER_TOKEN, approx_tokens, generate_post, prompt_tokens
 from tests.simproc import FAST_ENV, SimProc, running_simulator
@@ -288,3 +289,60 @@ def test_invalid_chat_requests_get_400_with_reason(sim: SimProc, extra: dict[str
     r = httpx.post(f"{sim.base_url}/chat/completions", json=body, timeout=5)
     assert r.status_code == 400 and reason in r.json()["error"]["message"]
     assert sim.stats()["calls"] == 0
+
+
+@pytest.fixture
+def limited(sim: SimProc) -> Iterator[SimProc]:
+    yield sim
+    sim.control(rpm=0, tpm=0)
+
+
+def test_rate_limits_send_openai_headers_and_429_past_them(limited: SimProc) -> None:
+    messages = [{"role": "user", "content": "hello"}]
+    charge = prompt_tokens(messages) + 50
+    limited.control(rpm=3, tpm=100 * charge)
+    body: dict[str, object] = {"model": MODEL, "messages": messages, "max_tokens": 50}
+    with httpx.Client(base_url=limited.base_url, timeout=10) as http:
+        plain = http.post("/chat/completions", json=body)
+        with http.stream("POST", "/chat/completions", json={**body, "stream": True}) as streamed:
+            streamed.read()
+        third = http.post("/chat/completions", json=body)
+        refused = http.post("/chat/completions", json=body)
+    assert plain.status_code == streamed.status_code == third.status_code == 200
+    h = plain.headers
+    assert h["x-ratelimit-limit-requests"] == "3" and h["x-ratelimit-remaining-requests"] == "2"
+    assert h["x-ratelimit-limit-tokens"] == str(100 * charge)
+    assert h["x-ratelimit-remaining-tokens"] == str(99 * charge)  # prompt + max_tokens at admission
+    assert parse_reset(h["x-ratelimit-reset-requests"]) == pytest.approx(20.0, abs=0.5)  # 1 of 3/min
+    assert streamed.headers["x-ratelimit-remaining-requests"] == "1"
+    assert refused.status_code == 429 and refused.json()["error"]["type"] == "requests"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    wait_ms = int(refused.headers["retry-after-ms"])
+    assert 15_000 < wait_ms <= 20_000 and refused.headers["retry-after"] == str(math.ceil(wait_ms / 1000))
+    stats = limited.stats()
+    assert stats["rate_limited"] == {"requests": 1, "tokens": 0} and stats["injected"] == {}
+    assert stats["config"]["rate_limits"] == {"rpm": 3, "tpm": 100 * charge}
+
+
+def test_token_limit_refuses_calls_whose_cap_does_not_fit(limited: SimProc) -> None:
+    messages = [{"role": "user", "content": "hello"}]
+    limited.control(tpm=prompt_tokens(messages) + 1000)
+    with httpx.Client(base_url=limited.base_url, timeout=10) as http:
+        small = http.post("/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 600})
+        big = http.post("/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 600})
+    assert small.status_code == 200 and "x-ratelimit-limit-requests" not in small.headers
+    assert big.status_code == 429 and big.json()["error"]["type"] == "tokens"
+    assert limited.stats()["rate_limited"] == {"requests": 0, "tokens": 1}
+
+
+def test_no_rate_limit_headers_without_limits(sim: SimProc) -> None:
+    r = httpx.post(f"{sim.base_url}/chat/completions", json={"model": MODEL, "messages": _batch(1)}, timeout=10)
+    assert r.status_code == 200 and not any(k.startswith("x-ratelimit") for k in r.headers)
+
+
+@pytest.mark.parametrize(
+    "body", [{"rpm": -1}, {"tpm": 1.5}, {"rpm": True}, {"concurrency_knee": 0}, {"concurrency_knee": "4"}]
+)
+def test_control_rejects_bad_limits(sim: SimProc, body: dict[str, object]) -> None:
+    r = httpx.post(f"{sim.url}/control", json=body, timeout=5)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
