@@ -39,6 +39,13 @@ K6_ITERATIONS = "k6_iterations_total"
 K6_DROPPED_ITERATIONS = "k6_dropped_iterations_total"
 K6_ITERATION_DURATION = "k6_iteration_duration_seconds"  # native histogram
 K6_VUS = "k6_vus"
+# Flow profiles (loadtest/k6/task.js clientFlow), verified the same way: a time Trend becomes a native
+# histogram in seconds, a Counter gains `_total`. Both carry `phase`; `flows` also `outcome`.
+K6_TIME_TO_POST = "k6_time_to_post_seconds"  # native histogram: POST -> the poll that saw `done`
+K6_FLOWS = "k6_flows_total"  # outcome = done|failed|timeout|rejected
+FLOW_DONE = "done"
+# Polls carry their flow's phase in `poll` (not `phase`, so the `phase` figures stay POST /task only).
+K6_POLL_LABEL = "poll"
 K6_VUS_MAX = "k6_vus_max"
 K6_TESTID_LABEL = "testid"
 # Tag that tells parallel k6 runners of one test apart (``--tag runner=<index>``). Without it their
@@ -86,6 +93,9 @@ LLM_COST = _name(m.LLM_COST)
 LLM_BREAKER_OPEN = _name(m.LLM_BREAKER_OPEN)
 LLM_INFLIGHT = _name(m.LLM_INFLIGHT)
 TOKENS_DELIVERED = _name(m.TOKENS_DELIVERED)
+# The adaptive LLM concurrency limit of each worker process. Written out, not derived: the limiter
+# that exports it may not be in this build, and every use of it must tolerate its absence.
+LLM_CONCURRENCY_LIMIT = "loadproof_llm_concurrency_limit"
 
 
 def window_range(seconds: float) -> str:
@@ -249,6 +259,23 @@ def run_p95_latency_ms(testid: str, phase: str | None = MEASURED_PHASE) -> str:
     return run_latency_quantile_ms(0.95, testid, phase)
 
 
+def run_trend_quantile_ms(metric: str, quantile: float, testid: str, labels: Labels | None = None) -> str:
+    """Quantile (ms) of any k6 time Trend over one run (e.g. ``time_to_post`` of the measured phase),
+    all runners merged by summing their native histograms, as for the request latency."""
+    return f"histogram_quantile({quantile}, sum({k6_selector(metric, testid, labels)})) * 1000"
+
+
+def run_time_to_post_ms(quantile: float, testid: str, phase: str | None = MEASURED_PHASE) -> str:
+    """Time to post (ms): from just before ``POST /task`` to the poll that saw the task done (flow profiles)."""
+    return run_trend_quantile_ms(K6_TIME_TO_POST, quantile, testid, _phase(phase))
+
+
+def time_to_post_quantile_ms(quantile: float, window: str, testid: str | None = None) -> str:
+    """Time to post (ms) of the flows that finished within ``window``, for time series and panels."""
+    sel = k6_selector(K6_TIME_TO_POST, testid)
+    return f"histogram_quantile({quantile}, sum(rate({sel}[{window}]))) * 1000"
+
+
 PLATEAU = {"plateau": "yes"}  # k6 tag on requests started while the peak rate was held
 
 
@@ -383,6 +410,15 @@ def queue_pending() -> str:
     return f"max({QUEUE_PENDING})"
 
 
+def backlog() -> str:
+    """Tasks in the queue not yet finished: undelivered + delivered-but-unacknowledged entries.
+
+    Both gauges are sampled by the workers every few seconds and scraped; with neither series there
+    is no data (never a reassuring 0).
+    """
+    return f"({queue_depth()}) + ({queue_pending()})"
+
+
 # ---- scale ----
 
 
@@ -461,6 +497,11 @@ def llm_inflight() -> str:
     return f"sum({LLM_INFLIGHT})"
 
 
+def llm_concurrency_limit() -> str:
+    """The LLM concurrency limit summed over worker processes (no data where no limiter exports it)."""
+    return f"sum({LLM_CONCURRENCY_LIMIT})"
+
+
 def breakers_open() -> str:
     """Open circuit breakers by kind (1 = open somewhere)."""
     return (
@@ -515,6 +556,9 @@ def all_queries(window: str, testid: str | None = None) -> dict[str, str]:
             "dead_lettered": tasks_total("dead_lettered", window),
             "queue_depth": queue_depth(),
             "queue_pending": queue_pending(),
+            "backlog": backlog(),
+            "time_to_post_p95_ms": time_to_post_quantile_ms(0.95, window, testid),
+            "llm_concurrency_limit": llm_concurrency_limit(),
             "observed_replicas": observed_replicas("orchestrator", window, "5s"),
             "db_pool_in_use": db_pool_in_use(),
             "db_pool_overflow": db_pool_overflow(),
@@ -535,6 +579,8 @@ def all_queries(window: str, testid: str | None = None) -> dict[str, str]:
         out["run_p95_latency_ms"] = run_p95_latency_ms(testid)
         out["run_requests_total"] = run_total(K6_HTTP_REQS, testid, phase=MEASURED_PHASE)
         out["run_error_rate"] = run_error_rate(testid)
+        out["run_time_to_post_p95_ms"] = run_time_to_post_ms(0.95, testid)
+        out["run_flows_total"] = run_total(K6_FLOWS, testid, phase=MEASURED_PHASE)
         out["requests_total"] = requests_total(window, testid)
         out["failed_requests_total"] = failed_requests_total(window, testid)
         out["dropped_iterations_total"] = dropped_iterations_total(window, testid)

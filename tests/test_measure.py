@@ -100,7 +100,8 @@ RAW_SAMPLES = re.compile(r"\[(\d+)ms\]$")  # ms.Prometheus.samples: a bare range
 
 def fake_prometheus(answer: Answer) -> ms.Prometheus:
     """A Prometheus client whose HTTP API answers every instant query with ``answer(query)``; a counter's raw
-    samples are one series going from 0 (before the window) to ``answer(query)`` (at its end)."""
+    samples are one series going from 0 (before the window) to ``answer(query)`` (at its end); a range query
+    is that value at both ends of the range."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         params = {k: v[0] for k, v in parse_qs(request.url.query.decode()).items()}
@@ -113,7 +114,7 @@ def fake_prometheus(answer: Answer) -> ms.Prometheus:
             return httpx.Response(200, json={"status": "success", "data": {"resultType": "matrix", "result": result}})
         if request.url.path.endswith("/query_range"):
             value = answer(query)
-            values = [] if value is None else [[float(params["start"]), str(value)]]
+            values = [] if value is None else [[float(params[edge]), str(value)] for edge in ("start", "end")]
             result = [{"metric": {}, "values": values}] if values else []
             return httpx.Response(200, json={"status": "success", "data": {"resultType": "matrix", "result": result}})
         value = answer(query)
@@ -158,6 +159,7 @@ BASE = {
     "loadproof_llm_cost_usd_total": 0.25,
     'count(up{job="orchestrator"} == 1)': 3,
     'count(up{job="workers"} == 1)': 2,
+    "max(loadproof_queue_depth)": 0,  # the backlog: empty throughout (a range query answers one point)
 }
 
 
