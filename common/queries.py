@@ -149,6 +149,9 @@ def _ratio(part: str, whole: str) -> str:
 # stat panels judge the measured phase only (warm-up excluded, as stated in every report).
 K6_PHASE_LABEL = "phase"
 MEASURED_PHASE = "measured"
+# The k6 request name of every POST /task; a flow profile's polls are named "GET /task/{id}". Selects
+# the accept path over the whole run (warm-up included), e.g. for time series.
+K6_TASK_POST = {"name": "POST /task"}
 
 
 def _phase(phase: str | None, labels: Labels | None = None) -> Labels:
@@ -158,9 +161,11 @@ def _phase(phase: str | None, labels: Labels | None = None) -> Labels:
 # ===================== headline numbers (client side, from k6) =====================
 
 
-def latency_quantile_ms(quantile: float, window: str, testid: str | None = None, phase: str | None = None) -> str:
-    """Client-observed latency quantile in ms from k6's native histogram (optionally one phase)."""
-    sel = k6_selector(K6_HTTP_REQ_DURATION, testid, _phase(phase))
+def latency_quantile_ms(
+    quantile: float, window: str, testid: str | None = None, phase: str | None = None, labels: Labels | None = None
+) -> str:
+    """Client-observed latency quantile in ms from k6's native histogram (optionally one phase, or ``labels``)."""
+    sel = k6_selector(K6_HTTP_REQ_DURATION, testid, _phase(phase, labels))
     return f"histogram_quantile({quantile}, sum(rate({sel}[{window}]))) * 1000"
 
 
@@ -169,15 +174,15 @@ def p95_latency_ms(window: str, testid: str | None = None, phase: str | None = N
     return latency_quantile_ms(0.95, window, testid, phase)
 
 
-def achieved_qps(window: str, testid: str | None = None, phase: str | None = None) -> str:
+def achieved_qps(window: str, testid: str | None = None, phase: str | None = None, labels: Labels | None = None) -> str:
     """Requests per second k6 actually completed (not the configured arrival rate)."""
-    return f"sum(rate({k6_selector(K6_HTTP_REQS, testid, _phase(phase))}[{window}]))"
+    return f"sum(rate({k6_selector(K6_HTTP_REQS, testid, _phase(phase, labels))}[{window}]))"
 
 
-def error_rate(window: str, testid: str | None = None, phase: str | None = None) -> str:
+def error_rate(window: str, testid: str | None = None, phase: str | None = None, labels: Labels | None = None) -> str:
     """Fraction of k6 requests that failed (unexpected status, timeout or connection error)."""
-    sel = k6_selector(K6_HTTP_REQS, testid, _phase(phase, {"expected_response": "false"}))
-    return _ratio(f"sum(rate({sel}[{window}]))", achieved_qps(window, testid, phase))
+    sel = k6_selector(K6_HTTP_REQS, testid, _phase(phase, {**(labels or {}), "expected_response": "false"}))
+    return _ratio(f"sum(rate({sel}[{window}]))", achieved_qps(window, testid, phase, labels))
 
 
 def peak_qps(window: str, testid: str | None = None, smoothing: str = "30s", step: str = "5s") -> str:

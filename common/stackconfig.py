@@ -413,8 +413,10 @@ def _default_profiles() -> dict[str, ProfileConfig]:
             warmup_s=10,
             new_topics=1.0,
             flow=True,
-            # ~5 s of flows at 20/s allocated up front; the ceiling covers every flow running to the timeout.
-            pre_allocated_vus=100,
+            # 10 s of flows at 20/s (4x the time-to-post target) allocated up front, so a slower service shows
+            # as slower flows rather than as dropped arrivals while k6 adds VUs; the ceiling covers every flow
+            # running to its timeout.
+            pre_allocated_vus=200,
             max_vus=800,
             stages=[Stage(duration="60s", target=20)],
         ),

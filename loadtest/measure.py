@@ -366,7 +366,7 @@ def _measure(
     flow = _flow(prom, test_id, profile, end)
     # Peak of the achieved rate (15 s rate windows: >= 3 pushes even at the cluster's 5 s push interval).
     peak_start = min(window.measured_start + 15, end)
-    peak_points = prom.series(q.achieved_qps("15s", test_id), peak_start, end, 2)
+    peak_points = prom.series(q.achieved_qps("15s", test_id, labels=q.K6_TASK_POST), peak_start, end, 2)
     peak_qps = max((v for _, v in peak_points), default=None)
 
     # ---- server side over the measured window
@@ -579,13 +579,14 @@ def timeseries(prometheus_url: str, *, test_id: str, window: RunWindow, step_s: 
     span = max(end - start, 1.0)
     step = step_s or max(1.0, round(span / 150))
     rate_w = f"{max(15, int(4 * step))}s"
+    post = q.K6_TASK_POST  # the request figures are POST /task's; a flow's polls are plotted apart
     queries = {
-        "p50_latency_ms": q.latency_quantile_ms(0.5, rate_w, test_id),
-        "p95_latency_ms": q.p95_latency_ms(rate_w, test_id),
-        "p99_latency_ms": q.latency_quantile_ms(0.99, rate_w, test_id),
+        "p50_latency_ms": q.latency_quantile_ms(0.5, rate_w, test_id, labels=post),
+        "p95_latency_ms": q.latency_quantile_ms(0.95, rate_w, test_id, labels=post),
+        "p99_latency_ms": q.latency_quantile_ms(0.99, rate_w, test_id, labels=post),
         "server_p95_latency_ms": q.server_p95_latency_ms(rate_w),
-        "achieved_qps": q.achieved_qps(rate_w, test_id),
-        "error_rate": q.error_rate(rate_w, test_id),
+        "achieved_qps": q.achieved_qps(rate_w, test_id, labels=post),
+        "error_rate": q.error_rate(rate_w, test_id, labels=post),
         "dropped_per_s": q.dropped_iterations_per_s(rate_w, test_id),
         "cache_hit_ratio": q.cache_hit_ratio(rate_w),
         "llm_spend_usd_cumulative": f"sum({q.LLM_COST})",
