@@ -396,9 +396,10 @@ excluded; measured window {fmt("x", out.get("measured_window_s"))} s). Machine: 
 <h2>Over time</h2><div class="charts">{"".join(charts) or "<p>No time series.</p>"}</div>
 <h2>Every number</h2>
 <table id="numbers"><tr><th>Number</th><th>Key in outputs.json</th><th>Value</th></tr>{"".join(detail)}</table>
-<p class="note">Client latencies are percentiles of the merged k6 histogram of measured-phase requests (open
-model: arrivals do not wait for responses){timeout_note}. Dropped iterations count arrivals k6 could not start at all;
-any non-zero value means the offered load was not offered. Cost covers the run plus the drain.</p>
+<p class="note">Client latencies are percentiles of the merged k6 histogram of measured-phase <code>POST /task</code>
+requests (open model: arrivals do not wait for responses; a flow profile's polls are reported
+apart){timeout_note}. Dropped iterations count arrivals k6 could not start at all; any non-zero value
+means the offered load was not offered. Cost covers the run plus the drain.</p>
 {grafana_html}
 <h2>Reproduce</h2>{cmd_html}
 </body></html>
