@@ -199,7 +199,9 @@ def run_demo(
         if any(restarts.values()):
             crashed = ", ".join(f"{name} x{n}" for name, n in restarts.items() if n)
             out["notes"] = [*out.get("notes", []), f"supervised restarts during the run: {crashed}"]
-        series = ms.timeseries(stack.prometheus_url, test_id=run_id, window=window)
+        series = ms.timeseries(
+            stack.prometheus_url, test_id=run_id, window=window, tail_s=ms.backlog_lag_s(stack.scrape_interval_s)
+        )
         series["target_qps"] = [
             (float(t), ms.target_rate_at(prof, t)) for t in range(0, int(window.ended_at - window.started_at) + 1)
         ]

@@ -573,9 +573,14 @@ def _measure(
 # ---------------------------------------------------------------- time series for the report
 
 
-def timeseries(prometheus_url: str, *, test_id: str, window: RunWindow, step_s: float | None = None) -> dict[str, Any]:
-    """Range series for the report's plots, from run start to end of drain (seconds since start)."""
-    start, end = window.started_at, window.drain_end
+def timeseries(
+    prometheus_url: str, *, test_id: str, window: RunWindow, step_s: float | None = None, tail_s: float = 0.0
+) -> dict[str, Any]:
+    """Range series for the report's plots, from run start to end of drain (seconds since start).
+
+    ``tail_s``: how far past the drain to plot, e.g. :func:`backlog_lag_s` so the backlog is seen reaching 0.
+    """
+    start, end = window.started_at, window.drain_end + tail_s
     span = max(end - start, 1.0)
     step = step_s or max(1.0, round(span / 150))
     rate_w = f"{max(15, int(4 * step))}s"

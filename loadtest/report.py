@@ -213,7 +213,7 @@ def svg_chart(
             parts.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="1.6"/>')
         label = name if pts else f"{name} ({missing})"
         parts.append(f'<text x="{legend_x}" y="30" class="ax" fill="{color}">■ {esc(label)}</text>')
-        legend_x += 10 + 7 * len(label)
+        legend_x += 18 + 6 * len(label)
     parts.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + ph}" class="axis"/>')
     parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}" class="axis"/>')
     parts.append("</svg>")
