@@ -23,6 +23,15 @@ REQUEST_TIMEOUT_S = 10
 GRACEFUL_STOP_S = 10
 
 
+def graceful_stop_s(profile: ProfileConfig) -> float:
+    """How long iterations may run on after the last arrival before k6 interrupts them.
+
+    A flow polls for up to ``flowTimeoutS`` after its POST, so a flow profile's last arrivals need
+    that much longer: interrupted flows would never record their outcome.
+    """
+    return GRACEFUL_STOP_S + (profile.flow_timeout_s if profile.flow else 0.0)
+
+
 def peak_arrival_rate(profile: ProfileConfig) -> int:
     """The profile's highest configured arrival rate (requests/s): the QPS the run claims to offer."""
     return max([profile.start_rate, *(s.target for s in profile.stages)])
@@ -86,11 +95,12 @@ def k6_config(
     profile: str | None = None,
     summary_path: str | None = None,
     request_timeout_s: int = REQUEST_TIMEOUT_S,
-    graceful_stop_s: int = GRACEFUL_STOP_S,
+    graceful_stop: float | None = None,
 ) -> dict[str, object]:
     """The JSON document the script reads (camelCase, as in the stack file).
 
     ``summary_path``: where ``handleSummary`` writes k6's end-of-test JSON (omitted: stdout only).
+    ``graceful_stop``: seconds (default :func:`graceful_stop_s` of the profile).
     """
     name = profile or cfg.loadtest.profile
     prof = cfg.loadtest.profiles[name]
@@ -102,7 +112,7 @@ def k6_config(
         "workload": cfg.loadtest.workload.model_dump(by_alias=True),
         "thresholds": cfg.loadtest.thresholds.model_dump(by_alias=True),
         "requestTimeoutS": request_timeout_s,
-        "gracefulStopS": graceful_stop_s,
+        "gracefulStopS": graceful_stop_s(prof) if graceful_stop is None else graceful_stop,
     }
     plateau = plateau_window(prof)
     if plateau is not None:  # requests started in it are tagged plateau=yes and judged on their own

@@ -36,6 +36,13 @@ OUTPUTS = (
     Output("billed_cost_per_1k_tokens_usd", False),
     Output("cost_per_request_usd", True),
     Output("completion_p95_ms", True),
+    # Flow profiles only (None otherwise): the client's time from POST to the post, and failed flows.
+    Output("time_to_post_p50_ms", False),
+    Output("time_to_post_p95_ms", True),
+    Output("flow_failed_rate", True),
+    # Every profile: the queue backlog's sampled peak and its drain from the last arrival (None: not drained).
+    Output("backlog_peak", True),
+    Output("backlog_drain_s", True),
     Output("tasks_accepted", True),
     Output("tasks_completed", True),
     Output("tasks_failed", True),

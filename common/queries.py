@@ -39,6 +39,13 @@ K6_ITERATIONS = "k6_iterations_total"
 K6_DROPPED_ITERATIONS = "k6_dropped_iterations_total"
 K6_ITERATION_DURATION = "k6_iteration_duration_seconds"  # native histogram
 K6_VUS = "k6_vus"
+# Flow profiles (loadtest/k6/task.js clientFlow), verified the same way: a time Trend becomes a native
+# histogram in seconds, a Counter gains `_total`. Both carry `phase`; `flows` also `outcome`.
+K6_TIME_TO_POST = "k6_time_to_post_seconds"  # native histogram: POST -> the poll that saw `done`
+K6_FLOWS = "k6_flows_total"  # outcome = done|failed|timeout|rejected
+FLOW_DONE = "done"
+# Polls carry their flow's phase in `poll` (not `phase`, so the `phase` figures stay POST /task only).
+K6_POLL_LABEL = "poll"
 K6_VUS_MAX = "k6_vus_max"
 K6_TESTID_LABEL = "testid"
 # Tag that tells parallel k6 runners of one test apart (``--tag runner=<index>``). Without it their
@@ -142,6 +149,9 @@ def _ratio(part: str, whole: str) -> str:
 # stat panels judge the measured phase only (warm-up excluded, as stated in every report).
 K6_PHASE_LABEL = "phase"
 MEASURED_PHASE = "measured"
+# The k6 request name of every POST /task; a flow profile's polls are named "GET /task/{id}". Selects
+# the accept path over the whole run (warm-up included), e.g. for time series.
+K6_TASK_POST = {"name": "POST /task"}
 
 
 def _phase(phase: str | None, labels: Labels | None = None) -> Labels:
@@ -151,9 +161,11 @@ def _phase(phase: str | None, labels: Labels | None = None) -> Labels:
 # ===================== headline numbers (client side, from k6) =====================
 
 
-def latency_quantile_ms(quantile: float, window: str, testid: str | None = None, phase: str | None = None) -> str:
-    """Client-observed latency quantile in ms from k6's native histogram (optionally one phase)."""
-    sel = k6_selector(K6_HTTP_REQ_DURATION, testid, _phase(phase))
+def latency_quantile_ms(
+    quantile: float, window: str, testid: str | None = None, phase: str | None = None, labels: Labels | None = None
+) -> str:
+    """Client-observed latency quantile in ms from k6's native histogram (optionally one phase, or ``labels``)."""
+    sel = k6_selector(K6_HTTP_REQ_DURATION, testid, _phase(phase, labels))
     return f"histogram_quantile({quantile}, sum(rate({sel}[{window}]))) * 1000"
 
 
@@ -162,15 +174,15 @@ def p95_latency_ms(window: str, testid: str | None = None, phase: str | None = N
     return latency_quantile_ms(0.95, window, testid, phase)
 
 
-def achieved_qps(window: str, testid: str | None = None, phase: str | None = None) -> str:
+def achieved_qps(window: str, testid: str | None = None, phase: str | None = None, labels: Labels | None = None) -> str:
     """Requests per second k6 actually completed (not the configured arrival rate)."""
-    return f"sum(rate({k6_selector(K6_HTTP_REQS, testid, _phase(phase))}[{window}]))"
+    return f"sum(rate({k6_selector(K6_HTTP_REQS, testid, _phase(phase, labels))}[{window}]))"
 
 
-def error_rate(window: str, testid: str | None = None, phase: str | None = None) -> str:
+def error_rate(window: str, testid: str | None = None, phase: str | None = None, labels: Labels | None = None) -> str:
     """Fraction of k6 requests that failed (unexpected status, timeout or connection error)."""
-    sel = k6_selector(K6_HTTP_REQS, testid, _phase(phase, {"expected_response": "false"}))
-    return _ratio(f"sum(rate({sel}[{window}]))", achieved_qps(window, testid, phase))
+    sel = k6_selector(K6_HTTP_REQS, testid, _phase(phase, {**(labels or {}), "expected_response": "false"}))
+    return _ratio(f"sum(rate({sel}[{window}]))", achieved_qps(window, testid, phase, labels))
 
 
 def peak_qps(window: str, testid: str | None = None, smoothing: str = "30s", step: str = "5s") -> str:
@@ -250,6 +262,23 @@ def run_latency_quantile_ms(
 def run_p95_latency_ms(testid: str, phase: str | None = MEASURED_PHASE) -> str:
     """Client p95 (ms) of one run's measured phase: the number the k6 threshold judges."""
     return run_latency_quantile_ms(0.95, testid, phase)
+
+
+def run_trend_quantile_ms(metric: str, quantile: float, testid: str, labels: Labels | None = None) -> str:
+    """Quantile (ms) of any k6 time Trend over one run (e.g. ``time_to_post`` of the measured phase),
+    all runners merged by summing their native histograms, as for the request latency."""
+    return f"histogram_quantile({quantile}, sum({k6_selector(metric, testid, labels)})) * 1000"
+
+
+def run_time_to_post_ms(quantile: float, testid: str, phase: str | None = MEASURED_PHASE) -> str:
+    """Time to post (ms): from just before ``POST /task`` to the poll that saw the task done (flow profiles)."""
+    return run_trend_quantile_ms(K6_TIME_TO_POST, quantile, testid, _phase(phase))
+
+
+def time_to_post_quantile_ms(quantile: float, window: str, testid: str | None = None) -> str:
+    """Time to post (ms) of the flows that finished within ``window``, for time series and panels."""
+    sel = k6_selector(K6_TIME_TO_POST, testid)
+    return f"histogram_quantile({quantile}, sum(rate({sel}[{window}]))) * 1000"
 
 
 PLATEAU = {"plateau": "yes"}  # k6 tag on requests started while the peak rate was held
@@ -384,6 +413,15 @@ def queue_depth() -> str:
 def queue_pending() -> str:
     """Entries delivered but not acknowledged (being worked on or owned by a dead consumer)."""
     return f"max({QUEUE_PENDING})"
+
+
+def backlog() -> str:
+    """Tasks in the queue not yet finished: undelivered + delivered-but-unacknowledged entries.
+
+    Both gauges are sampled by the workers every few seconds and scraped; with neither series there
+    is no data (never a reassuring 0).
+    """
+    return f"({queue_depth()}) + ({queue_pending()})"
 
 
 # ---- scale ----
@@ -535,6 +573,9 @@ def all_queries(window: str, testid: str | None = None) -> dict[str, str]:
             "dead_lettered": tasks_total("dead_lettered", window),
             "queue_depth": queue_depth(),
             "queue_pending": queue_pending(),
+            "backlog": backlog(),
+            "time_to_post_p95_ms": time_to_post_quantile_ms(0.95, window, testid),
+            "llm_concurrency_limit": llm_concurrency_limit(),
             "observed_replicas": observed_replicas("orchestrator", window, "5s"),
             "db_pool_in_use": db_pool_in_use(),
             "db_pool_overflow": db_pool_overflow(),
@@ -548,7 +589,6 @@ def all_queries(window: str, testid: str | None = None) -> dict[str, str]:
             "llm_tokens_per_s": llm_tokens_per_s(window),
             "tokens_delivered_per_s": tokens_delivered_per_s(window),
             "llm_inflight": llm_inflight(),
-            "llm_concurrency_limit": llm_concurrency_limit(),
             "llm_budget_remaining": llm_budget_remaining(),
             "llm_concurrency_waits_per_s": llm_concurrency_waits_per_s(window),
             "breakers_open": breakers_open(),
@@ -558,6 +598,8 @@ def all_queries(window: str, testid: str | None = None) -> dict[str, str]:
         out["run_p95_latency_ms"] = run_p95_latency_ms(testid)
         out["run_requests_total"] = run_total(K6_HTTP_REQS, testid, phase=MEASURED_PHASE)
         out["run_error_rate"] = run_error_rate(testid)
+        out["run_time_to_post_p95_ms"] = run_time_to_post_ms(0.95, testid)
+        out["run_flows_total"] = run_total(K6_FLOWS, testid, phase=MEASURED_PHASE)
         out["requests_total"] = requests_total(window, testid)
         out["failed_requests_total"] = failed_requests_total(window, testid)
         out["dropped_iterations_total"] = dropped_iterations_total(window, testid)

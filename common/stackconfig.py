@@ -422,6 +422,31 @@ class ProfileConfig(Section):
         le=1.0,
         description="Fraction of requests with a never-seen topic (1 = cold: every request is a new task).",
     )
+    flow: bool = Field(
+        default=False,
+        description="Client flow: each arrival POSTs /task, then polls GET /task/{id} until done/failed "
+        "(time to post); false = POST only.",
+    )
+    poll_ms: int = Field(default=250, ge=10, description="Flow: interval between polls of GET /task/{id}.")
+    flow_timeout_s: float = Field(
+        default=30.0, gt=0, description="Flow: a flow not done within this many seconds counts as failed."
+    )
+
+    @model_validator(mode="after")
+    def _flow_vus(self) -> ProfileConfig:
+        """An open model needs a VU per flow in progress: rate x longest flow (the timeout) must fit maxVus.
+
+        Otherwise a slow service would show up as dropped iterations instead of timed-out flows.
+        """
+        if self.flow:
+            peak = max([self.start_rate, *(s.target for s in self.stages)])
+            need = peak * self.flow_timeout_s
+            if self.max_vus < need:
+                raise ValueError(
+                    f"flow profile: maxVus ({self.max_vus}) must cover the peak rate ({peak}/s) x flowTimeoutS "
+                    f"({self.flow_timeout_s:g} s) = {need:g} flows in progress"
+                )
+        return self
 
 
 class WorkloadConfig(Section):
@@ -440,6 +465,10 @@ class ThresholdsConfig(Section):
     error_rate: float = Field(default=0.01, description="Failed request fraction target.")
     cost_per_1k_tokens_usd: float = Field(
         default=0.008, alias="costPer1kTokensUsd", description="Effective LLM cost per 1k delivered tokens."
+    )
+    time_to_post_p95_ms: float = Field(
+        default=2500.0,
+        description="Flow profiles: p95 from just before POST /task to the poll that saw the post done.",
     )
 
 
@@ -471,6 +500,19 @@ def _default_profiles() -> dict[str, ProfileConfig]:
             new_topics=1.0,
             pre_allocated_vus=400,
             stages=[Stage(duration="10s", target=1000), Stage(duration="60s", target=1000)],
+        ),
+        # The client's view of the asynchronous work: new tasks at a constant rate, each polled until done.
+        "flow": ProfileConfig(
+            start_rate=20,
+            warmup_s=10,
+            new_topics=1.0,
+            flow=True,
+            # 10 s of flows at 20/s (4x the time-to-post target) allocated up front, so a slower service shows
+            # as slower flows rather than as dropped arrivals while k6 adds VUs; the ceiling covers every flow
+            # running to its timeout.
+            pre_allocated_vus=200,
+            max_vus=800,
+            stages=[Stage(duration="60s", target=20)],
         ),
         "seed": ProfileConfig(
             start_rate=10,

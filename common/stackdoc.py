@@ -43,6 +43,9 @@ def _show(value: object) -> str:
         return "; ".join(
             f"{n}: " + ", ".join(f"{st.duration}→{st.target}/s" for st in stages) for n, stages in value.items()
         )
+    if isinstance(value, dict) and value and all(isinstance(v, bool | int | float | str) for v in value.values()):
+        # one scalar per profile: `name: value`, as compact as the stages
+        return ", ".join(f"{n}: {_show(v)}" for n, v in value.items())
     if isinstance(value, dict | list):
         text = json.dumps(value, default=lambda v: v.model_dump(mode="json", by_alias=True))
         return "per profile, see `Pulumi.dev.yaml`" if len(text) > 60 else text

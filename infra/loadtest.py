@@ -33,8 +33,8 @@ import pulumi_kubernetes as k8s
 import pulumi_random as random
 
 from common.k6config import (
-    GRACEFUL_STOP_S,
     execution_segments,
+    graceful_stop_s,
     k6_env,
     profile_duration_s,
     script_text,
@@ -56,7 +56,8 @@ SMALL = Resources(cpu_request="50m", cpu_limit="500m", memory_request="64Mi", me
 
 def run_duration_s(cfg: StackConfig) -> float:
     """The profile's schedule plus k6's gracefulStop: the longest a runner can be running after start."""
-    return profile_duration_s(cfg.loadtest.profiles[cfg.loadtest.profile]) + GRACEFUL_STOP_S
+    profile = cfg.loadtest.profiles[cfg.loadtest.profile]
+    return profile_duration_s(profile) + graceful_stop_s(profile)
 
 
 def runner_timeout_s(cfg: StackConfig) -> int:

@@ -1,6 +1,6 @@
 """``make demo``: the whole proof on one machine — stack up, k6 open-model load, bounded drain, measured report.
 
-    python -m loadtest.demo --stack dev --profile demo      # PROFILE=smoke|demo|seed, KEEP=1 keeps it up
+    python -m loadtest.demo --stack dev --profile demo      # PROFILE=smoke|demo|cold|flow|seed, KEEP=1 keeps it up
 
 Writes ``reports/<run-id>/`` (``outputs.json``, ``k6-summary.json``, ``k6-report.html``, ``report.html``,
 ``PERFORMANCE.md``) and points ``reports/latest`` at it; exits non-zero when a target is missed.
@@ -23,7 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from common.k6config import REQUEST_TIMEOUT_S
+from common.k6config import REQUEST_TIMEOUT_S, profile_duration_s
 from common.stackconfig import REPO_ROOT, StackConfig, StackConfigError, load
 from loadtest import measure as ms
 from loadtest import report, tasks
@@ -164,9 +164,14 @@ def run_demo(
             raise RuntimeError(f"k6 failed with exit code {k6.returncode}:\n{_tail(k6.log_path)}")
         stack.check_alive()
         drained_at, pending, note = drain(stack, k6.started_at - 5, cfg.loadtest.drain_s, console)
-        # Let the final k6 push and one more scrape land before reading totals.
-        time.sleep(K6_PUSH_INTERVAL_S + stack.scrape_interval_s + 1)
-        window = ms.RunWindow(k6.started_at, k6.ended_at, prof.warmup_s, drained_at=drained_at)
+        # Let the final k6 push and one more scrape land before reading totals, and the queue gauges
+        # show the drained queue.
+        time.sleep(max(K6_PUSH_INTERVAL_S + stack.scrape_interval_s + 1, ms.backlog_lag_s(stack.scrape_interval_s)))
+        # k6 runs on after its last arrival while requests (and a flow profile's polls) finish.
+        last_arrival = min(k6.started_at + profile_duration_s(prof), k6.ended_at)
+        window = ms.RunWindow(
+            k6.started_at, k6.ended_at, prof.warmup_s, drained_at=drained_at, last_arrival_at=last_arrival
+        )
         out = ms.measure(
             stack.prometheus_url,
             test_id=run_id,
@@ -194,7 +199,9 @@ def run_demo(
         if any(restarts.values()):
             crashed = ", ".join(f"{name} x{n}" for name, n in restarts.items() if n)
             out["notes"] = [*out.get("notes", []), f"supervised restarts during the run: {crashed}"]
-        series = ms.timeseries(stack.prometheus_url, test_id=run_id, window=window)
+        series = ms.timeseries(
+            stack.prometheus_url, test_id=run_id, window=window, tail_s=ms.backlog_lag_s(stack.scrape_interval_s)
+        )
         series["target_qps"] = [
             (float(t), ms.target_rate_at(prof, t)) for t in range(0, int(window.ended_at - window.started_at) + 1)
         ]
@@ -282,6 +289,9 @@ def results_table(out: Mapping[str, Any]) -> Table:
         "server_p95_latency_ms",
         "p99_latency_ms",
         "completion_p95_ms",
+        *(("time_to_post_p50_ms", "time_to_post_p95_ms") if out.get("flow") else ()),
+        "backlog_peak",
+        "backlog_drain_s",
         "llm_calls",
         "cost_per_request_usd",
         "tasks_pending_after_drain",

@@ -32,6 +32,19 @@ Definitions (also in docs/measurement.md):
   process's last moments between its last scrape and its exit.
 * **Replicas**: the most scrape targets of the API and the workers up at once during the run
   (the HPA changes the API's count), next to the configured count.
+* **Which requests**: every ``phase``-tagged k6 figure (p50/p95/p99, requests, error rate, plateau) is
+  about ``POST /task`` alone. In a flow profile the polls of ``GET /task/{id}`` carry their flow's
+  phase in ``poll`` instead, and are reported on their own (``polls``, ``poll_*``).
+* **Time to post** (flow profiles): percentiles of k6's ``time_to_post`` Trend (just before the POST to
+  the poll that saw ``done``) of the measured phase, merged from the runners' native histograms like
+  the request latency. Flows that failed, timed out or were rejected have no time to post; they are
+  counted in ``flow_failed_rate`` instead, which is judged against the error-rate target.
+* **Backlog** (every profile): the queue's undelivered + delivered-but-unacknowledged entries, from the
+  ``loadproof_queue_depth`` and ``loadproof_queue_pending`` gauges (:func:`backlog`): the queue as the
+  workers see it (retries and swept entries included), the same series the dashboards show, and
+  available wherever Prometheus is, with or without the task table. They are samples (the workers set
+  them every few seconds, Prometheus scrapes them), so ``backlog_peak`` is the highest *sampled*
+  value and ``backlog_drain_s`` is late by up to one gauge interval plus one scrape interval.
 """
 
 from __future__ import annotations
@@ -58,6 +71,7 @@ from loadtest.prom import (
 )
 from loadtest.tasks import DONE_STATUSES, FAILED_STATUSES, TaskRows, count_task_rows, pending_rows
 from service.metrics import HTTP_BUCKETS, SLOW_BUCKETS
+from service.worker import GAUGE_INTERVAL_S
 
 # Every outputs.json key a consumer may rely on (tests check all of them).
 
@@ -76,6 +90,7 @@ class RunWindow:
     ended_at: float
     warmup_s: float
     drained_at: float | None = None  # end of the post-run drain (defaults to ended_at)
+    last_arrival_at: float | None = None  # end of the arrival schedule (defaults to ended_at)
 
     @property
     def measured_start(self) -> float:
@@ -88,6 +103,11 @@ class RunWindow:
     @property
     def drain_end(self) -> float:
         return self.drained_at if self.drained_at is not None else self.ended_at
+
+    @property
+    def last_arrival(self) -> float:
+        """When k6 offered its last arrival: the backlog drains from here."""
+        return self.last_arrival_at if self.last_arrival_at is not None else self.ended_at
 
 
 def target_rate_at(profile: ProfileConfig, t: float) -> float:
@@ -159,11 +179,90 @@ def _plateau(prom: Prometheus, test_id: str, profile: ProfileConfig, at: float) 
     }
 
 
-def k6_cross_check(summary: Mapping[str, Any] | None, prom_p95_ms: float | None, prom_requests: int) -> dict[str, Any]:
+def _flow(prom: Prometheus, test_id: str, profile: ProfileConfig, at: float) -> dict[str, Any]:
+    """Time to post and the flows' outcomes (measured phase), and the polls on their own; None outside flows."""
+    if not profile.flow:
+        return {"time_to_post_p50_ms": None, "time_to_post_p95_ms": None, "flow_failed_rate": None}
+    flows_sel = q.k6_selector(q.K6_FLOWS, test_id, {q.K6_PHASE_LABEL: MEASURED})
+    outcomes = prom.vector(f"sum by (outcome) ({flows_sel})", at)
+    by_outcome = {labels.get("outcome", "?"): round(v) for labels, v in outcomes}
+    flows = sum(by_outcome.values())
+    failed = flows - by_outcome.get(q.FLOW_DONE, 0)
+    p50, p95 = (prom.scalar(q.run_time_to_post_ms(x, test_id), at) if flows else None for x in (0.5, 0.95))
+    poll = {q.K6_POLL_LABEL: MEASURED}
+    polls = int(prom.scalar(q.run_total(q.K6_HTTP_REQS, test_id, poll), at) or 0)
+    failed_polls = q.run_total(q.K6_HTTP_REQS, test_id, {**poll, "expected_response": "false"})
+    polls_failed = int(prom.scalar(failed_polls, at) or 0)
+    poll_p95 = prom.scalar(q.run_latency_quantile_ms(0.95, test_id, None, poll), at) if polls else None
+    return {
+        "time_to_post_p50_ms": _round(p50, 1),
+        "time_to_post_p95_ms": _round(p95, 1),
+        "flows": flows,
+        "flows_by_outcome": by_outcome,
+        "flow_failed_rate": _round(failed / flows, 6) if flows else None,
+        "polls": polls,
+        "poll_error_rate": _round(polls_failed / polls, 6) if polls else None,
+        "poll_p95_latency_ms": _round(poll_p95, 2),
+    }
+
+
+def backlog_lag_s(scrape_interval_s: float) -> float:
+    """How long after the queue empties its backlog gauges can still read non-zero in Prometheus."""
+    return GAUGE_INTERVAL_S + scrape_interval_s + 1.0
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """The queue backlog over a run: its sampled peak and how long it took to empty after the last arrival."""
+
+    peak: int | None  # None: no backlog series at all
+    drain_s: float | None  # None: not back to 0 by the end of the drain (or no series)
+    at_end: int | None  # the last sampled value
+    note: str | None = None
+
+
+def backlog(prom: Prometheus, window: RunWindow, *, scrape_interval_s: float, step_s: float = 1.0) -> Backlog:
+    """Peak of the backlog from the run's start, and seconds from the last arrival to its first sample of 0.
+
+    Evaluated every ``step_s`` (at most the scrape interval, so every scraped sample is seen) up to the
+    end of the drain plus :func:`backlog_lag_s`, the time the gauges need to show an empty queue.
+    """
+    until = max(window.drain_end, window.ended_at) + backlog_lag_s(scrape_interval_s)
+    step = min(step_s, scrape_interval_s)
+    points = prom.series(q.backlog(), window.started_at, until, step)
+    if not points:
+        return Backlog(None, None, None, f"backlog_peak/backlog_drain_s: no {q.QUEUE_DEPTH} / {q.QUEUE_PENDING} series")
+    peak = round(max(v for _, v in points))
+    last = window.last_arrival
+    zero = next((t for t, v in points if t >= last and v <= 0), None)
+    at_end = round(points[-1][1])
+    if zero is None:
+        return Backlog(
+            peak,
+            None,
+            at_end,
+            f"backlog_drain_s: the backlog was not back to 0 within {until - last:.0f} s of the last arrival "
+            f"({at_end} at the end of the drain)",
+        )
+    return Backlog(peak, round(zero - last, 1), at_end)
+
+
+def k6_cross_check(
+    summary: Mapping[str, Any] | None,
+    prom_p95_ms: float | None,
+    prom_requests: int,
+    prom_time_to_post_p95_ms: float | None = None,
+) -> dict[str, Any]:
     """k6's own end-of-test numbers next to Prometheus's, so a reader can see they agree."""
     if not summary:
         return {"available": False}
     metrics = summary.get("metrics", {})
+    ttp = metrics.get("time_to_post{phase:measured}", {}).get("values", {}).get("p(95)")
+    flow = (
+        {"k6_time_to_post_p95_ms": _round(ttp, 1), "prometheus_time_to_post_p95_ms": prom_time_to_post_p95_ms}
+        if ttp is not None
+        else {}
+    )
     dur = metrics.get("http_req_duration{phase:measured}", {}).get("values", {})
     reqs = metrics.get("http_reqs{phase:measured}", {}).get("values", {})
     k6_p95 = dur.get("p(95)")
@@ -179,6 +278,7 @@ def k6_cross_check(summary: Mapping[str, Any] | None, prom_p95_ms: float | None,
         "k6_requests": k6_count,
         "prometheus_requests": prom_requests,
         "requests_match": k6_count == prom_requests,
+        **flow,
         "note": "Prometheus p95 is interpolated within a native-histogram bucket (~9% wide); k6's is exact.",
     }
 
@@ -263,9 +363,10 @@ def _measure(
     achieved_qps = requests / measured_s
     error_rate = failed / requests if requests else None
     plateau = _plateau(prom, test_id, profile, end)
+    flow = _flow(prom, test_id, profile, end)
     # Peak of the achieved rate (15 s rate windows: >= 3 pushes even at the cluster's 5 s push interval).
     peak_start = min(window.measured_start + 15, end)
-    peak_points = prom.series(q.achieved_qps("15s", test_id), peak_start, end, 2)
+    peak_points = prom.series(q.achieved_qps("15s", test_id, labels=q.K6_TASK_POST), peak_start, end, 2)
     peak_qps = max((v for _, v in peak_points), default=None)
 
     # ---- server side over the measured window
@@ -316,6 +417,14 @@ def _measure(
         if v > 0
     }
 
+    if profile.flow:
+        notes.append(
+            "p95_latency_ms, error_rate and requests cover POST /task only; the flows' "
+            f"{flow['polls']} measured polls of GET /task/{{id}} are in polls, poll_error_rate and poll_p95_latency_ms"
+        )
+    queue = backlog(prom, window, scrape_interval_s=scrape_interval_s)
+    if queue.note:
+        notes.append(queue.note)
     if resets:
         notes.append(
             f"{len(resets)} counter reset(s) during the run ({describe_resets(resets)}): restarted processes; "
@@ -375,6 +484,16 @@ def _measure(
             if plateau
             else {}
         ),
+        **(
+            {
+                "time_to_post_p95_ms": flow["time_to_post_p95_ms"] is not None
+                and flow["time_to_post_p95_ms"] < thresholds.time_to_post_p95_ms,
+                "flow_failed_rate": flow["flow_failed_rate"] is not None
+                and flow["flow_failed_rate"] < thresholds.error_rate,
+            }
+            if profile.flow
+            else {}
+        ),
         "dropped_iterations": dropped == 0,
         "llm_cost_per_1k_tokens_usd": cost_per_1k is not None and cost_per_1k < thresholds.cost_per_1k_tokens_usd,
         "tasks_lost": lost == 0,
@@ -400,6 +519,11 @@ def _measure(
         "error_rate": _round(error_rate, 6),
         "dropped_iterations": dropped,
         **plateau,
+        "flow": profile.flow,
+        **flow,
+        "backlog_peak": queue.peak,
+        "backlog_drain_s": queue.drain_s,
+        "backlog_after_drain": queue.at_end,
         "cache_hit_ratio": _round(hit_ratio, 4),
         "llm_calls": None if llm_calls is None else round(llm_calls),
         "llm_tokens": None if llm_tokens is None else round(llm_tokens),
@@ -423,6 +547,11 @@ def _measure(
                 if plateau
                 else {}
             ),
+            **(
+                {"time_to_post_p95_ms": thresholds.time_to_post_p95_ms, "flow_failed_rate": thresholds.error_rate}
+                if profile.flow
+                else {}
+            ),
             "dropped_iterations": 0,
             "llm_cost_per_1k_tokens_usd": thresholds.cost_per_1k_tokens_usd,
             "tasks_lost": 0,
@@ -430,7 +559,7 @@ def _measure(
         "threshold_results": checks,
         # All five must hold; a number that could not be measured fails its check.
         "thresholds_passed": all(checks.values()),
-        "k6_cross_check": k6_cross_check(k6_summary, p95, requests),
+        "k6_cross_check": k6_cross_check(k6_summary, p95, requests, flow["time_to_post_p95_ms"]),
         "errors_by_status": errors_by_status,  # k6 status "0" = no response (timeout, connection error)
         "counter_resets": len(resets),  # restarts seen in the service counters' processes (see notes)
         "replicas": replicas,
@@ -444,23 +573,34 @@ def _measure(
 # ---------------------------------------------------------------- time series for the report
 
 
-def timeseries(prometheus_url: str, *, test_id: str, window: RunWindow, step_s: float | None = None) -> dict[str, Any]:
-    """Range series for the report's plots, from run start to end of drain (seconds since start)."""
-    start, end = window.started_at, window.drain_end
+def timeseries(
+    prometheus_url: str, *, test_id: str, window: RunWindow, step_s: float | None = None, tail_s: float = 0.0
+) -> dict[str, Any]:
+    """Range series for the report's plots, from run start to end of drain (seconds since start).
+
+    ``tail_s``: how far past the drain to plot, e.g. :func:`backlog_lag_s` so the backlog is seen reaching 0.
+    """
+    start, end = window.started_at, window.drain_end + tail_s
     span = max(end - start, 1.0)
     step = step_s or max(1.0, round(span / 150))
     rate_w = f"{max(15, int(4 * step))}s"
+    post = q.K6_TASK_POST  # the request figures are POST /task's; a flow's polls are plotted apart
     queries = {
-        "p50_latency_ms": q.latency_quantile_ms(0.5, rate_w, test_id),
-        "p95_latency_ms": q.p95_latency_ms(rate_w, test_id),
-        "p99_latency_ms": q.latency_quantile_ms(0.99, rate_w, test_id),
+        "p50_latency_ms": q.latency_quantile_ms(0.5, rate_w, test_id, labels=post),
+        "p95_latency_ms": q.latency_quantile_ms(0.95, rate_w, test_id, labels=post),
+        "p99_latency_ms": q.latency_quantile_ms(0.99, rate_w, test_id, labels=post),
         "server_p95_latency_ms": q.server_p95_latency_ms(rate_w),
-        "achieved_qps": q.achieved_qps(rate_w, test_id),
-        "error_rate": q.error_rate(rate_w, test_id),
+        "achieved_qps": q.achieved_qps(rate_w, test_id, labels=post),
+        "error_rate": q.error_rate(rate_w, test_id, labels=post),
         "dropped_per_s": q.dropped_iterations_per_s(rate_w, test_id),
         "cache_hit_ratio": q.cache_hit_ratio(rate_w),
         "llm_spend_usd_cumulative": f"sum({q.LLM_COST})",
         "queue_depth": q.queue_depth(),
+        "backlog": q.backlog(),
+        "time_to_post_p50_ms": q.time_to_post_quantile_ms(0.5, rate_w, test_id),
+        "time_to_post_p95_ms": q.time_to_post_quantile_ms(0.95, rate_w, test_id),
+        "llm_inflight": q.llm_inflight(),
+        "llm_concurrency_limit": q.llm_concurrency_limit(),
     }
     prom = Prometheus(prometheus_url)
     out: dict[str, Any] = {
@@ -468,6 +608,7 @@ def timeseries(prometheus_url: str, *, test_id: str, window: RunWindow, step_s: 
         "step_s": step,
         "warmup_s": window.warmup_s,
         "end_s": window.ended_at - start,
+        "last_arrival_s": window.last_arrival - start,
     }
     try:
         for name, expr in queries.items():

@@ -37,6 +37,13 @@ HEADLINE: tuple[tuple[str, str, str], ...] = (
     ("llm_calls", "LLM calls", ""),
     ("llm_tokens", "LLM billed tokens", ""),
     ("completion_p95_ms", "Task completion p95 (accepted -> done)", "ms"),
+    ("time_to_post_p50_ms", "Time to post p50 (client: POST -> poll that saw done; flow profiles)", "ms"),
+    ("time_to_post_p95_ms", "Time to post p95 (client: POST -> poll that saw done; flow profiles)", "ms"),
+    ("flow_failed_rate", "Flows failed, timed out or rejected (flow profiles)", ""),
+    ("polls", "Polls of GET /task/{id} (flow profiles; not in the request figures)", ""),
+    ("poll_p95_latency_ms", "Poll p95 latency (flow profiles)", "ms"),
+    ("backlog_peak", "Queue backlog peak (queued + pending, sampled)", ""),
+    ("backlog_drain_s", "Backlog drain: last arrival -> first sample of 0", "s"),
     ("tasks_accepted", "Tasks accepted", ""),
     ("tasks_completed", "Tasks completed", ""),
     ("tasks_failed", "Tasks failed", ""),
@@ -54,7 +61,13 @@ THRESHOLD_TEXT = {
     "dropped_iterations": "= 0",
     "llm_cost_per_1k_tokens_usd": "< ${v:g}",
     "tasks_lost": "= 0",
+    "time_to_post_p95_ms": "< {v:g} ms",
+    "flow_failed_rate": "< {pct}",
 }
+# Keys that exist only for flow profiles: elsewhere "n/a" says why instead of looking unmeasured.
+FLOW_ONLY = frozenset(
+    {"time_to_post_p50_ms", "time_to_post_p95_ms", "flow_failed_rate", "polls", "poll_p95_latency_ms"}
+)
 
 
 def fmt(key: str, value: Any) -> str:
@@ -63,12 +76,14 @@ def fmt(key: str, value: Any) -> str:
         return "n/a"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if key in ("error_rate", "plateau_error_rate", "cache_hit_ratio"):
+    if key in ("error_rate", "plateau_error_rate", "cache_hit_ratio", "flow_failed_rate", "poll_error_rate"):
         return f"{100 * float(value):.2f} %"
     if key.endswith("_usd"):
         return f"${float(value):.6f}" if float(value) < 1 else f"${float(value):.2f}"
     if key.endswith("_ms"):
         return f"{float(value):.1f} ms"
+    if key.endswith("_s"):
+        return f"{float(value):.1f} s"
     if key.endswith("_qps"):
         return f"{float(value):.1f}/s"
     if isinstance(value, float):
@@ -78,6 +93,8 @@ def fmt(key: str, value: Any) -> str:
 
 def show(out: Mapping[str, Any], key: str) -> str:
     """``fmt`` of ``out[key]``, marked "≥" when the value is a histogram's last bucket bound (a lower bound)."""
+    if key in FLOW_ONLY and not out.get("flow"):
+        return "n/a (flow profiles only)"
     text = fmt(key, out.get(key))
     return f"≥ {text}" if key in (out.get("lower_bounds") or ()) else text
 
@@ -99,6 +116,8 @@ def threshold_rows(out: Mapping[str, Any]) -> list[tuple[str, str, str, bool]]:
         "dropped_iterations": "Dropped iterations",
         "llm_cost_per_1k_tokens_usd": "Cost per 1k delivered tokens",
         "tasks_lost": "Tasks lost",
+        "time_to_post_p95_ms": "Time to post p95 (client flow)",
+        "flow_failed_rate": "Flows failed or timed out",
     }
     rows = []
     for key, passed in out.get("threshold_results", {}).items():
@@ -130,10 +149,16 @@ def svg_chart(
     x_max: float | None = None,
     warmup_s: float | None = None,
     hline: tuple[float, str] | None = None,
+    vline: tuple[float, str] | None = None,
+    missing: str = "no data",
     width: int = 640,
     height: int = 220,
 ) -> str:
-    """A small line chart as inline SVG (no scripts, no external resources)."""
+    """A small line chart as inline SVG (no scripts, no external resources).
+
+    ``vline``: (x, label) of a moment to mark (e.g. the last arrival); ``missing``: what the legend
+    says of a series without points.
+    """
     colors = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd")
     left, right, top, bottom = 60, 16, 40, 34
     pw, ph = width - left - right, height - top - bottom
@@ -164,6 +189,10 @@ def svg_chart(
         wx = left + pw * min(warmup_s / xmax, 1)
         parts.append(f'<rect x="{left}" y="{top}" width="{wx - left:.1f}" height="{ph}" class="warm"/>')
         parts.append(f'<text x="{left + 4}" y="{top + 12}" class="ax">warm-up (excluded)</text>')
+    if vline and 0 <= vline[0] <= xmax:
+        vx = left + pw * vline[0] / xmax
+        parts.append(f'<line x1="{vx:.1f}" x2="{vx:.1f}" y1="{top}" y2="{top + ph}" class="mark"/>')
+        parts.append(f'<text x="{vx - 4:.1f}" y="{top + 24}" class="ax" text-anchor="end">{esc(vline[1])}</text>')
     if hline and off_scale:  # keep the data readable; say where the target is
         parts.append(
             f'<text x="{left + pw - 4}" y="{top + 12}" class="ax" text-anchor="end">'
@@ -182,9 +211,9 @@ def svg_chart(
                 for i, (t, v) in enumerate(pts)
             )
             parts.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="1.6"/>')
-        label = name if pts else f"{name} (no data)"
+        label = name if pts else f"{name} ({missing})"
         parts.append(f'<text x="{legend_x}" y="30" class="ax" fill="{color}">■ {esc(label)}</text>')
-        legend_x += 10 + 7 * len(label)
+        legend_x += 18 + 6 * len(label)
     parts.append(f'<line x1="{left}" x2="{left}" y1="{top}" y2="{top + ph}" class="axis"/>')
     parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{top + ph}" y2="{top + ph}" class="axis"/>')
     parts.append("</svg>")
@@ -203,7 +232,7 @@ th{background:#f4f4f4} td.num{text-align:right;font-variant-numeric:tabular-nums
 svg.chart{border:1px solid #eee;background:#fff}
 svg .ct{font-size:13px;font-weight:600} svg .ax{font-size:10px;fill:#555}
 svg .grid{stroke:#eee} svg .axis{stroke:#888} svg .warm{fill:#f2f2f2}
-svg .target{stroke:#b00020;stroke-dasharray:4 3}
+svg .target{stroke:#b00020;stroke-dasharray:4 3} svg .mark{stroke:#555;stroke-dasharray:2 3}
 code{background:#f4f4f4;padding:0 .2rem} .note{color:#555;font-size:.9rem}
 """
 
@@ -296,7 +325,46 @@ def render_html(out: Mapping[str, Any], series: Mapping[str, Any] | None, *, com
                 warmup_s=warm,
             )
         )
-        charts.append(svg_chart("Queue depth", {"queued": series.get("queue_depth", [])}, x_max=None, warmup_s=warm))
+        last = series.get("last_arrival_s")
+        arrival = (float(last), "last arrival") if last is not None else None
+        if out.get("flow"):
+            charts.append(
+                svg_chart(
+                    "Time to post (client: POST -> poll that saw done)",
+                    {
+                        "p50": series.get("time_to_post_p50_ms", []),
+                        "p95": series.get("time_to_post_p95_ms", []),
+                    },
+                    unit="ms",
+                    x_max=None,
+                    warmup_s=warm,
+                    vline=arrival,
+                    hline=(float(thr["time_to_post_p95_ms"]), "p95 target") if "time_to_post_p95_ms" in thr else None,
+                )
+            )
+        charts.append(
+            svg_chart(
+                f"Queue backlog (peak {show(out, 'backlog_peak')}, drained in {show(out, 'backlog_drain_s')})",
+                {"backlog (queued + pending)": series.get("backlog", []), "queued": series.get("queue_depth", [])},
+                x_max=None,
+                warmup_s=warm,
+                vline=arrival,
+            )
+        )
+        charts.append(
+            svg_chart(
+                "LLM concurrency: limit, calls in flight, queue depth",
+                {
+                    "concurrency limit": series.get("llm_concurrency_limit", []),
+                    "LLM calls in flight": series.get("llm_inflight", []),
+                    "queue depth": series.get("queue_depth", []),
+                },
+                x_max=None,
+                warmup_s=warm,
+                vline=arrival,
+                missing="not exported",
+            )
+        )
     cmd_html = "".join(f"<pre><code>{esc(c)}</code></pre>" for c in commands)
     grafana = out.get("grafana_url")
     grafana_html = (
@@ -328,9 +396,10 @@ excluded; measured window {fmt("x", out.get("measured_window_s"))} s). Machine: 
 <h2>Over time</h2><div class="charts">{"".join(charts) or "<p>No time series.</p>"}</div>
 <h2>Every number</h2>
 <table id="numbers"><tr><th>Number</th><th>Key in outputs.json</th><th>Value</th></tr>{"".join(detail)}</table>
-<p class="note">Client latencies are percentiles of the merged k6 histogram of measured-phase requests (open
-model: arrivals do not wait for responses){timeout_note}. Dropped iterations count arrivals k6 could not start at all;
-any non-zero value means the offered load was not offered. Cost covers the run plus the drain.</p>
+<p class="note">Client latencies are percentiles of the merged k6 histogram of measured-phase <code>POST /task</code>
+requests (open model: arrivals do not wait for responses; a flow profile's polls are reported
+apart){timeout_note}. Dropped iterations count arrivals k6 could not start at all; any non-zero value
+means the offered load was not offered. Cost covers the run plus the drain.</p>
 {grafana_html}
 <h2>Reproduce</h2>{cmd_html}
 </body></html>
@@ -412,6 +481,24 @@ def render_markdown(
         f"- Cache hit ratio during the measured window: {hit} — read every latency above with it.",
         "- Cost: LLM spend over the run plus the drain divided by the tokens delivered to clients (cache hits "
         "deliver tokens at $0); the billed price per 1k tokens is shown separately.",
+        *(
+            [
+                "- Client flow: each arrival POSTs /task, then polls GET /task/{id} every "
+                f"{profile.get('pollMs')} ms until done or failed, for at most {profile.get('flowTimeoutS')} s. "
+                "Time to post (just before the POST to the poll that saw done, measured flows that got their "
+                f"post): p50 {show(out, 'time_to_post_p50_ms')}, p95 {show(out, 'time_to_post_p95_ms')}, from "
+                "k6's merged histograms; "
+                f"{show(out, 'flow_failed_rate')} of {out.get('flows')} measured flows failed, timed out or were "
+                f"rejected ({out.get('flows_by_outcome')}). The request figures above are POST /task only; the "
+                f"{out.get('polls')} measured polls had p95 {show(out, 'poll_p95_latency_ms')} and error rate "
+                f"{fmt('poll_error_rate', out.get('poll_error_rate'))}."
+            ]
+            if out.get("flow")
+            else []
+        ),
+        "- Queue backlog (queued + pending entries, from the queue gauges, sampled): "
+        f"peak {show(out, 'backlog_peak')}; back to 0 {show(out, 'backlog_drain_s')} after the last arrival "
+        "(n/a: not within the drain).",
         f"- Tasks: {out.get('tasks_accepted')} accepted, {out.get('tasks_completed')} completed, "
         f"{out.get('tasks_failed')} failed, {out.get('tasks_lost')} lost, "
         f"{out.get('tasks_pending_after_drain')} still queued after a bounded drain of {out.get('drain_s')} s.",

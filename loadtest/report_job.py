@@ -103,8 +103,8 @@ class Kube:
 
 def run(doc: dict[str, Any], kube: Kube, database_url: str | None) -> dict[str, Any]:
     """Measure the run described by ``doc`` (see ``infra/report.py:report_job_config``) and store the report."""
-    from common.k6config import profile_duration_s
-    from loadtest.measure import RunWindow, measure
+    from common.k6config import GRACEFUL_STOP_S, graceful_stop_s, profile_duration_s
+    from loadtest.measure import RunWindow, backlog_lag_s, measure
     from loadtest.tasks import wait_for_drain
 
     ns = doc["namespace"]
@@ -116,20 +116,30 @@ def run(doc: dict[str, Any], kube: Kube, database_url: str | None) -> dict[str, 
     # The offered load ends with the last stage; gracefulStop only lets in-flight requests finish.
     ended_at = started_at + profile_duration_s(profile)
     drained_at, pending = (time.time(), None)
+    scrape_interval_s = float(doc.get("scrapeIntervalS", 5))
     if database_url:
         drained_at, pending = wait_for_drain(database_url, started_at - 5, float(doc["drainS"]))
+        # The queue gauges show the emptied queue this much later (the backlog's drain is read from them).
+        time.sleep(max(0.0, drained_at + backlog_lag_s(scrape_interval_s) - time.time()))
     report = measure(
         doc["prometheusUrl"],
         test_id=doc["testId"],
         profile_name=doc["profileName"],
         profile=profile,
         thresholds=ThresholdsConfig.model_validate(doc["thresholds"]),
-        window=RunWindow(started_at, ended_at, float(profile.warmup_s), drained_at=max(drained_at, ended_at)),
+        window=RunWindow(
+            started_at,
+            ended_at,
+            float(profile.warmup_s),
+            drained_at=max(drained_at, ended_at),
+            last_arrival_at=ended_at,
+        ),
         database_url=database_url,
         tasks_pending_after_drain=pending,
         machine={"where": "kubernetes", "k6_runners": doc.get("runners")},
-        settle_s=SETTLE_S,
-        scrape_interval_s=float(doc.get("scrapeIntervalS", 5)),
+        # k6's totals are final once its last iteration ended and pushed: a flow polls on for up to its timeout.
+        settle_s=SETTLE_S + (graceful_stop_s(profile) - GRACEFUL_STOP_S),
+        scrape_interval_s=scrape_interval_s,
         # The API's count is where the HPA starts from; the report shows what really ran next to it.
         configured_replicas={"orchestrator": doc["orchestratorReplicas"], "workers": doc["workersReplicas"]},
     )

@@ -155,3 +155,34 @@ def test_missed_target_is_reported_as_failed(tmp_path: Path) -> None:
     assert out["tasks_lost"] == 0
     html = (run_dir / "report.html").read_text()
     assert "TARGETS NOT MET" in html and "FAIL" in html
+
+
+@pytest.mark.timeout(180)
+def test_flow_demo(tmp_path: Path) -> None:
+    """``make demo PROFILE=flow``, shortened: new tasks at a constant rate, each polled until its post is there;
+    the time to post, the flows' outcomes and the backlog's peak and drain are measured and reported."""
+    cfg = load("dev")
+    flow = cfg.loadtest.profiles["flow"].model_copy(
+        update={"warmup_s": 3, "start_rate": 10, "stages": [Stage(duration="12s", target=10)], "pre_allocated_vus": 40}
+    )
+    cfg = _with_loadtest(cfg, drain_s=30, profiles={**cfg.loadtest.profiles, "flow": flow})
+    out, run_dir = run_demo(cfg, stack_name="dev", profile="flow", reports_dir=tmp_path / "reports", grafana=False)
+    for key in OUTPUT_KEYS:
+        assert key in out, key
+    metrics = json.loads((run_dir / "k6-summary.json").read_text())["metrics"]
+    assert out["flow"] is True and out["flows"] == metrics["flows{phase:measured}"]["values"]["count"] > 0
+    assert out["flows_by_outcome"] == {"done": out["flows"]}  # the simulator answers every task
+    assert out["flow_failed_rate"] == 0
+    k6_ttp = metrics["time_to_post{phase:measured}"]["values"]
+    assert 0 < out["time_to_post_p50_ms"] <= out["time_to_post_p95_ms"]
+    assert out["time_to_post_p95_ms"] == pytest.approx(k6_ttp["p(95)"], rel=0.1)
+    # POST /task alone in the request figures; the polls on their own.
+    assert out["requests"] == metrics["http_reqs{phase:measured}"]["values"]["count"]
+    assert out["polls"] == metrics["http_req_duration{poll:measured}"]["values"]["count"] > 0
+    assert out["tasks_accepted"] >= out["flows"] and out["tasks_lost"] == 0
+    # Every flow waited for its task, so the queue was empty when k6 ended: drained within the run's tail.
+    assert out["backlog_peak"] is not None and out["backlog_peak"] >= 1
+    assert out["backlog_drain_s"] is not None and 0 <= out["backlog_drain_s"] <= out["duration_s"]
+    assert out["threshold_results"]["time_to_post_p95_ms"] is (out["time_to_post_p95_ms"] < 2500)
+    html = (run_dir / "report.html").read_text()
+    assert "Time to post (client" in html and "LLM concurrency" in html

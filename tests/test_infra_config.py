@@ -47,6 +47,8 @@ CONTEXT: dict[str, dict[str, Any]] = {
     "baseline.kedaOperatorPodSelector": KEDA_ON,
     # Without the endpoints, the API server must be reachable some other way.
     "baseline.apiServerFromEndpoints": {"baseline.apiServerCidrs": ["203.0.113.0/28"]},
+    # A flow needs a VU for as long as it may poll: at 1000/s, a 1 s timeout fits the demo's 2000 VUs.
+    "loadtest.profiles.demo.flow": {"loadtest.profiles.demo.flowTimeoutS": 1.0},
 }
 SPECIAL: dict[str, Any] = {
     "llm.mode": "external",

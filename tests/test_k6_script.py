@@ -10,14 +10,24 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 
-from common.k6config import CONFIG_ENV, SCRIPT, execution_segments, k6_config, segment_sequence
-from common.stackconfig import load
+from common.k6config import (
+    CONFIG_ENV,
+    GRACEFUL_STOP_S,
+    SCRIPT,
+    duration_seconds,
+    execution_segments,
+    k6_config,
+    peak_arrival_rate,
+    segment_sequence,
+)
+from common.stackconfig import ProfileConfig, StackConfig, Stage, load
 from common.tools import tool
 from loadtest.bench import ReferenceServer
+from tests.flowsink import DONE_AFTER_S, FlowSink, flow_sink
 
 K6 = tool("k6")
 
@@ -262,3 +272,184 @@ def test_new_topics_are_never_repeated_across_vus_runners_and_runs(
         assert len(set(topics)) == len(topics) and all(t.startswith("new ") for t in topics)
     else:
         assert all(t.startswith("topic ") for t in topics) and len(set(topics)) < len(topics)
+
+
+# ------------------------------------------------------------------ the client flow (flow profiles)
+
+FLOW_TEST = ProfileConfig(
+    start_rate=20,
+    warmup_s=0,
+    new_topics=1.0,
+    flow=True,
+    poll_ms=100,
+    flow_timeout_s=1.5,
+    pre_allocated_vus=40,
+    max_vus=60,
+    stages=[Stage(duration="3s", target=20)],
+)
+
+
+def _with_profile(name: str, profile: ProfileConfig) -> StackConfig:
+    cfg = load("dev")
+    profiles = {**cfg.loadtest.profiles, name: profile}
+    return cfg.model_copy(update={"loadtest": cfg.loadtest.model_copy(update={"profiles": profiles})})
+
+
+def test_inspect_flow_profile_judges_time_to_post_and_failed_flows() -> None:
+    cfg = load("dev")
+    prof = cfg.loadtest.profiles["flow"]
+    assert prof.flow and prof.new_topics == 1.0 and prof.poll_ms == 250
+    assert peak_arrival_rate(prof) == 20 and cfg.loadtest.thresholds.time_to_post_p95_ms == 2500
+    proc = subprocess.run(
+        [K6, "inspect", "--include-system-env-vars", str(SCRIPT)],
+        env=_config_env("flow"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    opts = json.loads(proc.stdout)
+    th = opts["thresholds"]
+    assert th["time_to_post{phase:measured}"] == ["p(95)<2500"]
+    assert th["flow_failed{phase:measured}"] == [f"rate<{cfg.loadtest.thresholds.error_rate:g}"]
+    # The POST thresholds are as in every profile (polls carry no `phase`, so they are not in them).
+    assert th["http_req_duration{phase:measured}"] == [f"p(95)<{cfg.loadtest.thresholds.p95_ms:g}"]
+    assert th["dropped_iterations"] == ["count==0"]
+    # The last arrivals' flows may poll for the whole timeout before k6 may interrupt them.
+    assert duration_seconds(opts["scenarios"]["task"]["gracefulStop"]) == GRACEFUL_STOP_S + prof.flow_timeout_s
+    assert (
+        "time_to_post{phase:measured}"
+        not in json.loads(
+            subprocess.run(
+                [K6, "inspect", "--include-system-env-vars", str(SCRIPT)],
+                env=_config_env("demo"),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            ).stdout
+        )["thresholds"]
+    )
+
+
+def test_a_flow_profile_needs_a_vu_per_flow_in_progress() -> None:
+    with pytest.raises(ValueError, match=r"maxVus \(20\) must cover the peak rate \(20/s\) x flowTimeoutS"):
+        ProfileConfig(start_rate=20, flow=True, flow_timeout_s=30, max_vus=20, stages=[Stage(duration="5s", target=20)])
+    ProfileConfig(start_rate=20, flow=False, max_vus=20, stages=[Stage(duration="5s", target=20)])  # POST only: fine
+
+
+def test_flow_outcome_names() -> None:
+    """``flowOutcome`` of a stopped flow, run by k6 itself."""
+    script = (
+        f"import {{ flowOutcome }} from '{SCRIPT.as_posix()}';\n"
+        "export const options = { iterations: 1, vus: 1 };\n"
+        "export default function () {}\n"
+        "export function handleSummary() {\n"
+        "  const cases = [['done', 'x'], ['failed', 'x'], ['running', 'x'], ['queued', 'x'],\n"
+        "                 [null, 'x'], [null, null]];\n"
+        "  return { stdout: JSON.stringify(cases.map(([s, id]) => flowOutcome(s, id))) };\n"
+        "}\n"
+    )
+    proc = subprocess.run(
+        [K6, "run", "--quiet", "--no-usage-report", "-"],
+        input=script,
+        env=_config_env("flow"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    outcomes = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert outcomes == ["done", "failed", "timeout", "timeout", "timeout", "rejected"]
+
+
+FlowRun = tuple[FlowSink, dict[str, Any], list[dict[str, Any]]]
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowRun]:
+    """One real k6 flow run against the scripted sink: (what the sink saw, k6's summary, k6's JSON points)."""
+    tmp = tmp_path_factory.mktemp("flow")
+    with flow_sink() as sink:
+        doc = k6_config(
+            _with_profile("t", FLOW_TEST),
+            base_url=sink.url,
+            test_id="t-flow",
+            profile="t",
+            summary_path=str(tmp / "summary.json"),
+        )
+        proc = subprocess.run(
+            [K6, "run", "--quiet", "--no-usage-report", "--out", f"json={tmp / 'points.json'}", str(SCRIPT)],
+            env={**os.environ, CONFIG_ENV: json.dumps(doc)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            cwd=tmp,
+        )
+    # 30 % of the flows fail (failed, timed out, rejected) and 10 % of the POSTs are 503s: thresholds crossed.
+    assert proc.returncode == 99, proc.stdout + proc.stderr
+    points = [json.loads(line) for line in (tmp / "points.json").read_text().splitlines()]
+    yield sink, json.loads((tmp / "summary.json").read_text()), [p for p in points if p["type"] == "Point"]
+
+
+def _outcomes(points: list[dict[str, Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p in points:
+        if p["metric"] == "flows":
+            outcome = p["data"]["tags"]["outcome"]
+            out[outcome] = out.get(outcome, 0) + int(p["data"]["value"])
+    return out
+
+
+def test_each_flow_ends_with_the_fate_of_its_task(
+    flow_run: FlowRun,
+) -> None:
+    sink, summary, points = flow_run
+    assert 55 <= len(sink.posts) <= 62  # 3 s x 20/s arrivals, one POST each
+    assert _outcomes(points) == {f: sink.expected(f) for f in ("done", "failed", "timeout", "rejected")}
+    metrics = summary["metrics"]
+    failed = metrics["flow_failed{phase:measured}"]["values"]
+    assert failed["passes"] == len(sink.posts) - sink.expected("done")  # a Rate's passes are its true values
+    assert metrics["time_to_post{phase:measured}"]["values"]["count"] == sink.expected("done")
+    thresholds = {k: v["thresholds"] for k, v in metrics.items() if v.get("thresholds")}
+    assert thresholds["flow_failed{phase:measured}"]["rate<0.01"]["ok"] is False
+    assert metrics.get("dropped_iterations", {}).get("values", {}).get("count", 0) == 0  # a VU per flow
+
+
+def test_time_to_post_runs_from_the_post_to_the_poll_that_saw_done(
+    flow_run: FlowRun,
+) -> None:
+    _, summary, _ = flow_run
+    ttp = summary["metrics"]["time_to_post{phase:measured}"]["values"]
+    # Done 300 ms after the POST arrived; polled every 100 ms: seen within one poll (plus the machine's noise).
+    assert ttp["min"] >= 1000 * DONE_AFTER_S
+    assert ttp["med"] <= 1000 * DONE_AFTER_S + FLOW_TEST.poll_ms + 200
+
+
+def test_polls_are_tagged_apart_and_bounded_by_the_timeout(
+    flow_run: FlowRun,
+) -> None:
+    sink, summary, points = flow_run
+    metrics = summary["metrics"]
+    # The `phase` figures are the POSTs alone; the polls are under `poll`.
+    assert metrics["http_reqs{phase:measured}"]["values"]["count"] == len(sink.posts)
+    assert metrics["http_req_duration{poll:measured}"]["values"]["count"] == len(sink.gets)
+    assert metrics["http_reqs"]["values"]["count"] == len(sink.posts) + len(sink.gets)
+    # One name and url for every poll: a task id in a tag would be a new Prometheus series per task.
+    polls = [p["data"]["tags"] for p in points if p["metric"] == "http_reqs" and p["data"]["tags"]["method"] == "GET"]
+    assert len(polls) == len(sink.gets)
+    assert {(t["name"], t.get("phase"), t["poll"]) for t in polls} == {("GET /task/{id}", None, "measured")}
+    assert len({t["url"] for t in polls}) == 1
+    assert not any(task_id in value for t in polls for value in t.values() for task_id in sink.created)
+    # A task that never finishes is polled every pollMs until the flow's timeout, then given up.
+    never = [tid for tid, (_, what) in sink.created.items() if what == "timeout"]
+    per_task = [sum(1 for g in sink.gets if g.endswith(tid)) for tid in never]
+    limit = FLOW_TEST.flow_timeout_s * 1000 / FLOW_TEST.poll_ms
+    assert never and all(3 <= n <= limit for n in per_task), per_task  # fewer when polls are slow (shared cores)
+    # A failed task ends its flow at the first poll that sees it; a rejected POST is never polled.
+    failed = [tid for tid, (_, what) in sink.created.items() if what == "failed"]
+    assert all(sum(1 for g in sink.gets if g.endswith(tid)) == 1 for tid in failed)
+    assert metrics["iteration_duration"]["values"]["max"] < 1000 * (FLOW_TEST.flow_timeout_s + 1.5)

@@ -22,11 +22,12 @@ from common.stackconfig import ProfileConfig, Stage, ThresholdsConfig, load
 from loadtest import measure as ms
 from loadtest import tasks
 from loadtest.bench import ReferenceServer
-from loadtest.k6run import run_k6
+from loadtest.k6run import K6_PUSH_INTERVAL_S, run_k6
 from localstack.process import free_port
 from localstack.proof import PrometheusServer
 from localstack.servers import PostgresServer
 from service.db import SCHEMA
+from tests.flowsink import flow_sink
 
 THRESHOLDS = ThresholdsConfig.model_validate({})
 PROFILE = ProfileConfig(
@@ -100,7 +101,8 @@ RAW_SAMPLES = re.compile(r"\[(\d+)ms\]$")  # ms.Prometheus.samples: a bare range
 
 def fake_prometheus(answer: Answer) -> ms.Prometheus:
     """A Prometheus client whose HTTP API answers every instant query with ``answer(query)``; a counter's raw
-    samples are one series going from 0 (before the window) to ``answer(query)`` (at its end)."""
+    samples are one series going from 0 (before the window) to ``answer(query)`` (at its end); a range query
+    is that value at both ends of the range."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         params = {k: v[0] for k, v in parse_qs(request.url.query.decode()).items()}
@@ -113,7 +115,7 @@ def fake_prometheus(answer: Answer) -> ms.Prometheus:
             return httpx.Response(200, json={"status": "success", "data": {"resultType": "matrix", "result": result}})
         if request.url.path.endswith("/query_range"):
             value = answer(query)
-            values = [] if value is None else [[float(params["start"]), str(value)]]
+            values = [] if value is None else [[float(params[edge]), str(value)] for edge in ("start", "end")]
             result = [{"metric": {}, "values": values}] if values else []
             return httpx.Response(200, json={"status": "success", "data": {"resultType": "matrix", "result": result}})
         value = answer(query)
@@ -158,6 +160,7 @@ BASE = {
     "loadproof_llm_cost_usd_total": 0.25,
     'count(up{job="orchestrator"} == 1)': 3,
     'count(up{job="workers"} == 1)': 2,
+    "max(loadproof_queue_depth)": 0,  # the backlog: empty throughout (a range query answers one point)
 }
 
 
@@ -501,3 +504,170 @@ def test_counter_totals_survive_restarts_and_deleted_pods(tmp_path: Path) -> Non
         "workers": {"configured": 1, "observed_max": 1},
     }
     assert out["requests"] == 100
+
+
+# ------------------------------------------------------------------ the queue backlog: a real Prometheus, known samples
+
+
+def queue(depth: int, pending: int) -> str:
+    return f"loadproof_queue_depth {depth}\nloadproof_queue_pending {pending}\n"
+
+
+def test_backlog_peak_and_drain_from_the_queue_gauges(tmp_path: Path) -> None:
+    """The backlog rises to 30 + 10, is still 5 + 20 at the last arrival, and first reads 0 some seconds later:
+    the peak is the highest sampled sum, the drain runs from the last arrival to the first sample of 0."""
+    w, other = Target(), Target()
+    prom = PrometheusServer(
+        {"workers": [f"127.0.0.1:{w.port}", f"127.0.0.1:{other.port}"]},
+        scrape_interval_s=1,
+        workdir=tmp_path / "prom",
+        port=free_port(),
+    )
+    hold = 2.5  # >= 2 scrapes of every state
+    try:
+        w.start(queue(0, 0))
+        other.start(queue(0, 0))  # a second worker process reports the same stream: max, not sum
+        prom.start()
+        deadline = time.monotonic() + 30
+        while (ms.Prometheus(prom.url).scalar("count(up == 1)", time.time()) or 0) < 2:
+            assert time.monotonic() < deadline, "targets never came up"
+            time.sleep(0.2)
+        started_at = time.time()
+        time.sleep(hold)
+        w.text = other.text = queue(30, 10)
+        time.sleep(hold)
+        w.text, other.text = queue(5, 20), queue(4, 20)
+        time.sleep(hold)
+        last_arrival = time.time()
+        w.text = other.text = queue(0, 3)
+        time.sleep(hold)
+        emptied = time.time()
+        w.text = other.text = queue(0, 0)
+        time.sleep(hold)
+        drained_at = time.time()
+        time.sleep(ms.backlog_lag_s(1) + hold)  # the first window's search ends drained_at + lag
+        w.text = queue(7, 0)  # new work after the drain: a second window that never empties
+        time.sleep(hold)
+        late_arrival = time.time()
+        time.sleep(hold)
+        now = time.time()
+        client = ms.Prometheus(prom.url)
+        window = ms.RunWindow(started_at, last_arrival, 1, drained_at=drained_at, last_arrival_at=last_arrival)
+        drained = ms.backlog(client, window, scrape_interval_s=1)
+        late = ms.backlog(
+            client, ms.RunWindow(started_at, now, 1, drained_at=now, last_arrival_at=late_arrival), scrape_interval_s=1
+        )
+        nothing = ms.backlog(
+            client, ms.RunWindow(started_at - 600, started_at - 400, 1), scrape_interval_s=1
+        )  # before any series existed
+    finally:
+        for t in (w, other):
+            t.stop()
+        prom.stop()
+    assert drained.peak == 40 and drained.note is None and drained.at_end == 0
+    assert drained.drain_s is not None
+    # The first 0 is scraped within a scrape interval of being set and seen within one evaluation step.
+    assert emptied - last_arrival <= drained.drain_s <= emptied - last_arrival + 2.5
+    assert late.peak == 40 and late.drain_s is None and late.at_end == 7
+    assert late.note is not None and "not back to 0" in late.note and "(7 at the end" in late.note
+    assert nothing.peak is None and nothing.drain_s is None and nothing.note is not None
+
+
+# ------------------------------------------------------------------ a client-flow run: Prometheus agrees with k6
+
+FLOW_PROFILE = ProfileConfig(
+    start_rate=20,
+    warmup_s=1,
+    new_topics=1.0,
+    flow=True,
+    poll_ms=100,
+    flow_timeout_s=1.5,
+    pre_allocated_vus=40,
+    max_vus=60,
+    stages=[Stage(duration="4s", target=20)],
+)
+
+
+def test_flow_run_time_to_post_and_outcomes_match_k6(tmp_path: Path) -> None:
+    cfg = load("dev")
+    cfg = cfg.model_copy(
+        update={"loadtest": cfg.loadtest.model_copy(update={"profiles": {**cfg.loadtest.profiles, "f": FLOW_PROFILE}})}
+    )
+    port = free_port()
+    prom = PrometheusServer(
+        {"prometheus": [f"127.0.0.1:{port}"]}, scrape_interval_s=1, workdir=tmp_path / "prom", port=port
+    )
+    with flow_sink() as sink:
+        try:
+            prom.start()
+            result = run_k6(
+                cfg,
+                profile="f",
+                base_url=sink.url,
+                test_id="flow-real",
+                run_dir=tmp_path / "run",
+                prometheus_rw_url=prom.remote_write_url,
+                web_dashboard=False,
+            )
+            assert result.returncode == 99, (tmp_path / "run" / "k6.log").read_text()  # 30 % of flows fail
+            time.sleep(K6_PUSH_INTERVAL_S + 1)
+            out = ms.measure(
+                prom.url,
+                test_id="flow-real",
+                profile_name="f",
+                profile=FLOW_PROFILE,
+                thresholds=cfg.loadtest.thresholds,
+                window=ms.RunWindow(
+                    result.started_at,
+                    result.ended_at,
+                    FLOW_PROFILE.warmup_s,
+                    last_arrival_at=result.started_at + profile_duration_s(FLOW_PROFILE),
+                ),
+                k6_summary=result.summary,
+                settle_s=1,
+                scrape_interval_s=1,
+            )
+        finally:
+            prom.stop()
+    metrics = json.loads((tmp_path / "run" / "k6-summary.json").read_text())["metrics"]
+    for key in OUTPUT_KEYS:
+        assert key in out, key
+    # Outcomes and counts are exact (cumulative series); the polls are not in the request figures.
+    k6_flows = metrics["flows{phase:measured}"]["values"]["count"]
+    k6_failed = metrics["flow_failed{phase:measured}"]["values"]["passes"]
+    assert out["flows"] == k6_flows and sum(out["flows_by_outcome"].values()) == k6_flows  # type: ignore[union-attr]
+    assert out["flows_by_outcome"]["done"] == metrics["time_to_post{phase:measured}"]["values"]["count"]  # type: ignore[index]
+    assert set(out["flows_by_outcome"]) == {"done", "failed", "timeout", "rejected"}  # type: ignore[arg-type]
+    assert out["flow_failed_rate"] == round(k6_failed / k6_flows, 6)
+    assert out["requests"] == metrics["http_reqs{phase:measured}"]["values"]["count"]
+    assert out["polls"] == metrics["http_req_duration{poll:measured}"]["values"]["count"]
+    assert out["requests_including_warmup"] == len(sink.posts) + len(sink.gets)  # every request k6 made
+    # Percentiles from the merged native histogram agree with k6's exact ones (one bucket is ~9 % wide).
+    k6_ttp = metrics["time_to_post{phase:measured}"]["values"]
+    assert out["time_to_post_p95_ms"] == pytest.approx(k6_ttp["p(95)"], rel=0.1)
+    assert out["time_to_post_p50_ms"] == pytest.approx(k6_ttp["med"], rel=0.1)
+    assert out["k6_cross_check"]["k6_time_to_post_p95_ms"] == round(k6_ttp["p(95)"], 1)  # type: ignore[index]
+    # Judged: time to post under its 2500 ms target, but 30 % of the flows failed.
+    assert out["threshold_results"]["time_to_post_p95_ms"] is True  # type: ignore[index]
+    assert out["threshold_results"]["flow_failed_rate"] is False  # type: ignore[index]
+    assert out["thresholds"]["time_to_post_p95_ms"] == 2500  # type: ignore[index]
+    assert any("cover POST /task only" in n for n in out["notes"])  # type: ignore[union-attr]
+    # No service ran: no queue gauges, so no backlog figure, and a note says why.
+    assert out["backlog_peak"] is None and out["backlog_drain_s"] is None
+    assert any("no loadproof_queue_depth" in n for n in out["notes"])  # type: ignore[union-attr]
+
+
+def test_outside_flow_profiles_the_flow_figures_are_none() -> None:
+    out = run_fake(BASE)
+    assert out["flow"] is False
+    assert out["time_to_post_p50_ms"] is None and out["time_to_post_p95_ms"] is None and out["flow_failed_rate"] is None
+    assert "time_to_post_p95_ms" not in out["threshold_results"]  # type: ignore[operator]
+    assert out["backlog_peak"] == 0 and out["backlog_drain_s"] is not None  # every profile has a backlog
+
+
+def test_new_outputs_are_declared() -> None:
+    from common.outputs import STACK_OUTPUTS
+
+    for key in ("time_to_post_p50_ms", "time_to_post_p95_ms", "flow_failed_rate", "backlog_peak", "backlog_drain_s"):
+        assert key in OUTPUT_KEYS, key
+    assert {"time_to_post_p95_ms", "backlog_drain_s", "backlog_peak"} <= set(STACK_OUTPUTS)

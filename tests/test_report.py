@@ -216,3 +216,75 @@ def test_lower_bounds_are_marked() -> None:
     assert report.show(out, "completion_p95_ms") == "≥ 120000.0 ms"
     assert report.show(out, "p95_latency_ms") == "123.5 ms"
     assert "≥ 120000.0 ms" in report.render_html(out, None, commands=COMMANDS)
+
+
+# ---------------------------------------------------------------- flow profiles, backlog, concurrency limit
+
+FLOW_OUT: dict[str, Any] = {
+    **copy.deepcopy(OUT),
+    "profile": "flow",
+    "flow": True,
+    "time_to_post_p50_ms": 1234.5,
+    "time_to_post_p95_ms": 2345.6,
+    "flows": 500,
+    "flows_by_outcome": {"done": 498, "timeout": 2},
+    "flow_failed_rate": 0.004,
+    "polls": 3000,
+    "poll_error_rate": 0.0,
+    "poll_p95_latency_ms": 4.5,
+    "backlog_peak": 41,
+    "backlog_drain_s": 3.5,
+}
+FLOW_OUT["thresholds"] = {**OUT["thresholds"], "time_to_post_p95_ms": 2500.0, "flow_failed_rate": 0.01}
+FLOW_OUT["threshold_results"] = {**OUT["threshold_results"], "time_to_post_p95_ms": True, "flow_failed_rate": True}
+FLOW_SERIES: dict[str, Any] = {
+    **SERIES,
+    "last_arrival_s": 28.0,
+    "time_to_post_p50_ms": [(float(t), 1200.0) for t in range(31)],
+    "time_to_post_p95_ms": [(float(t), 2300.0 + t) for t in range(31)],
+    "backlog": [(float(t), float(min(t, 40))) for t in range(35)],
+    "queue_depth": [(float(t), float(min(t, 30))) for t in range(35)],
+    "llm_inflight": [(float(t), 8.0) for t in range(35)],
+    "llm_concurrency_limit": [(float(t), 16.0) for t in range(35)],
+}
+
+
+def _chart(text: str, title: str) -> str:
+    match = re.search(r"<svg[^>]*>(?:(?!</svg>).)*" + re.escape(title) + r".*?</svg>", text)
+    assert match, f"no chart titled {title!r}"
+    return match.group(0)
+
+
+def test_flow_report_plots_time_to_post_and_the_concurrency_limit() -> None:
+    text = report.render_html(FLOW_OUT, FLOW_SERIES, commands=COMMANDS)
+    ttp = _chart(text, "Time to post")
+    assert "p95 target" in ttp and "last arrival" in ttp and ttp.count("<path") == 2
+    limit = _chart(text, "LLM concurrency")
+    assert "concurrency limit" in limit and "not exported" not in limit and limit.count("<path") == 3
+    assert "peak 41, drained in 3.5 s" in _chart(text, "Queue backlog")
+    for label, value in (
+        ("Time to post p95 (client flow)", "2345.6 ms"),
+        ("Flows failed or timed out", "0.40 %"),
+    ):
+        assert re.search(re.escape(label) + r".*?" + re.escape(value), text), label
+    for key in ("time_to_post_p50_ms", "time_to_post_p95_ms", "backlog_peak", "backlog_drain_s", "polls"):
+        assert f"<code>{key}</code>" in text, key
+    md = report.render_markdown(
+        FLOW_OUT, commands=COMMANDS, workload={}, profile={"pollMs": 250, "flowTimeoutS": 30.0, "stages": []}
+    )
+    assert "polls GET /task/{id} every 250 ms" in md and "p95 2345.6 ms" in md and "3000 measured polls" in md
+    assert "peak 41; back to 0 3.5 s after the last arrival" in md
+
+
+def test_an_absent_concurrency_limit_is_said_not_failed() -> None:
+    series = {k: v for k, v in FLOW_SERIES.items() if k != "llm_concurrency_limit"}
+    limit = _chart(report.render_html(FLOW_OUT, series, commands=COMMANDS), "LLM concurrency")
+    assert "concurrency limit (not exported)" in limit and limit.count("<path") == 2
+
+
+def test_outside_flow_profiles_time_to_post_is_not_plotted_and_says_why() -> None:
+    text = report.render_html({**OUT, "backlog_peak": None, "backlog_drain_s": None}, SERIES, commands=COMMANDS)
+    assert "Time to post (client" not in text  # no chart
+    assert "n/a (flow profiles only)" in text
+    assert "peak n/a, drained in n/a" in _chart(text, "Queue backlog")
+    assert "Time to post" not in "".join(label for label, *_ in report.threshold_rows(OUT))

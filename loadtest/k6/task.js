@@ -8,9 +8,17 @@
 // the service slows down, hiding exactly the latency we want to measure (coordinated omission).
 // ramping-arrival-rate starts iterations on a schedule; when no VU is free the iteration is
 // *dropped* and counted in `dropped_iterations`, which therefore must be 0 for a valid run.
+//
+// A flow profile (`flow: true`) is the client's view of the asynchronous work: each arrival POSTs
+// /task, then polls GET /task/{id} every `pollMs` until the task is done or failed, or until
+// `flowTimeoutS` (a failed flow). The time from just before the POST to the poll that saw `done` is
+// the Trend `time_to_post`; every flow's outcome is counted in `flows{outcome}` (for Prometheus)
+// and `flow_failed` (for the threshold). Arrivals stay open-model: a slow service holds more VUs
+// in flows, it does not slow the arrivals down.
 import http from 'k6/http';
-import { check } from 'k6';
+import { check, sleep } from 'k6';
 import exec from 'k6/execution';
+import { Counter, Rate, Trend } from 'k6/metrics';
 
 const CFG = JSON.parse(__ENV.LOADPROOF_K6_CONFIG || '{}');
 if (!CFG.baseUrl || !CFG.profile || !CFG.workload || !CFG.thresholds) {
@@ -21,7 +29,9 @@ const WORKLOAD = CFG.workload;
 const LIMITS = CFG.thresholds;
 const WARMUP_MS = PROFILE.warmupS * 1000;
 const URL = `${CFG.baseUrl}/task`;
-const REQUEST_TIMEOUT = `${CFG.requestTimeoutS || 10}s`;
+const REQUEST_TIMEOUT_S = CFG.requestTimeoutS || 10;
+const REQUEST_TIMEOUT = `${REQUEST_TIMEOUT_S}s`;
+const FLOW = PROFILE.flow ? { pollMs: PROFILE.pollMs, timeoutMs: PROFILE.flowTimeoutS * 1000 } : null;
 // The span held at the peak rate (common/k6config.py plateau_window), if the profile has one: its
 // requests are tagged plateau=yes and judged on their own, so "at 1000/s" is measured while 1000/s
 // is actually offered, not averaged with the ramps.
@@ -31,6 +41,19 @@ const PLATEAU_THRESHOLDS = PLATEAU
       'http_req_duration{plateau:yes}': [`p(95)<${LIMITS.p95Ms}`],
       'http_req_failed{plateau:yes}': [`rate<${LIMITS.errorRate}`],
       'http_reqs{plateau:yes}': ['count>=0'],
+    }
+  : {};
+// Flows are judged on the measured phase like requests: time to post against its own target, and
+// flows that failed or timed out against the error-rate target. Polls are HTTP requests too, but
+// they carry no `phase` tag (their flow's phase is in `poll`), so every `{phase:...}` HTTP figure
+// above is about POST /task alone, in every profile.
+const FLOW_THRESHOLDS = FLOW
+  ? {
+      'time_to_post{phase:measured}': [`p(95)<${LIMITS.timeToPostP95Ms}`],
+      'flow_failed{phase:measured}': [`rate<${LIMITS.errorRate}`],
+      'flows{phase:measured}': ['count>=0'],
+      'http_req_duration{poll:measured}': ['max>=0'],
+      'http_req_failed{poll:measured}': ['rate>=0'],
     }
   : {};
 
@@ -67,6 +90,7 @@ export const options = {
     'http_req_failed{phase:warmup}': ['rate>=0'],
     'checks{phase:measured}': ['rate>=0'],
     ...PLATEAU_THRESHOLDS,
+    ...FLOW_THRESHOLDS,
   },
   summaryTrendStats: ['avg', 'min', 'med', 'p(90)', 'p(95)', 'p(99)', 'max', 'count'],
   discardResponseBodies: true,
@@ -152,6 +176,9 @@ function newTopic() {
   return `new ${runTag}-${exec.vu.idInInstance}-${exec.vu.iterationInInstance}`;
 }
 
+// 200: served from the cache; 202: accepted (new or coalesced task).
+const ACCEPTED = { 'status is 200 or 202': (r) => r.status === 200 || r.status === 202 };
+
 export default function () {
   const persona = zipfSample(PERSONA_CDF, random());
   const fresh = NEW_TOPICS > 0 && random() < NEW_TOPICS;
@@ -163,13 +190,73 @@ export default function () {
   if (PLATEAU) {
     tags.plateau = elapsed >= PLATEAU.startS * 1000 && elapsed < PLATEAU.endS * 1000 ? 'yes' : 'no';
   }
+  if (FLOW) {
+    clientFlow(body, tags, phase);
+    return;
+  }
   const res = http.post(URL, body, {
     headers: HEADERS,
     tags,
     timeout: REQUEST_TIMEOUT,
   });
-  // 200: served from the cache; 202: accepted (new or coalesced task).
-  check(res, { 'status is 200 or 202': (r) => r.status === 200 || r.status === 202 }, { phase });
+  check(res, ACCEPTED, { phase });
+}
+
+// ---------- client flow: POST, then poll until the post is there ----------
+
+const timeToPost = new Trend('time_to_post', true);
+const flows = new Counter('flows');
+const flowFailed = new Rate('flow_failed');
+// One name for every poll: k6 then tags its `url` with the name too (verified, k6 1.1), so no tag holds
+// a task id, which would make a new Prometheus series per task.
+const POLL_NAME = 'GET /task/{id}';
+
+function field(res, name) {
+  try {
+    const value = res.json(name);
+    return typeof value === 'string' ? value : null;
+  } catch (e) {
+    return null; // not JSON (an error page): no status to read
+  }
+}
+
+// The terminal states of a task (service/schemas.py TaskStatus); anything else keeps the flow polling.
+function terminal(status) {
+  return status === 'done' || status === 'failed';
+}
+
+// The outcome of a flow that stopped: done, failed (the task failed), timeout (not done within
+// flowTimeoutS) or rejected (the POST itself was not accepted: no task to wait for).
+export function flowOutcome(status, taskId) {
+  if (status === 'done' || status === 'failed') return status;
+  return taskId ? 'timeout' : 'rejected';
+}
+
+function clientFlow(body, tags, phase) {
+  const t0 = Date.now(); // just before the POST: the client's clock starts when it asks
+  const deadline = t0 + FLOW.timeoutMs;
+  const res = http.post(URL, body, { headers: HEADERS, tags, timeout: REQUEST_TIMEOUT, responseType: 'text' });
+  check(res, ACCEPTED, { phase });
+  const accepted = res.status === 200 || res.status === 202;
+  const taskId = accepted ? field(res, 'task_id') : null;
+  let status = accepted ? field(res, 'status') : null;
+  while (taskId && !terminal(status)) {
+    const left = deadline - Date.now();
+    if (left <= 0) break;
+    sleep(Math.min(FLOW.pollMs, left) / 1000);
+    const remainingS = Math.ceil((deadline - Date.now()) / 1000);
+    if (remainingS <= 0) break;
+    const poll = http.get(`${URL}/${taskId}`, {
+      tags: { name: POLL_NAME, poll: phase },
+      timeout: `${Math.min(REQUEST_TIMEOUT_S, remainingS)}s`, // a poll cannot outlast its flow by > 1 s
+      responseType: 'text',
+    });
+    if (poll.status === 200) status = field(poll, 'status'); // a failed poll: poll again
+  }
+  const outcome = flowOutcome(status, taskId);
+  if (outcome === 'done') timeToPost.add(Date.now() - t0, { phase });
+  flows.add(1, { phase, outcome });
+  flowFailed.add(outcome !== 'done', { phase });
 }
 
 // ---------- summary ----------
@@ -198,6 +285,13 @@ function textSummary(data) {
     metricLine(data, 'http_reqs', count),
     metricLine(data, 'iterations', count),
     metricLine(data, 'dropped_iterations', count),
+    ...(FLOW
+      ? [
+          metricLine(data, 'time_to_post{phase:measured}', trend),
+          metricLine(data, 'flow_failed{phase:measured}', rate),
+          metricLine(data, 'http_req_duration{poll:measured}', trend),
+        ]
+      : []),
     'thresholds:',
   ];
   for (const [name, m] of Object.entries(data.metrics)) {
