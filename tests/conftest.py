@@ -129,11 +129,11 @@ async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @contextlib.asynccontextmanager
-async def running_worker(settings: Settings, consumer: str | None = None) -> AsyncIterator[Any]:
-    """A worker in this process's event loop; stopped (drained) on exit."""
+async def running_worker(settings: Settings, consumer: str | None = None, llm: Any = None) -> AsyncIterator[Any]:
+    """A worker in this process's event loop (with ``llm`` as its LLMClient if given); stopped (drained) on exit."""
     from service.worker import Worker
 
-    worker = Worker(settings, consumer=consumer)
+    worker = Worker(settings, consumer=consumer, llm=llm)
     await worker.start()
     task = asyncio.create_task(worker.run())
     try:
