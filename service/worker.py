@@ -428,22 +428,24 @@ class _Finisher:
             raise self._error
 
     async def bill(self, results: Sequence[LLMItemResult]) -> None:
-        """Write the billed share of the tasks this batch stored (one UPDATE), and what it delivered."""
+        """Write the billed share of the tasks this batch stored (one UPDATE), and what it delivered.
+
+        The cache entries get their token counts first, so once a task shows its usage its cached
+        post counts the same tokens as delivered.
+        """
         usage = [(r.id, r.input_tokens, r.output_tokens, r.cost_usd) for r in results if r.id in self._stored]
         if not usage:
             return
         posts = {task_id: self._stored.pop(task_id) for task_id, *_ in usage}
-        billed = await self._worker.db.record_usage(usage)
-        if not billed:
-            return
-        with contextlib.suppress(Exception):
-            metrics.TOKENS_DELIVERED.labels("llm").inc(sum(int(row["output_tokens"] or 0) for row in billed))
         await self._worker.cache.set_many(
             [
-                (self._rows[row["id"]]["cache_key"], encode_hit(row["id"], posts[row["id"]], int(row["output_tokens"])))
-                for row in billed
+                (self._rows[task_id]["cache_key"], encode_hit(task_id, posts[task_id], tout))
+                for task_id, _tin, tout, _cost in usage
             ]
         )
+        billed = await self._worker.db.record_usage(usage)
+        with contextlib.suppress(Exception):
+            metrics.TOKENS_DELIVERED.labels("llm").inc(sum(int(row["output_tokens"] or 0) for row in billed))
 
     async def close(self) -> None:
         """Tasks stored but never billed (the stream broke off before its usage): 0, as for any call

@@ -155,10 +155,17 @@ async def eventually(check: Callable[[], Awaitable[Any]], within_s: float = 20.0
     raise AssertionError(f"condition not met within {within_s}s; last value: {last!r}")
 
 
+def is_final(doc: dict[str, Any]) -> bool:
+    """A GET /task body that will not change: failed, or done with its usage (a streamed post is
+    done the moment it closes; its share of the call's usage lands when the call's stream ends)."""
+    usage = doc.get("usage") or {}
+    return doc.get("status") == "failed" or (doc.get("status") == "done" and usage.get("cost_usd") is not None)
+
+
 async def wait_done(client: httpx.AsyncClient, task_id: str, within_s: float = 20.0) -> dict[str, Any]:
     async def check() -> dict[str, Any] | None:
         doc = (await client.get(f"/task/{task_id}")).json()
-        return doc if doc.get("status") in ("done", "failed") else None
+        return doc if is_final(doc) else None
 
     return await eventually(check, within_s)
 
