@@ -266,7 +266,9 @@ class WorkersConfig(Section):
     processes: int = Field(default=1, description="Local worker processes (demo).")
     concurrency: int = Field(default=64, description="Concurrent LLM calls per worker process (I/O-bound).")
     batch_size: int = Field(default=5, description="Tasks per LLM call; 1 = no batching (baseline).")
-    batch_wait_ms: int = Field(default=100, description="Longest wait to fill a batch.")
+    batch_wait_ms: int = Field(
+        default=100, description="Cap on the wait to fill a batch; it waits only while arrivals fill it in time."
+    )
     max_attempts: int = Field(default=3, description="Deliveries before dead-lettering.")
     claim_idle_ms: int = Field(default=30000, description="Reclaim entries idle this long from dead consumers.")
     resources: Resources = Field(default_factory=Resources, description="Container resources.")
