@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -82,6 +83,8 @@ class Worker:
         self.stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.worker_concurrency)
         self._arrivals = ArrivalRate(RATE_TAU_S)
+        self._closing: list[_Closed] = []  # streamed posts waiting for the post writer
+        self._writer: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
         self._held: set[bytes] = set()  # entry ids we are working on (heartbeat keeps them ours)
         self._next_claim = 0.0
@@ -141,6 +144,8 @@ class Worker:
                     for task in pending:
                         task.cancel()
                     await asyncio.gather(*pending, return_exceptions=True)
+            if self._writer is not None:  # posts that closed before the end are stored before we close
+                await asyncio.wait({self._writer}, timeout=self.settings.shutdown_timeout_s)
         finally:
             for loop in loops:
                 loop.cancel()
@@ -328,11 +333,9 @@ class Worker:
         except LLMError as exc:
             return exc
 
-    async def _store(
-        self, posts: list[tuple[str, str]], rows: dict[str, dict[str, Any]], by_task: dict[str, list[bytes]]
-    ) -> list[str]:
+    async def _store(self, closed: list[_Closed]) -> set[str]:
         """Finish tasks whose post just closed: Postgres, cache, then ack. The ids stored now."""
-        stored = await self.db.complete([(task_id, post, None, None, None) for task_id, post in posts])
+        stored = await self.db.complete([(c.task_id, c.post, None, None, None) for c in closed])
         if stored:
             with contextlib.suppress(Exception):
                 metrics.TASKS.labels("completed").inc(len(stored))
@@ -343,15 +346,39 @@ class Worker:
         # post is never served that the task store does not have; an identical request arriving in
         # between may still join the (just finished) task with a 202 and find it done when it polls.
         # The entry's token count is 0 until the call's usage is known (``_Finisher.bill`` rewrites it).
-        by_id = dict(posts)
+        ids = {row["id"] for row in stored}
         await self.cache.finish(
-            [(row["cache_key"], encode_hit(row["id"], by_id[row["id"]], 0)) for row in stored],
-            [rows[task_id]["cache_key"] for task_id, _ in posts],
+            [(c.cache_key, encode_hit(c.task_id, c.post, 0)) for c in closed if c.task_id in ids],
+            [c.cache_key for c in closed],
         )
-        acked = [eid for task_id, _ in posts for eid in by_task.get(task_id, [])]
+        acked = [eid for c in closed for eid in c.entry_ids]
         await self.queue.ack(acked)
         self._held.difference_update(acked)
-        return [row["id"] for row in stored]
+        return ids
+
+    def _submit(self, closed: _Closed) -> None:
+        """Queue a closed post for the worker's one post writer (started on demand)."""
+        self._closing.append(closed)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_posts(), name="posts")
+
+    async def _write_posts(self) -> None:
+        """Stores closed posts for every batch of this worker, one group per round trip.
+
+        One writer keeps per-item writes to one database connection however many streams are open,
+        and posts that close while a write is in flight go together in the next one: under load (or
+        a slow database) groups grow instead of connections.
+        """
+        while self._closing:
+            group, self._closing = self._closing, []
+            try:
+                stored = await self._store(group)
+            except Exception as exc:
+                for c in group:
+                    _settle(c.done, exc)
+                continue
+            for c in group:
+                _settle(c.done, c.task_id in stored)
 
     async def _failed(
         self, row: dict[str, Any], reason: str, retryable: bool, refund: bool, by_task: dict[str, list[bytes]]
@@ -382,50 +409,70 @@ class Worker:
         await self.queue.ack(by_task.get(row["id"], []))
 
 
+@dataclass(slots=True)
+class _Closed:
+    """A post that closed in a stream, on its way to Postgres; ``done`` says whether it was stored now."""
+
+    task_id: str
+    post: str
+    cache_key: str
+    entry_ids: list[bytes]
+    done: asyncio.Future[bool]
+
+
+def _settle(future: asyncio.Future[bool], outcome: bool | Exception) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
 class _Finisher:
     """Finishes the tasks of one batch as their posts stream in, then bills them once usage is known.
 
-    ``post`` is the LLM client's sink (it must not block): posts go to a single writer task per
-    batch, so items that close while a write is in flight are stored together in the next one.
-    A failed write stops the writer; ``drain`` raises it and the unacknowledged entries are
-    reclaimed later (a task stored already is then simply acknowledged).
+    ``post`` is the LLM client's sink (it must not block): it hands the post to the worker's post
+    writer. ``drain`` waits for this batch's posts and raises a failed write; the entries of posts
+    not stored stay unacknowledged and are reclaimed later (a task stored already is then simply
+    acknowledged).
     """
 
     def __init__(self, worker: Worker, rows: dict[str, dict[str, Any]], by_task: dict[str, list[bytes]]) -> None:
         self._worker = worker
         self._rows = rows
         self._by_task = by_task
-        self._queued: list[tuple[str, str]] = []
-        self._writer: asyncio.Task[None] | None = None
-        self._error: BaseException | None = None
+        self._pending: list[_Closed] = []
         self.closed: set[str] = set()  # posts handed over by the LLM client (stored now or before)
         self._stored: dict[str, str] = {}  # stored by this batch, not yet billed: id -> post
 
     def post(self, task_id: str, post: str) -> None:
         self.closed.add(task_id)
-        if self._error is not None:
-            return
-        self._queued.append((task_id, post))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write())
-
-    async def _write(self) -> None:
-        while self._queued and self._error is None:
-            batch, self._queued = self._queued, []
-            try:
-                stored = await self._worker._store(batch, self._rows, self._by_task)
-            except Exception as exc:
-                self._error = exc
-                return
-            posts = dict(batch)
-            self._stored.update((task_id, posts[task_id]) for task_id in stored)
+        closed = _Closed(
+            task_id,
+            post,
+            self._rows[task_id]["cache_key"],
+            self._by_task.get(task_id, []),
+            asyncio.get_running_loop().create_future(),
+        )
+        self._pending.append(closed)
+        self._worker._submit(closed)
 
     async def drain(self) -> None:
-        """Wait until every post handed over so far is stored; raise the first write failure."""
-        while self._writer is not None and not self._writer.done():
-            await self._writer
-        if self._error is not None:
-            raise self._error
+        """Wait until every post handed over so far is written; raise the first write failure."""
+        pending = list(self._pending)
+        if pending:
+            await asyncio.wait([c.done for c in pending])  # unlike gather, a cancelled wait leaves them be
+        self._pending = self._pending[len(pending) :]
+        failure: BaseException | None = None
+        for c in pending:
+            outcome = c.done.exception() if not c.done.cancelled() else asyncio.CancelledError()
+            if outcome is not None:
+                failure = failure or outcome
+            elif c.done.result():
+                self._stored[c.task_id] = c.post
+        if failure is not None:
+            raise failure
 
     async def bill(self, results: Sequence[LLMItemResult]) -> None:
         """Write the billed share of the tasks this batch stored (one UPDATE), and what it delivered.
@@ -449,12 +496,14 @@ class _Finisher:
 
     async def close(self) -> None:
         """Tasks stored but never billed (the stream broke off before its usage): 0, as for any call
-        without usage. A write still in flight here (cancellation, a failure elsewhere) is cancelled:
-        its entries are not acknowledged, so they are reclaimed."""
-        writer = self._writer
-        if writer is not None and not writer.done():
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+        without usage. Posts still being written (cancellation) are left to the writer: stored, they
+        show no usage; not stored, their entries are reclaimed."""
+        for c in self._pending:
+            if c.done.done() and not c.done.cancelled() and c.done.exception() is None and c.done.result():
+                self._stored[c.task_id] = c.post
+            else:  # nobody waits for it any more: do not let a failure go unretrieved
+                c.done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._pending = []
         if self._stored:
             log.warning("%d streamed post(s) without usage; recording 0 tokens and $0", len(self._stored))
             unbilled = [LLMItemResult(task_id, post, None, 0, 0, 0.0) for task_id, post in self._stored.items()]
