@@ -10,9 +10,10 @@ and the backlog up to ``batch_size`` (fewer calls, one system prompt shared by m
 Each batch becomes ONE streamed ``LLMClient.generate`` call. Each task is finished the moment its
 item closes in the stream: post stored in Postgres (idempotent: a task already done is neither
 overwritten nor counted again), then cached, then its stream entry acknowledged (see
-``service.queue``) — by one post writer per worker, in groups, whatever the number of open streams. The call's usage arrives with its last chunk; each task's exact share is then
-written in one UPDATE per call (``Database.record_usage``), so tokens and cost of a done task read
-null for the seconds in between — never an estimate. An item missing or malformed in the reply is
+``service.queue``) — by one post writer per worker, in groups, whatever the number of open
+streams. The call's usage arrives with its last chunk; each task's exact share is then written in
+one UPDATE per call (``Database.record_usage``), so tokens and cost of a done task read null for
+the seconds in between — never an estimate. An item missing or malformed in the reply is
 retried alone once (``generate([item])``) and carries both calls' usage. At most
 ``worker_concurrency`` batches run at once: the collector takes a slot *before* reading, so a busy
 worker leaves entries to its peers.
