@@ -1,7 +1,7 @@
 """The persona runtime: ``python -m service.worker`` turns queued tasks into posts, in micro-batches.
 
 One collector loop per process (not a timer per task) fills a batch adaptively: it blocks on
-``XREADGROUP`` for the first entries and takes whatever else is already waiting (up to
+``XREADGROUP`` for the first entry, and that read takes whatever else is already waiting (up to
 ``batch_size``). It waits for more — at most ``batch_wait_ms`` — only while that pays: when the
 rate at which this worker has been receiving entries says the batch will be full within that time.
 So a lone task goes at once (a batch of 1 or 2 when nothing is queued), and batches grow with the load
@@ -243,12 +243,12 @@ class Worker:
                 _inc("reclaimed", len(reclaimed))
                 log.info("reclaimed %d entr(y/ies) idle > %d ms", len(reclaimed), self.settings.queue_claim_idle_ms)
                 entries.extend(reclaimed)
-        if not entries:
+        if not entries:  # wakes at the first entry with everything already waiting, up to ``size``
             entries = await self.queue.read(self.consumer, size, BLOCK_MS)
             if not entries:
                 return []
             self._arrivals.add(len(entries))
-        if len(entries) < size and not self.stopping.is_set():  # already waiting: costs no latency
+        elif len(entries) < size:  # after reclaimed entries: what is already waiting, without blocking
             more = await self.queue.read(self.consumer, size - len(entries), None)
             self._arrivals.add(len(more))
             entries.extend(more)
