@@ -342,7 +342,9 @@ class WorkersConfig(Section):
         default=64, description="Upper bound of the adaptive limit of concurrent LLM calls per worker process."
     )
     batch_size: int = Field(default=5, description="Tasks per LLM call; 1 = no batching (baseline).")
-    batch_wait_ms: int = Field(default=100, description="Longest wait to fill a batch.")
+    batch_wait_ms: int = Field(
+        default=100, description="Cap on the wait to fill a batch; it waits only while arrivals fill it in time."
+    )
     max_attempts: int = Field(default=3, description="Deliveries before dead-lettering.")
     claim_idle_ms: int = Field(default=30000, description="Reclaim entries idle this long from dead consumers.")
     autoscaling: WorkersAutoscalingConfig = Field(

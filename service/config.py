@@ -107,7 +107,9 @@ class Settings(BaseSettings):
         "(with `llm_limiter=fixed`, the limit itself).",
     )
     batch_size: int = Field(default=5, ge=1, description="Tasks per LLM call; 1 disables batching (baseline).")
-    batch_wait_ms: int = Field(default=100, ge=0, description="Longest wait to fill a batch.")
+    batch_wait_ms: int = Field(
+        default=100, ge=0, description="Cap on the wait to fill a batch; it waits only while arrivals fill it in time."
+    )
     worker_metrics_port: int = Field(default=9101, description="Port of a worker process's own /metrics.")
 
     # --- LLM ---

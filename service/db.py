@@ -338,11 +338,14 @@ class Database:
             {"ids": task_ids},
         )
 
-    async def complete(self, results: list[tuple[str, str, int, int, float]]) -> list[dict[str, Any]]:
+    async def complete(
+        self, results: list[tuple[str, str, int | None, int | None, float | None]]
+    ) -> list[dict[str, Any]]:
         """Store posts ``(id, post, input_tokens, output_tokens, cost_usd)``; idempotent.
 
         A task already done is neither overwritten nor returned, so callers count each completion once.
-        Returns the rows actually completed with their completion time in seconds.
+        Returns the rows actually completed with their completion time in seconds. Usage may be None
+        (a streamed post is stored before its call's usage is known; see :meth:`record_usage`).
         """
         if not results:
             return []
@@ -356,6 +359,25 @@ class Database:
             "RETURNING t.id::text AS id, t.cache_key, t.output_tokens, "
             "EXTRACT(EPOCH FROM (t.finished_at - t.accepted_at))::float8 AS completion_s",
             {"ids": ids, "posts": posts, "tin": tin, "tout": tout, "cost": cost},
+        )
+
+    async def record_usage(self, usage: list[tuple[str, int, int, float]]) -> list[dict[str, Any]]:
+        """Each task's share ``(id, input_tokens, output_tokens, cost_usd)`` of its LLM call, once known.
+
+        A streamed post is stored (and served) the moment it closes, but the call's usage arrives with
+        its last chunk; this writes the billed share then, once: a task already billed is left alone.
+        Returns the rows billed now.
+        """
+        if not usage:
+            return []
+        ids, tin, tout, cost = (list(col) for col in zip(*usage, strict=True))
+        return await self._rows(
+            "UPDATE tasks AS t SET input_tokens = v.tin, output_tokens = v.tout, cost_usd = v.cost "
+            "FROM unnest(CAST(%(ids)s AS uuid[]), CAST(%(tin)s AS integer[]), CAST(%(tout)s AS integer[]), "
+            "CAST(%(cost)s AS double precision[])) AS v(id, tin, tout, cost) "
+            "WHERE t.id = v.id AND t.status = 'done' AND t.cost_usd IS NULL "
+            "RETURNING t.id::text AS id, t.output_tokens",
+            {"ids": ids, "tin": tin, "tout": tout, "cost": cost},
         )
 
     async def requeue(self, task_id: str, reason: str, *, refund_attempt: bool = False) -> bool:

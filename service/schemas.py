@@ -128,9 +128,13 @@ class TaskDone(BaseModel):
 
 
 class Usage(BaseModel):
-    input_tokens: int | None = Field(None, description="Prompt tokens billed for this task's share of its call.")
-    output_tokens: int | None = Field(None, description="Completion tokens of this task's post.")
-    cost_usd: float | None = Field(None, description="USD for this task's share of its LLM call.")
+    input_tokens: int | None = Field(
+        None,
+        description="Prompt tokens billed for this task's share of its call; null until the call's "
+        "usage arrives (a streamed post is done a moment before).",
+    )
+    output_tokens: int | None = Field(None, description="Completion tokens of this task's post (null as above).")
+    cost_usd: float | None = Field(None, description="USD for this task's share of its LLM call (null as above).")
 
 
 class Timings(BaseModel):

@@ -1,13 +1,23 @@
 """The persona runtime: ``python -m service.worker`` turns queued tasks into posts, in micro-batches.
 
-One collector loop per process (not a timer per task) fills a batch: it blocks on ``XREADGROUP``
-for the first entry, then keeps reading for at most ``batch_wait_ms`` or until ``batch_size``
-entries. Each batch becomes ONE ``LLMClient.generate`` call; an item whose result is missing or
-malformed is retried alone once (``generate([item])``). At most ``worker_concurrency`` batches run at
-once: the collector takes a slot *before* reading, so a busy worker leaves entries to its peers.
+One collector loop per process (not a timer per task) fills a batch adaptively: it blocks on
+``XREADGROUP`` for the first entry, and that read takes whatever else is already waiting (up to
+``batch_size``). It waits for more — at most ``batch_wait_ms`` — only while that pays: when the
+rate at which this worker has been receiving entries says the batch will be full within that time.
+So a lone task goes at once (a batch of 1 or 2 when nothing is queued), and batches grow with the load
+and the backlog up to ``batch_size`` (fewer calls, one system prompt shared by more tasks).
 
-Results go to Postgres first (idempotent: a task already done is neither overwritten nor counted
-again), then to the cache, and only then is the stream entry acknowledged (see ``service.queue``).
+Each batch becomes ONE streamed ``LLMClient.generate`` call. Each task is finished the moment its
+item closes in the stream: post stored in Postgres (idempotent: a task already done is neither
+overwritten nor counted again), then cached, then its stream entry acknowledged (see
+``service.queue``) — by one post writer per worker, in groups, whatever the number of open
+streams. The call's usage arrives with its last chunk; each task's exact share is then written in
+one UPDATE per call (``Database.record_usage``), so tokens and cost of a done task read null for
+the seconds in between — never an estimate. An item missing or malformed in the reply is
+retried alone once (``generate([item])``) and carries both calls' usage. At most
+``worker_concurrency`` batches run at once: the collector takes a slot *before* reading, so a busy
+worker leaves entries to its peers.
+
 Retryable failures re-enqueue the task until ``queue_max_attempts`` deliveries, then it is
 dead-lettered (status ``failed`` with the reason). While the LLM circuit breaker is open the worker
 stops pulling work, and tasks that hit the open breaker get their attempt back.
@@ -21,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -28,6 +39,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -47,6 +59,7 @@ BLOCK_MS = 1000  # longest XREADGROUP block: bounds how long a stop request wait
 GAUGE_INTERVAL_S = 2.0
 LOOP_STALL_S = 30.0  # /healthz fails when the event loop has not turned for this long
 ERROR_BACKOFF_S = 0.5
+RATE_TAU_S = 1.0  # time constant of the arrival-rate estimate behind adaptive batching
 
 
 def _inc(event: str, amount: float = 1.0) -> None:
@@ -70,6 +83,9 @@ class Worker:
         self.llm = llm or LLMClient(settings)
         self.stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.worker_concurrency)
+        self._arrivals = ArrivalRate(RATE_TAU_S)
+        self._closing: list[_Closed] = []  # streamed posts waiting for the post writer
+        self._writer: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
         self._held: set[bytes] = set()  # entry ids we are working on (heartbeat keeps them ours)
         self._next_claim = 0.0
@@ -129,6 +145,8 @@ class Worker:
                     for task in pending:
                         task.cancel()
                     await asyncio.gather(*pending, return_exceptions=True)
+            if self._writer is not None:  # posts that closed before the end are stored before we close
+                await asyncio.wait({self._writer}, timeout=self.settings.shutdown_timeout_s)
         finally:
             for loop in loops:
                 loop.cancel()
@@ -184,28 +202,37 @@ class Worker:
             if self.llm.breaker.is_open:  # do not pull work that would fail fast
                 await asyncio.sleep(0.2)
                 continue
-            await self._slots.acquire()
+            await self._take_slot()
             try:
                 entries = await self._gather_batch()
             except Exception as exc:
-                self._slots.release()
+                self._give_slot()
                 log.warning("reading the queue failed: %r", exc)
                 await asyncio.sleep(ERROR_BACKOFF_S)
                 continue
             if not entries:
-                self._slots.release()
+                self._give_slot()
                 continue
             task = asyncio.create_task(self._run_batch(entries))
             self._batches.add(task)
             task.add_done_callback(self._batch_done)
 
+    # Concurrency control lives in these two methods (and ``self._slots``) only.
+    async def _take_slot(self) -> None:
+        """Wait for room for one more batch in flight (its LLM call and any retries of its items)."""
+        await self._slots.acquire()
+
+    def _give_slot(self) -> None:
+        self._slots.release()
+
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._batches.discard(task)
-        self._slots.release()
+        self._give_slot()
         if not task.cancelled() and task.exception() is not None:
             log.error("batch failed; its entries stay pending for reclaim", exc_info=task.exception())
 
     async def _gather_batch(self) -> list[Entry]:
+        """Reclaimed entries or the first new ones, what else is waiting, and more only while it pays."""
         size = self.settings.batch_size
         entries: list[Entry] = []
         now = time.monotonic()
@@ -216,12 +243,19 @@ class Worker:
                 _inc("reclaimed", len(reclaimed))
                 log.info("reclaimed %d entr(y/ies) idle > %d ms", len(reclaimed), self.settings.queue_claim_idle_ms)
                 entries.extend(reclaimed)
-        deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
-        if not entries:
+        if not entries:  # wakes at the first entry with everything already waiting, up to ``size``
             entries = await self.queue.read(self.consumer, size, BLOCK_MS)
             if not entries:
                 return []
-            deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
+            self._arrivals.add(len(entries))
+        elif len(entries) < size:  # after reclaimed entries: what is already waiting, without blocking
+            more = await self.queue.read(self.consumer, size - len(entries), None)
+            self._arrivals.add(len(more))
+            entries.extend(more)
+        cap_s = self.settings.batch_wait_ms / 1000
+        if len(entries) >= size or not worth_waiting(size - len(entries), self._arrivals.rate(), cap_s):
+            return entries
+        deadline = time.monotonic() + cap_s
         while len(entries) < size and not self.stopping.is_set():
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0:
@@ -229,6 +263,7 @@ class Worker:
             more = await self.queue.read(self.consumer, size - len(entries), remaining_ms)
             if not more:
                 break
+            self._arrivals.add(len(more))
             entries.extend(more)
         return entries
 
@@ -258,20 +293,28 @@ class Worker:
         if not live:
             return
         items = [LLMItem(r["id"], r["persona_id"], r["topic"]) for r in live]
+        finisher = _Finisher(self, rows, by_task)
         try:
-            results = await self.llm.generate(items)
-        except LLMError as exc:
-            for row in live:
-                await self._failed(row, str(exc), exc.retryable, exc.outcome == "breaker_open", by_task)
-            return
-        good = [r for r in results if r.post is not None]
-        bad = [(item, r) for item, r in zip(items, results, strict=True) if r.post is None]
-        if bad:
+            try:
+                results = await self.llm.generate(items, finisher.post)
+            except LLMError as exc:
+                await finisher.drain()  # items that closed before the call failed are done
+                for row in live:
+                    if row["id"] not in finisher.closed:
+                        await self._failed(row, str(exc), exc.retryable, exc.outcome == "breaker_open", by_task)
+                return
+            await finisher.drain()
+            await finisher.bill([r for r in results if r.post is not None])
+            bad = [(item, r) for item, r in zip(items, results, strict=True) if r.post is None]
+            if not bad:
+                return
             _inc("retried", len(bad))
-            retried = await asyncio.gather(*(self._retry_alone(item) for item, _ in bad))
+            retried = await asyncio.gather(*(self._retry_alone(item, finisher) for item, _ in bad))
+            await finisher.drain()
+            billed: list[LLMItemResult] = []
             for (item, first), outcome in zip(bad, retried, strict=True):
                 if isinstance(outcome, LLMItemResult) and outcome.post is not None:
-                    good.append(_merge_usage(first, outcome))
+                    billed.append(_merge_usage(first, outcome))
                 else:
                     row = rows[item.id]
                     if isinstance(outcome, LLMError):
@@ -281,41 +324,62 @@ class Worker:
                     else:
                         reason = (outcome.error if isinstance(outcome, LLMItemResult) else None) or first.error
                         await self._failed(row, f"malformed LLM output: {reason}", True, False, by_task)
-        if good:
-            await self._complete(good, rows, by_task)
+            await finisher.bill(billed)
+        finally:
+            await finisher.close()
 
-    async def _retry_alone(self, item: LLMItem) -> LLMItemResult | LLMError:
+    async def _retry_alone(self, item: LLMItem, finisher: _Finisher) -> LLMItemResult | LLMError:
         try:
-            return (await self.llm.generate([item]))[0]
+            return (await self.llm.generate([item], finisher.post))[0]
         except LLMError as exc:
             return exc
 
-    async def _complete(
-        self, results: list[LLMItemResult], rows: dict[str, dict[str, Any]], by_task: dict[str, list[bytes]]
-    ) -> None:
-        stored = await self.db.complete(
-            [(r.id, r.post or "", r.input_tokens, r.output_tokens, r.cost_usd) for r in results]
-        )
+    async def _store(self, closed: list[_Closed]) -> set[str]:
+        """Finish tasks whose post just closed: Postgres, cache, then ack. The ids stored now."""
+        stored = await self.db.complete([(c.task_id, c.post, None, None, None) for c in closed])
         if stored:
             with contextlib.suppress(Exception):
                 metrics.TASKS.labels("completed").inc(len(stored))
-                delivered = metrics.TOKENS_DELIVERED.labels("llm")
                 for row in stored:
                     metrics.TASK_COMPLETION.observe(max(0.0, float(row["completion_s"] or 0.0)))
-                    delivered.inc(int(row["output_tokens"] or 0))
         # Cache only what was stored now: for a duplicate delivery the first stored post stays the
         # one everybody sees (GET /task and cache hits agree). Postgres first, then the cache, so a
         # post is never served that the task store does not have; an identical request arriving in
         # between may still join the (just finished) task with a 202 and find it done when it polls.
-        by_id = {r.id: r for r in results}
+        # The entry's token count is 0 until the call's usage is known (``_Finisher.bill`` rewrites it).
+        ids = {row["id"] for row in stored}
         await self.cache.finish(
-            [
-                (row["cache_key"], encode_hit(row["id"], by_id[row["id"]].post or "", int(row["output_tokens"] or 0)))
-                for row in stored
-            ],
-            [rows[r.id]["cache_key"] for r in results],
+            [(c.cache_key, encode_hit(c.task_id, c.post, 0)) for c in closed if c.task_id in ids],
+            [c.cache_key for c in closed],
         )
-        await self.queue.ack([eid for r in results for eid in by_task.get(r.id, [])])
+        acked = [eid for c in closed for eid in c.entry_ids]
+        await self.queue.ack(acked)
+        self._held.difference_update(acked)
+        return ids
+
+    def _submit(self, closed: _Closed) -> None:
+        """Queue a closed post for the worker's one post writer (started on demand)."""
+        self._closing.append(closed)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_posts(), name="posts")
+
+    async def _write_posts(self) -> None:
+        """Stores closed posts for every batch of this worker, one group per round trip.
+
+        One writer keeps per-item writes to one database connection however many streams are open,
+        and posts that close while a write is in flight go together in the next one: under load (or
+        a slow database) groups grow instead of connections.
+        """
+        while self._closing:
+            group, self._closing = self._closing, []
+            try:
+                stored = await self._store(group)
+            except Exception as exc:
+                for c in group:
+                    _settle(c.done, exc)
+                continue
+            for c in group:
+                _settle(c.done, c.task_id in stored)
 
     async def _failed(
         self, row: dict[str, Any], reason: str, retryable: bool, refund: bool, by_task: dict[str, list[bytes]]
@@ -344,6 +408,142 @@ class Worker:
             _inc("dead_lettered")
         await self.cache.finish([], [row["cache_key"]])  # the next identical request starts afresh
         await self.queue.ack(by_task.get(row["id"], []))
+
+
+@dataclass(slots=True)
+class _Closed:
+    """A post that closed in a stream, on its way to Postgres; ``done`` says whether it was stored now."""
+
+    task_id: str
+    post: str
+    cache_key: str
+    entry_ids: list[bytes]
+    done: asyncio.Future[bool]
+
+
+def _settle(future: asyncio.Future[bool], outcome: bool | Exception) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+class _Finisher:
+    """Finishes the tasks of one batch as their posts stream in, then bills them once usage is known.
+
+    ``post`` is the LLM client's sink (it must not block): it hands the post to the worker's post
+    writer. ``drain`` waits for this batch's posts and raises a failed write; the entries of posts
+    not stored stay unacknowledged and are reclaimed later (a task stored already is then simply
+    acknowledged).
+    """
+
+    def __init__(self, worker: Worker, rows: dict[str, dict[str, Any]], by_task: dict[str, list[bytes]]) -> None:
+        self._worker = worker
+        self._rows = rows
+        self._by_task = by_task
+        self._pending: list[_Closed] = []
+        self.closed: set[str] = set()  # posts handed over by the LLM client (stored now or before)
+        self._stored: dict[str, str] = {}  # stored by this batch, not yet billed: id -> post
+
+    def post(self, task_id: str, post: str) -> None:
+        self.closed.add(task_id)
+        closed = _Closed(
+            task_id,
+            post,
+            self._rows[task_id]["cache_key"],
+            self._by_task.get(task_id, []),
+            asyncio.get_running_loop().create_future(),
+        )
+        self._pending.append(closed)
+        self._worker._submit(closed)
+
+    async def drain(self) -> None:
+        """Wait until every post handed over so far is written; raise the first write failure."""
+        pending = list(self._pending)
+        if pending:
+            await asyncio.wait([c.done for c in pending])  # unlike gather, a cancelled wait leaves them be
+        self._pending = self._pending[len(pending) :]
+        failure: BaseException | None = None
+        for c in pending:
+            outcome = c.done.exception() if not c.done.cancelled() else asyncio.CancelledError()
+            if outcome is not None:
+                failure = failure or outcome
+            elif c.done.result():
+                self._stored[c.task_id] = c.post
+        if failure is not None:
+            raise failure
+
+    async def bill(self, results: Sequence[LLMItemResult]) -> None:
+        """Write the billed share of the tasks this batch stored (one UPDATE), and what it delivered.
+
+        The cache entries get their token counts first, so once a task shows its usage its cached
+        post counts the same tokens as delivered.
+        """
+        usage = [(r.id, r.input_tokens, r.output_tokens, r.cost_usd) for r in results if r.id in self._stored]
+        if not usage:
+            return
+        posts = {task_id: self._stored.pop(task_id) for task_id, *_ in usage}
+        await self._worker.cache.set_many(
+            [
+                (self._rows[task_id]["cache_key"], encode_hit(task_id, posts[task_id], tout))
+                for task_id, _tin, tout, _cost in usage
+            ]
+        )
+        billed = await self._worker.db.record_usage(usage)
+        with contextlib.suppress(Exception):
+            metrics.TOKENS_DELIVERED.labels("llm").inc(sum(int(row["output_tokens"] or 0) for row in billed))
+
+    async def close(self) -> None:
+        """Tasks stored but never billed (the stream broke off before its usage): 0, as for any call
+        without usage. Posts still being written (cancellation) are left to the writer: stored, they
+        show no usage; not stored, their entries are reclaimed."""
+        for c in self._pending:
+            if c.done.done() and not c.done.cancelled() and c.done.exception() is None and c.done.result():
+                self._stored[c.task_id] = c.post
+            else:  # nobody waits for it any more: do not let a failure go unretrieved
+                c.done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._pending = []
+        if self._stored:
+            log.warning("%d streamed post(s) without usage; recording 0 tokens and $0", len(self._stored))
+            unbilled = [LLMItemResult(task_id, post, None, 0, 0, 0.0) for task_id, post in self._stored.items()]
+            with contextlib.suppress(Exception):
+                await self.bill(unbilled)
+
+
+class ArrivalRate:
+    """Entries per second this worker has been receiving, decayed exponentially over ``tau_s``."""
+
+    def __init__(self, tau_s: float, clock: Any = time.monotonic) -> None:
+        self._tau_s = tau_s
+        self._clock = clock
+        self._level = 0.0
+        self._at = clock()
+
+    def _decay(self) -> None:
+        now = self._clock()
+        self._level *= math.exp(-(now - self._at) / self._tau_s)
+        self._at = now
+
+    def add(self, count: int) -> None:
+        if count:
+            self._decay()
+            self._level += count
+
+    def rate(self) -> float:
+        self._decay()
+        return self._level / self._tau_s
+
+
+def worth_waiting(missing: int, rate_per_s: float, cap_s: float) -> bool:
+    """Wait for ``missing`` more entries only if, at the current rate, they arrive within ``cap_s``.
+
+    Waiting adds its whole duration to every task of the batch, and under streaming each extra item
+    adds its generation time to the items after it, so a partial batch goes at once unless the
+    load fills it quickly anyway (then one shared system prompt per ``batch_size`` tasks).
+    """
+    return missing > 0 and cap_s > 0 and rate_per_s > 0 and missing / rate_per_s <= cap_s
 
 
 def _merge_usage(first: LLMItemResult, retry: LLMItemResult) -> LLMItemResult:

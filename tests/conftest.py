@@ -129,11 +129,11 @@ async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @contextlib.asynccontextmanager
-async def running_worker(settings: Settings, consumer: str | None = None) -> AsyncIterator[Any]:
-    """A worker in this process's event loop; stopped (drained) on exit."""
+async def running_worker(settings: Settings, consumer: str | None = None, llm: Any = None) -> AsyncIterator[Any]:
+    """A worker in this process's event loop (with ``llm`` as its LLMClient if given); stopped (drained) on exit."""
     from service.worker import Worker
 
-    worker = Worker(settings, consumer=consumer)
+    worker = Worker(settings, consumer=consumer, llm=llm)
     await worker.start()
     task = asyncio.create_task(worker.run())
     try:
@@ -155,10 +155,17 @@ async def eventually(check: Callable[[], Awaitable[Any]], within_s: float = 20.0
     raise AssertionError(f"condition not met within {within_s}s; last value: {last!r}")
 
 
+def is_final(doc: dict[str, Any]) -> bool:
+    """A GET /task body that will not change: failed, or done with its usage (a streamed post is
+    done the moment it closes; its share of the call's usage lands when the call's stream ends)."""
+    usage = doc.get("usage") or {}
+    return doc.get("status") == "failed" or (doc.get("status") == "done" and usage.get("cost_usd") is not None)
+
+
 async def wait_done(client: httpx.AsyncClient, task_id: str, within_s: float = 20.0) -> dict[str, Any]:
     async def check() -> dict[str, Any] | None:
         doc = (await client.get(f"/task/{task_id}")).json()
-        return doc if doc.get("status") in ("done", "failed") else None
+        return doc if is_final(doc) else None
 
     return await eventually(check, within_s)
 

@@ -25,6 +25,7 @@ from service.llm import (
     LLMError,
     LLMItem,
     LLMItemResult,
+    ReplyScanner,
     parse_retry_after,
     split_evenly,
     strip_code_fence,
@@ -475,3 +476,87 @@ async def test_retry_after_spread_stays_above_the_server_value(
     sim.control(script=["429", "ok"], retry_after_s=2)
     assert (await client.generate(items(1)))[0].post
     assert vt.sleeps == [pytest.approx(2 * 1.05)]
+
+
+# --- streaming ------------------------------------------------------------------------------------
+def test_reply_scanner_finds_items_across_any_chunking() -> None:
+    doc = {
+        "items": [
+            {"id": "a", "post": 'quotes " and braces } ] { [ and a backslash \\ and é ✓'},
+            {"id": "b", "post": "two", "extra": {"nested": [1, {"z": "}"}]}},
+            {"id": "c", "post": "three"},
+        ],
+        "other": [{"id": "not an item"}],
+    }
+    text = "```json\n" + json.dumps(doc, ensure_ascii=False, indent=1) + "\n```"
+    for step in (1, 2, 3, 5, 16, len(text)):
+        scanner = ReplyScanner()
+        found = [json.loads(t) for i in range(0, len(text), step) for t in scanner.feed(text[i : i + step])]
+        assert found == doc["items"] and not scanner.broken, step
+        assert scanner.text == text
+    nested = ReplyScanner()  # only the envelope's own "items" key counts, and only its first array
+    assert nested.feed('{"meta": {"items": [{"id": "x"}]}, "items": [{"id": "y"}], "items": [{"id": "z"}]}') == [
+        '{"id": "y"}'
+    ]
+    assert ReplyScanner().feed("Sure! Here are your posts: {items: [oops") == []
+    broken = ReplyScanner()
+    assert broken.feed('{"items": [{"id": "a", "post": "x"]}, {"id": "b", "post": "y"}]}') == [] and broken.broken
+
+
+SLOW_ENV = {"LOADPROOF_SIM_TTFT_MS": "50", "LOADPROOF_SIM_ITL_MS": "8"}  # ~0.6 s per streamed post
+
+
+@pytest.fixture(scope="module")
+def slow_sim() -> Iterator[SimProc]:
+    with running_simulator(SLOW_ENV) as proc:
+        yield proc
+
+
+async def test_items_are_handed_over_as_they_close(slow_sim: SimProc, client_factory: Any) -> None:
+    slow_sim.reset()
+    client: LLMClient = client_factory(make_settings(slow_sim.base_url)[0])
+    closed: list[tuple[str, float]] = []
+    first_tokens: list[float] = []
+    client.on_first_token = first_tokens.append
+    batch = items(3)
+    results = await client.generate(batch, lambda item_id, post: closed.append((item_id, time.monotonic())))
+    ended = time.monotonic()
+    assert [i for i, _ in closed] == [b.id for b in batch]  # once each, in the order the reply writes them
+    assert ended - closed[0][1] > 0.5  # the first item came ~2 items' generation time before the end
+    assert [r.post for r in results] == [r.post for r in results if r.post] and len(first_tokens) == 1
+    assert_usage_split(results, slow_sim.stats())
+
+
+async def test_first_token_hook_once_per_streaming_attempt(sim: SimProc, vt: VirtualTime) -> None:
+    seen: list[float] = []
+    client = LLMClient(make_settings(sim.base_url)[0], sleep=vt.sleep, on_first_token=seen.append)
+    try:
+        sim.control(script=["500", "ok"])
+        started = time.monotonic()
+        assert (await client.generate(items(2)))[0].post
+        took = time.monotonic() - started
+        client.on_first_token = lambda _s: 1 / 0  # a broken listener never fails a call
+        assert (await client.generate(items(1)))[0].post
+    finally:
+        await client.aclose()
+    assert len(seen) == 1 and 0.004 <= seen[0] < took  # the 500 sent no token; ttft >= the simulated 5 ms
+
+
+async def test_stream_cut_mid_reply_retries_only_the_open_items(
+    slow_sim: SimProc, client_factory: Any, vt: VirtualTime
+) -> None:
+    """Each attempt times out 1.3 s into a ~2.5 s stream: closed items stay done, only the rest is re-sent."""
+    slow_sim.reset()
+    settings, model = make_settings(slow_sim.base_url, llm_timeout_s=1.3, llm_max_retries=10)
+    client: LLMClient = client_factory(settings)
+    closed: list[str] = []
+    batch = items(4)
+    results = await client.generate(batch, lambda item_id, _post: closed.append(item_id))
+    assert sorted(closed) == sorted(b.id for b in batch) and len(closed) == 4  # each produced exactly once
+    assert all(r.post for r in results)
+    stats = slow_sim.stats()
+    sizes = [int(n) for n, count in stats["items_per_call"].items() for _ in range(count)]
+    assert len(sizes) >= 2 and sizes.count(4) == 1 and max(sizes) == 4  # the retries left closed items out
+    assert sum(sizes) == stats["items"]
+    assert sample("loadproof_llm_requests_total", model=model, outcome="timeout") == len(sizes) - 1
+    assert_usage_split(results, stats)  # only the stream that ended sent usage; cut ones bill nothing

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from localstack.servers import PostgresServer, RedisServer
 from localstack.services import OrchestratorServer, SimulatorServer, WorkerProcess
 from service.cache import cache_key
-from tests.conftest import flush_redis, service_env, truncate_tasks
+from tests.conftest import flush_redis, is_final, service_env, truncate_tasks
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -34,13 +34,13 @@ def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
 
 
 def wait_final(base: str, task_id: str, timeout: float = 20.0) -> tuple[dict[str, object], int]:
-    """Poll until done/failed; returns the task and the number of GETs made."""
+    """Poll until failed or done with its usage; returns the task and the number of GETs made."""
     polls = 0
     deadline = time.monotonic() + timeout
     while True:
         polls += 1
         doc = httpx.get(f"{base}/task/{task_id}", timeout=5).json()
-        if doc["status"] in ("done", "failed"):
+        if is_final(doc):
             return doc, polls
         if time.monotonic() > deadline:
             raise AssertionError(f"task not finished: {doc}")

@@ -1,11 +1,14 @@
-"""The worker (in-process, real Postgres/Redis/simulator): micro-batching, item retry, LLM faults,
+"""The worker (in-process, real Postgres/Redis/simulator): adaptive micro-batching, tasks finished as
+their items close in the streamed reply, billing once per call, item retry, LLM faults,
 dead-lettering; and a worker process SIGKILLed between read and ack."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import time
 import uuid
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -15,9 +18,14 @@ import pytest
 from localstack.servers import PostgresServer, RedisServer
 from localstack.services import SimulatorServer, WorkerProcess
 from service.cache import cache_key, make_redis
+from service.config import Settings
+from service.cost import PriceTable
 from service.db import Database
+from service.llm import LLMClient, LLMItem, LLMItemResult, PostSink
 from service.queue import TaskQueue
+from service.worker import ArrivalRate, worth_waiting
 from tests.conftest import eventually, make_settings, running_worker, sample, service_env
+from tests.simproc import running_simulator
 
 pytestmark = pytest.mark.usefixtures("clean_state")
 
@@ -46,7 +54,7 @@ async def _accept(settings: Any, topics: list[str]) -> list[str]:
 def _rows(pg: PostgresServer, ids: list[str]) -> dict[str, dict[str, Any]]:
     with psycopg.connect(pg.dsn) as conn:
         cur = conn.execute(
-            "SELECT id::text, status, post, attempts, error, output_tokens, cost_usd FROM tasks "
+            "SELECT id::text, status, post, attempts, error, output_tokens, cost_usd, finished_at FROM tasks "
             "WHERE id = ANY(%s::uuid[])",
             (ids,),
         )
@@ -54,9 +62,46 @@ def _rows(pg: PostgresServer, ids: list[str]) -> dict[str, dict[str, Any]]:
         return {r[0]: dict(zip(cols, r, strict=True)) for r in cur.fetchall()}
 
 
+def _final(row: dict[str, Any]) -> bool:
+    """Failed, or done and billed (a streamed post is stored before its call's usage arrives)."""
+    return row["status"] == "failed" or (row["status"] == "done" and row["cost_usd"] is not None)
+
+
 async def _all_final(pg: PostgresServer, ids: list[str]) -> dict[str, dict[str, Any]] | None:
     rows = await asyncio.to_thread(_rows, pg, ids)
-    return rows if len(rows) == len(ids) and all(r["status"] in ("done", "failed") for r in rows.values()) else None
+    return rows if len(rows) == len(ids) and all(_final(r) for r in rows.values()) else None
+
+
+# Each post takes ~0.6 s to stream (~75 tokens x 8 ms): "done while the call still streams" is observable.
+SLOW_SIM_ENV = {"LOADPROOF_SIM_TTFT_MS": "50", "LOADPROOF_SIM_ITL_MS": "8"}
+
+
+@pytest.fixture(scope="module")
+def slow_simulator() -> Iterator[SimulatorServer]:
+    with running_simulator(SLOW_SIM_ENV) as sim:
+        yield sim
+
+
+class RecordingLLM(LLMClient):
+    """The real client, noting each call's item ids in the order the reply writes them."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.calls: list[list[str]] = []
+
+    async def generate(self, items: Sequence[LLMItem], on_post: PostSink | None = None) -> list[LLMItemResult]:
+        self.calls.append([it.id for it in items])
+        return await super().generate(items, on_post)
+
+
+def _priced(settings: Settings, stats: dict[str, Any]) -> float:
+    """What the simulator's reported usage costs at the model's price."""
+    price = PriceTable(settings.llm_prices).price(settings.llm_model)
+    return price.cost_usd(stats["prompt_tokens"], stats["completion_tokens"])
+
+
+def _spent(settings: Settings) -> float:
+    return sample("loadproof_llm_cost_usd_total", {"model": settings.llm_model})
 
 
 async def test_twenty_tasks_batch_size_five_make_four_calls(
@@ -209,3 +254,109 @@ async def test_worker_probes_answer_and_readiness_flips_on_drain(
             await eventually(not_ready, within_s=10)
     finally:
         await asyncio.to_thread(worker.cleanup)
+
+
+async def test_streamed_items_finish_in_the_order_they_close(
+    postgres: PostgresServer, redis_server: RedisServer, slow_simulator: SimulatorServer
+) -> None:
+    slow_simulator.reset()
+    settings = make_settings(postgres, redis_server, slow_simulator, batch_size=3)
+    ids = await _accept(settings, ["first", "second", "third"])
+    llm = RecordingLLM(settings)
+    spent_before = _spent(settings)
+    seen: dict[str, tuple[int, set[str]]] = {}  # task -> (calls in flight, tasks done) when first seen done
+
+    async def watch() -> dict[str, dict[str, Any]] | None:
+        rows = await asyncio.to_thread(_rows, postgres, ids)
+        done = {i for i, r in rows.items() if r["status"] == "done"}
+        inflight = (await asyncio.to_thread(slow_simulator.stats))["inflight"]  # read after the rows
+        for task_id in done - seen.keys():
+            seen[task_id] = (inflight, done)
+        return rows if len(rows) == 3 and all(_final(r) for r in rows.values()) else None
+
+    async with running_worker(settings, llm=llm):
+        rows = await eventually(watch, interval=0.02)
+    assert len(llm.calls) == 1 and sorted(llm.calls[0]) == sorted(ids), llm.calls
+    order = llm.calls[0]
+    finished = [rows[i]["finished_at"] for i in order]
+    assert finished[0] < finished[1] < finished[2], finished  # in the order the reply closed them
+    assert (finished[2] - finished[0]).total_seconds() > 0.5  # not stored together at the end of the call
+    inflight, done_then = seen[order[0]]
+    assert inflight == 1 and order[2] not in done_then  # the first was done while the call still streamed
+    stats = slow_simulator.stats()
+    assert stats["items_per_call"] == {"3": 1} and stats["streams"] == 1
+    # Billed once: per-task shares add up to the cost counter and to the simulator's usage, priced.
+    spent = _spent(settings) - spent_before
+    assert spent > 0 and sum(r["cost_usd"] for r in rows.values()) == pytest.approx(spent)
+    assert spent == pytest.approx(_priced(settings, stats))
+
+
+MALFORMED_SEED = 1  # with rate 0.5, this seed breaks some but not all of the first call's 6 items
+
+
+async def test_malformed_streamed_item_is_retried_alone_and_the_others_are_not_resent(
+    postgres: PostgresServer, redis_server: RedisServer, slow_simulator: SimulatorServer
+) -> None:
+    slow_simulator.reset()
+    slow_simulator.control(rate_malformed=0.5, seed=MALFORMED_SEED)
+    settings = make_settings(postgres, redis_server, slow_simulator, batch_size=6)
+    ids = await _accept(settings, [f"item {i}" for i in range(6)])
+    llm = RecordingLLM(settings)
+    spent_before = _spent(settings)
+    retried_before = sample("loadproof_tasks_total", {"event": "retried"})
+
+    async def first_call_arrived() -> bool:  # its content (and which items break) is decided on arrival
+        return (await asyncio.to_thread(slow_simulator.stats))["calls"] >= 1
+
+    async with running_worker(settings, llm=llm):
+        await eventually(first_call_arrived, interval=0.01)
+        slow_simulator.control(rate_malformed=0)  # the retries come back well-formed
+        rows = await eventually(lambda: _all_final(postgres, ids))
+    stats = slow_simulator.stats()
+    broken = stats["injected"].get("malformed_items", 0)
+    assert 0 < broken < 6, f"seed {MALFORMED_SEED} broke {broken} of 6 items; pick a seed that breaks some"
+    assert sorted(llm.calls[0]) == sorted(ids)
+    retried = {call[0] for call in llm.calls[1:]}
+    assert all(len(call) == 1 for call in llm.calls[1:]) and len(llm.calls) == 1 + broken == 1 + len(retried)
+    assert stats["items_per_call"] == {"6": 1, "1": broken}  # the well-formed items were not sent again
+    assert all(r["status"] == "done" and r["attempts"] == 1 for r in rows.values()), rows
+    assert sample("loadproof_tasks_total", {"event": "retried"}) - retried_before == broken
+    # The well-formed items were finished from the first stream, before any retried one.
+    assert max(rows[i]["finished_at"] for i in ids if i not in retried) < min(rows[i]["finished_at"] for i in retried)
+    spent = _spent(settings) - spent_before  # a retried item carries its share of both calls
+    assert sum(r["cost_usd"] for r in rows.values()) == pytest.approx(spent)
+    assert spent == pytest.approx(_priced(settings, stats))
+
+
+async def test_lone_task_is_sent_at_once(
+    postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer
+) -> None:
+    """With nothing queued a task does not wait for company: batch_wait_ms is a cap, not a delay."""
+    settings = make_settings(postgres, redis_server, simulator, batch_size=5, batch_wait_ms=2000)
+    async with running_worker(settings):
+        for i in range(3):
+            started = time.monotonic()
+            ids = await _accept(settings, [f"lone {i}"])
+            await eventually(lambda ids=ids: _all_final(postgres, ids))
+            assert time.monotonic() - started < 1.5  # far below the 2 s a filling batch would wait
+            await asyncio.sleep(1.0)
+    assert simulator.stats()["items_per_call"] == {"1": 3}
+
+
+def test_adaptive_batching_waits_only_while_the_rate_fills_the_batch() -> None:
+    now = [0.0]
+    arrivals = ArrivalRate(1.0, clock=lambda: now[0])
+    assert arrivals.rate() == 0 and not worth_waiting(4, arrivals.rate(), 0.1)
+    for _ in range(200):  # 20 entries/s
+        now[0] += 0.05
+        arrivals.add(1)
+    assert arrivals.rate() == pytest.approx(20, rel=0.05)
+    assert not worth_waiting(4, arrivals.rate(), 0.1)  # 4 more would take ~200 ms: go with what is there
+    assert worth_waiting(1, arrivals.rate(), 0.1)  # 1 more comes within ~50 ms
+    for _ in range(400):  # 200 entries/s
+        now[0] += 0.005
+        arrivals.add(1)
+    assert worth_waiting(4, arrivals.rate(), 0.1)  # full within ~20 ms: one system prompt for 5 tasks
+    now[0] += 10
+    assert arrivals.rate() < 0.01  # forgets a burst once arrivals stop
+    assert not worth_waiting(0, 1000.0, 0.1) and not worth_waiting(1, 1000.0, 0.0)
