@@ -180,6 +180,9 @@ class SimulatorConfig(Section):
     )
     jitter: float = Field(default=0.2, description="Bounded relative jitter.")
     output_tokens: int = Field(default=60, description="Output tokens per post.")
+    stream_chunk_tokens: int = Field(
+        default=16, description="Output tokens per streamed chunk (real endpoints: ~1; each costs client CPU)."
+    )
     concurrency_knee: int = Field(default=256, description="Concurrent calls beyond which latency grows.")
     rpm: int = Field(default=0, ge=0, description="Requests per minute admitted before 429 (0 = unlimited).")
     tpm: int = Field(
@@ -312,8 +315,8 @@ class WorkersAutoscalingConfig(Section):
     )
     lag_threshold: int = Field(
         default=320,
-        description="Target undelivered entries per worker pod (KEDA `lagCount`); default = one full round of "
-        "one pod's work (concurrency 64 x batchSize 5).",
+        description="Target undelivered entries per worker pod (KEDA `lagCount`); default = 64 batches of 5, "
+        "a quarter of what one pod may have in flight at its upper bound (concurrency 256).",
     )
     polling_interval_s: int = Field(default=15, description="How often KEDA checks the trigger (`pollingInterval`).")
     scale_down_stabilization_s: int = Field(
@@ -339,7 +342,7 @@ class WorkersConfig(Section):
     replicas: int = Field(default=2, description="Worker pods (with `autoscaling` on: the count KEDA starts from).")
     processes: int = Field(default=1, description="Local worker processes (demo).")
     concurrency: int = Field(
-        default=64, description="Upper bound of the adaptive limit of concurrent LLM calls per worker process."
+        default=256, description="Upper bound of the adaptive limit of concurrent LLM calls per worker process."
     )
     batch_size: int = Field(default=5, description="Tasks per LLM call; 1 = no batching (baseline).")
     batch_wait_ms: int = Field(
@@ -633,6 +636,7 @@ class StackConfig(Section):
             "SIM_ITL_MS": s.itl_ms,
             "SIM_JITTER": s.jitter,
             "SIM_OUTPUT_TOKENS": s.output_tokens,
+            "SIM_STREAM_CHUNK_TOKENS": s.stream_chunk_tokens,
             "SIM_CONCURRENCY_KNEE": s.concurrency_knee,
             "SIM_RPM": s.rpm,
             "SIM_TPM": s.tpm,

@@ -39,6 +39,7 @@ from service import metrics, prompts
 from service.breaker import CircuitBreaker
 from service.config import Settings
 from service.cost import Price, PriceTable
+from service.limiter import AdaptiveLimiter
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +319,11 @@ def _usage(raw: object) -> tuple[int, int]:
     raise _BadChunk(f"usage not understood: {str(raw)[:80]}")
 
 
+def _prompt_tokens_estimate(messages: Sequence[Mapping[str, Any]]) -> int:
+    """About four characters a token, plus the chat framing: the limiter corrects it from ``usage``."""
+    return sum(len(str(m.get("content", ""))) // 4 + 4 for m in messages) + 3
+
+
 class LLMClient:
     """Batched post generation against an OpenAI-compatible endpoint (see module docstring)."""
 
@@ -329,6 +335,7 @@ class LLMClient:
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
         on_first_token: Callable[[float], None] | None = None,
+        limiter: AdaptiveLimiter | None = None,
     ) -> None:
         """Fails here (at startup) on an unpriced model or an unknown prompt version.
 
@@ -336,6 +343,8 @@ class LLMClient:
         ``on_first_token`` (also settable later as an attribute) is called once per HTTP attempt
         that streams content, with the seconds from sending the request to the first content chunk
         (``clock`` time) — the endpoint's latency before output, e.g. for a concurrency limiter.
+        ``limiter`` (also settable as an attribute) admits every HTTP attempt, retries included: it
+        is told each attempt's outcome, time to first token and the provider's rate-limit headers.
         """
         self._settings = settings
         self._model = settings.llm_model
@@ -346,6 +355,7 @@ class LLMClient:
         self._clock = clock
         self._rand = rand
         self.on_first_token = on_first_token
+        self.limiter = limiter
         self._client = AsyncOpenAI(
             base_url=settings.llm_base_url,
             api_key=settings.llm_api_key.get_secret_value(),
@@ -457,6 +467,11 @@ class LLMClient:
     ) -> _Reply | _Failure:
         """One streamed request for ``items``, read to its end within ``budget_s`` in total."""
         messages = prompts.build_messages(items, self._settings.prompt_version)
+        max_tokens = self._settings.llm_max_tokens * len(items)
+        # What an OpenAI-style budget charges at admission: the prompt (estimated) plus the output cap.
+        permit = await self.limiter.acquire(_prompt_tokens_estimate(messages) + max_tokens) if self.limiter else None
+        headers: Mapping[str, str] | None = None
+        ttft: float | None = None
         wanted = {it.id for it in items}
         scanner = ReplyScanner()
         refusal: list[str] = []
@@ -480,7 +495,7 @@ class LLMClient:
                         "model": self._model,
                         "messages": messages,
                         "response_format": {"type": "json_object"},
-                        "max_completion_tokens": self._settings.llm_max_tokens * len(items),
+                        "max_completion_tokens": max_tokens,
                         "stream": True,
                         "stream_options": {"include_usage": True},
                     },
@@ -488,6 +503,7 @@ class LLMClient:
                     stream=True,
                     stream_cls=AsyncStream[object],
                 )
+                headers = stream.response.headers
                 async with stream:
                     async for chunk in stream:
                         if not isinstance(chunk, dict):
@@ -514,7 +530,8 @@ class LLMClient:
                             continue
                         if first_token:
                             first_token = False
-                            self._first_token(self._clock() - started)
+                            ttft = self._clock() - started
+                            self._first_token(ttft)
                         for text in scanner.feed(content):
                             self._close_streamed(text, wanted, close)
             reply = _Reply(scanner.text, "".join(refusal), finish_reason, saw_choice, usage)
@@ -524,12 +541,15 @@ class LLMClient:
             failure = _Failure("server_error", True, True, None, f"LLM connection failed: {exc}")
         except openai.APIStatusError as exc:
             failure = self._classify_status(exc)
+            headers = exc.response.headers
         except (openai.APIResponseValidationError, _BadChunk) as exc:
             failure = _Failure("bad_response", True, True, None, f"LLM response not understood: {exc}")
         except openai.APIError as exc:  # an error event inside the stream
             failure = _Failure("server_error", True, True, None, f"LLM stream failed: {exc.message}")
         except BaseException:
             self._release_probe(probe)  # cancelled mid-probe: re-open rather than stay half-open forever
+            if permit is not None:
+                permit.done("cancelled")
             raise
         finally:
             with _metrics_guard():
@@ -537,8 +557,13 @@ class LLMClient:
                 metrics.LLM_DURATION.labels(self._model).observe(self._clock() - started)
         if reply is not None:
             self.breaker.record_success()
+            if permit is not None:
+                counted = reply.usage[0] + max_tokens if reply.usage is not None else None
+                permit.done("ok", latency_s=ttft, headers=headers, tokens=counted)
             return reply
         assert failure is not None
+        if permit is not None:
+            permit.done("rate_limited" if failure.outcome == "rate_limited" else "error", headers=headers)
         self._count(failure.outcome)
         if failure.counts_for_breaker:
             self.breaker.record_failure()

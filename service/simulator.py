@@ -67,7 +67,6 @@ from service.simwire import (
     validate_chat,
 )
 
-STREAM_CHUNK_TOKENS = 4  # tokens per SSE content chunk
 OUTCOMES = ("ok", "429", "500", "timeout", "malformed", "bad_json")
 MALFORMED_KINDS = ("missing", "empty", "not_a_string", "wrong_id")
 
@@ -498,7 +497,7 @@ class Simulator:
                 ],
             }
         )
-        step = STREAM_CHUNK_TOKENS * CHARS_PER_TOKEN
+        step = self.settings.sim_stream_chunk_tokens * CHARS_PER_TOKEN
         try:
             await send(
                 {

@@ -49,6 +49,7 @@ from service import metrics
 from service.cache import Cache, encode_hit, make_redis
 from service.config import Settings, get_settings
 from service.db import Database
+from service.limiter import AdaptiveLimiter
 from service.llm import LLMClient, LLMError, LLMItem, LLMItemResult
 from service.queue import Entry, TaskQueue, sweep
 
@@ -80,9 +81,15 @@ class Worker:
         )
         self.cache = Cache(settings, make_redis(settings, socket_timeout=settings.redis_socket_timeout_s, pool_size=16))
         self.queue = TaskQueue(settings, self.redis)
+        self.limiter = AdaptiveLimiter(settings)
         self.llm = llm or LLMClient(settings)
+        if self.llm.limiter is None:
+            self.llm.limiter = self.limiter
+        else:
+            self.limiter = self.llm.limiter
         self.stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.worker_concurrency)
+        self._room = asyncio.Event()  # set when a batch finishes: the limit may admit another
         self._arrivals = ArrivalRate(RATE_TAU_S)
         self._closing: list[_Closed] = []  # streamed posts waiting for the post writer
         self._writer: asyncio.Task[None] | None = None
@@ -217,10 +224,18 @@ class Worker:
             self._batches.add(task)
             task.add_done_callback(self._batch_done)
 
-    # Concurrency control lives in these two methods (and ``self._slots``) only.
+    # Concurrency control lives in these two methods (and ``self._slots``, ``self._room``) only.
     async def _take_slot(self) -> None:
-        """Wait for room for one more batch in flight (its LLM call and any retries of its items)."""
+        """Wait for room for one more batch in flight (its LLM call and any retries of its items).
+
+        ``worker_concurrency`` is the hard bound; below it, the adaptive limiter's current limit
+        decides. Waiting here, before reading, leaves entries in the stream for other workers rather
+        than holding them while the limiter would make their call wait anyway."""
         await self._slots.acquire()
+        while len(self._batches) >= self.limiter.limit and not self.stopping.is_set():
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), 0.25)  # the limit also moves without a batch ending
 
     def _give_slot(self) -> None:
         self._slots.release()
@@ -228,6 +243,7 @@ class Worker:
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._batches.discard(task)
         self._give_slot()
+        self._room.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("batch failed; its entries stay pending for reclaim", exc_info=task.exception())
 
