@@ -9,6 +9,9 @@ Two different things bound an LLM provider, and the limiter honours both:
   much": the limit is cut multiplicatively (AIMD), once per round of calls, and no new call starts
   until the ``Retry-After`` (or ``x-ratelimit-reset-*``) time has passed. Why Gradient2 and not
   Vegas, AIMD alone or Envoy's filter is written down in docs/llm.md.
+  Until the first sign of congestion (latency past the tolerance, or a 429) the limit grows like TCP's
+  slow start, x1.5 per window: Gradient2 alone adds ~0.2 x sqrt(limit) per window, and with LLM calls
+  lasting seconds a window takes seconds, so from 16 to 256 it would need many minutes of backlog.
 * **Rate budgets**, requests and tokens per minute: token buckets refilling continuously (capacity =
   the per-minute limit, the way OpenAI enforces it), one from the configured share (``llm_rpm``,
   ``llm_tpm``) and one learnt from the provider's ``x-ratelimit-limit/remaining/reset-*`` headers.
@@ -52,6 +55,7 @@ FLOOR_FORGET = 1e-4  # the floor (lowest short-term latency) creeps up 0.01 % pe
 FLOOR_CAP = 1.5  # provider that really got slower; the long-term level never exceeds 1.5x the floor
 WINDOW_SAMPLES = 10  # "ok" samples per window, and a window lasts at least one short-term latency
 BACKOFF = 0.5  # multiplicative decrease on 429
+SLOW_START = 1.5  # growth per window until the first congestion signal
 DEFAULT_PAUSE_S = 1.0  # a 429 without Retry-After or reset headers
 MAX_PAUSE_S = 600.0  # a wild Retry-After must not stop the worker for an hour
 EPSILON_S = 1e-4
@@ -258,6 +262,7 @@ class AdaptiveLimiter:
         self._long_count = 0
         self._floor: float | None = None
         self._token_scale = 1.0  # >= 1: callers' token estimates times this is what gets charged
+        self._slow_start = self._adaptive  # until latency first passes the tolerance or a 429 arrives
         self._publish()
 
     # --- what callers and the dashboard see ---------------------------------------------------
@@ -449,6 +454,7 @@ class AdaptiveLimiter:
     def _rate_limited(self, permit: Permit, headers: Mapping[str, str], now: float) -> None:
         """AIMD's decrease, once per round (calls admitted before the last cut do not cut again),
         and a pause of new admissions until the provider said it is worth trying again."""
+        self._slow_start = False
         if self._adaptive and permit.seq > self._last_decrease_seq:
             self._estimate = max(1.0, self._estimate * BACKOFF)
             self._last_decrease_seq = self._seq
@@ -488,6 +494,10 @@ class AdaptiveLimiter:
         if not self._adaptive or busiest < self._estimate / 2:
             return  # app-limited: a mostly idle limit proves nothing about a higher one
         gradient = max(MIN_GRADIENT, min(1.0, TOLERANCE * self._long / short))
+        if self._slow_start and gradient >= 1.0:
+            self._estimate = min(float(self._max), self._estimate * SLOW_START)
+            return
+        self._slow_start = False
         queue = max(MIN_QUEUE, math.sqrt(self._estimate))
         target = self._estimate * gradient + queue
         self._estimate = max(1.0, min(float(self._max), self._estimate * (1 - SMOOTHING) + target * SMOOTHING))

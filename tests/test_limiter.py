@@ -135,6 +135,24 @@ async def test_limit_grows_while_latency_stays_at_its_floor() -> None:
     assert limiter.inflight == 0
 
 
+async def test_slow_start_multiplies_until_the_first_congestion_signal() -> None:
+    """Calls last seconds, so a window takes seconds: growth must be multiplicative until congestion
+    is seen, additive (Gradient2) after it."""
+    clock = Clock()
+    limiter = AdaptiveLimiter(_settings(llm_concurrency_initial=16, worker_concurrency=256), clock=clock)
+    rounds = 0
+    while limiter.limit < 256:
+        await _round(limiter, clock, 0.35)
+        rounds += 1
+    assert rounds <= 15  # 16 -> 256 at x1.5 per window (a window is ~1 round at full load here)
+    slow = AdaptiveLimiter(_settings(llm_concurrency_initial=16, worker_concurrency=256), clock=clock)
+    (await slow.acquire(0)).done("rate_limited", headers={"retry-after-ms": "1"})
+    clock.now += 0.01
+    for _ in range(15):
+        await _round(slow, clock, 0.35)
+    assert slow.limit < 64  # after a 429: no more slow start
+
+
 async def test_limit_backs_off_when_latency_rises_with_load() -> None:
     """Latency grows with in-flight calls past a knee of 8 (as the simulator models it): the limit
     settles near the knee instead of running up to the bound."""
