@@ -57,7 +57,7 @@ HTTP_INFLIGHT = Gauge("loadproof_http_requests_inflight", "HTTP requests in flig
 HTTP_REJECTED = Counter(
     "loadproof_http_rejected",
     "Requests refused before handling.",
-    ["reason"],  # overload (max_inflight)|loop_lag|too_large|body_timeout
+    ["reason"],  # overload (max_inflight)|queue_wait|loop_lag|too_large|body_timeout
 )
 HTTP_LOOP_LAG = Gauge(
     "loadproof_http_loop_lag_seconds",
