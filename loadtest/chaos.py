@@ -113,10 +113,12 @@ SHORT = Profile(
     outage_s=4,
     faults_s=6,
     overload_s=5,
-    overload_p95_ms=1000,  # generous: k6 and the whole stack share 2 cores with other work
+    # generous: k6 and the whole stack share 2 cores with other work. It catches requests left to
+    # queue for seconds; what shedding buys against no shedding is tests/test_overload.py's control.
+    overload_p95_ms=2000,
     drain_s=90,
     search_step_s=3,
-    search_max_rate=240,
+    search_max_rate=120,  # 3x of it is about what k6 and the stack can drive on 2 shared cores
     header_timeout_s=2,
     body_timeout_s=2,
     abuse_holders=5,
