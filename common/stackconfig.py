@@ -260,6 +260,16 @@ class OrchestratorConfig(Section):
     max_inflight: int = Field(
         default=256, description="In-flight requests per process before 503 (sheds load before queueing seconds)."
     )
+    overload_lag_ms: float = Field(
+        default=10.0,
+        description="Event-loop lag target per process before a growing share of requests gets 503 (0 = off).",
+    )
+    overload_queue_ms: float = Field(
+        default=100.0, description="Longest wait for a request's first event-loop turn before it gets 503 (0 = off)."
+    )
+    overload_interval_ms: float = Field(
+        default=100.0, description="Window whose smallest loop lag decides whether the shed share grows or shrinks."
+    )
     max_body_bytes: int = Field(default=8192, description="Largest request body before 413.")
     db_pool_mode: Literal["queue", "null"] = Field(default="queue", description="`null` = no pooling (baseline).")
     db_pool_size: int = Field(default=20, description="Pooled connections per process.")
@@ -593,6 +603,9 @@ class StackConfig(Section):
         env: dict[str, Any] = {
             "PROCESSES": o.processes,
             "MAX_INFLIGHT": o.max_inflight,
+            "OVERLOAD_LAG_MS": o.overload_lag_ms,
+            "OVERLOAD_QUEUE_MS": o.overload_queue_ms,
+            "OVERLOAD_INTERVAL_MS": o.overload_interval_ms,
             "MAX_BODY_BYTES": o.max_body_bytes,
             "SHUTDOWN_TIMEOUT_S": o.shutdown_timeout_s,
             "DB_POOL_MODE": o.db_pool_mode,

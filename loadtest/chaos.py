@@ -76,6 +76,7 @@ class Profile:
     outage_s: float  # Redis down, LLM down
     faults_s: float  # LLM fault rates in force
     overload_s: float
+    overload_p95_ms: float  # the bound on the served p95 during the overload
     drain_s: float
     search_step_s: float
     search_max_rate: float
@@ -95,6 +96,7 @@ FULL = Profile(
     outage_s=30,
     faults_s=30,
     overload_s=20,
+    overload_p95_ms=SUSTAINABLE_P95_MS,
     drain_s=240,
     search_step_s=8,
     search_max_rate=6400,
@@ -111,9 +113,12 @@ SHORT = Profile(
     outage_s=4,
     faults_s=6,
     overload_s=5,
+    # generous: k6 and the whole stack share 2 cores with other work. It catches requests left to
+    # queue for seconds; what shedding buys against no shedding is tests/test_overload.py's control.
+    overload_p95_ms=2000,
     drain_s=90,
     search_step_s=3,
-    search_max_rate=240,
+    search_max_rate=120,  # 3x of it is about what k6 and the stack can drive on 2 shared cores
     header_timeout_s=2,
     body_timeout_s=2,
     abuse_holders=5,
@@ -710,11 +715,15 @@ class Campaign:
                 }
             )
             m.p95_during_override = hold.p95_ms
+            bound = p.overload_p95_ms
+            # no 503 passes only when there was no excess: everything offered served within the bound
+            absorbed = hold.errors == 0 and goodput >= GOODPUT_SHARE * peak and (hold.p95_served_ms or 0.0) < bound
             return [
                 Check(
                     "503 + Retry-After for the excess",
-                    without_ra == 0 and not other_5xx,
-                    f"{n503} x 503 during the overload, {without_ra} without Retry-After, other 5xx: {other_5xx or 0}",
+                    without_ra == 0 and not other_5xx and (n503 > 0 or absorbed),
+                    f"{n503} x 503 during the overload, {without_ra} without Retry-After, other 5xx: {other_5xx or 0}"
+                    + ("" if n503 else "; every request was served, so there was no excess"),
                 ),
                 Check(
                     f"goodput ≥ {GOODPUT_SHARE * 100:g} % of the sustainable rate",
@@ -722,8 +731,8 @@ class Campaign:
                     f"{goodput:.1f}/s served (200/202) at {peak:g}/s offered; sustainable {sustainable:g}/s",
                 ),
                 Check(
-                    "p95 of served requests < 400 ms",
-                    hold.p95_served_ms is not None and hold.p95_served_ms < SUSTAINABLE_P95_MS,
+                    f"p95 of served requests < {bound:g} ms",
+                    hold.p95_served_ms is not None and hold.p95_served_ms < bound,
                     f"p95 of served requests {fmt_ms(hold.p95_served_ms)} during the overload",
                 ),
             ]

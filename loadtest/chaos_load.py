@@ -152,7 +152,9 @@ class LoadRun:
             "mix": mix.doc(),
             "runTag": f"{name}-{time.time_ns()}",
             "requestTimeoutS": request_timeout_s,
-            "preAllocatedVus": max(10, math.ceil(peak * 0.1)),
+            # VUs made mid-run come too late for their iteration (k6 drops it): enough up front that a
+            # dropped iteration means the service was slow, not that k6 was still making VUs
+            "preAllocatedVus": max(20, math.ceil(peak * 0.5)),
             "maxVus": max_vus or max(100, math.ceil(peak * 1.5)),
             "summaryPath": str(self.summary_path),
         }

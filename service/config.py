@@ -28,6 +28,25 @@ class Settings(BaseSettings):
     max_inflight: int = Field(
         default=256, ge=1, description="Requests in flight per API process before new ones get 503 + Retry-After."
     )
+    overload_lag_ms: float = Field(
+        default=10.0,
+        ge=0,
+        description="Event-loop lag target: while the smallest lag seen over `overload_interval_ms` stays above "
+        "it, a growing share of new requests gets 503 + Retry-After (0 turns lag shedding off; `max_inflight` "
+        "always applies).",
+    )
+    overload_queue_ms: float = Field(
+        default=100.0,
+        ge=0,
+        description="A request that waited longer than this for its first event-loop turn (the queue an "
+        "overloaded loop builds before any middleware runs) gets 503 + Retry-After (0 = off).",
+    )
+    overload_interval_ms: float = Field(
+        default=100.0,
+        gt=0,
+        description="Window of the lag shedding: the smallest lag seen in it decides whether the shed share "
+        "grows or shrinks (a short stall alone never sheds).",
+    )
     max_body_bytes: int = Field(default=8192, ge=256, description="Largest accepted request body; larger gets 413.")
     header_timeout_s: float = Field(
         default=10.0,

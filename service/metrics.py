@@ -57,7 +57,17 @@ HTTP_INFLIGHT = Gauge("loadproof_http_requests_inflight", "HTTP requests in flig
 HTTP_REJECTED = Counter(
     "loadproof_http_rejected",
     "Requests refused before handling.",
-    ["reason"],  # overload|too_large|body_timeout
+    ["reason"],  # overload (max_inflight)|queue_wait|loop_lag|too_large|body_timeout
+)
+HTTP_LOOP_LAG = Gauge(
+    "loadproof_http_loop_lag_seconds",
+    "Smallest event-loop lag seen over the last lag-shedding window (service.guard.LagShedder).",
+    multiprocess_mode="livemax",
+)
+HTTP_SHED_SHARE = Gauge(
+    "loadproof_http_shed_share",
+    "Share of new requests answered 503 because of event-loop lag (0 = none).",
+    multiprocess_mode="livemax",
 )
 
 # --- Cache ---

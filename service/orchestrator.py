@@ -20,11 +20,14 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.guard import QUEUED_AT
 
 log = logging.getLogger("loadproof.orchestrator")
 
@@ -51,7 +54,9 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     """httptools with a header deadline: uvicorn bounds only the idle time *between* requests, so a
     client that connects and sends nothing, or trickles its headers (slowloris), would hold its
     connection forever. Here a connection is closed when a request's headers are not complete within
-    ``header_timeout_s`` of the connect or of the request's first byte."""
+    ``header_timeout_s`` of the connect or of the request's first byte. It also stamps when a request's
+    task is made (``QUEUED_AT``), so the guard sees how long the request waited for its first loop
+    turn: the queue an overloaded loop builds before any middleware runs."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -85,6 +90,7 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._cancel_header_timer()
+        self.scope[QUEUED_AT] = time.perf_counter()  # type: ignore[literal-required]
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:

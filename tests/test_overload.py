@@ -1,0 +1,230 @@
+"""Overload shedding on event-loop lag (``service.guard.OverloadShedder``): the controller's arithmetic,
+the cheap 503 path, and a real ``python -m service.orchestrator`` process under k6: modest load sheds
+nothing; a CPU-starved process answers the excess 503 + Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtest.chaos_load import LoadRun, Mix, Record, Stage, window
+from localstack.servers import PostgresServer, RedisServer
+from localstack.services import OrchestratorServer, SimulatorServer, WorkerProcess
+from service.config import Settings
+from service.guard import QUEUED_AT, SHED_BODY, Guard, OverloadShedder
+from tests.conftest import flush_redis, service_env, truncate_tasks
+from tests.test_metrics import scrape, value
+
+
+def shedder(inflight: int = 100) -> OverloadShedder:
+    return OverloadShedder(30, 100, lambda: inflight, enabled_metrics=False)
+
+
+def test_one_stall_alone_never_sheds_and_a_lagging_loop_does() -> None:
+    s = shedder()
+    s.window(0.004, 100)  # the window's smallest lag: a stall in it does not lift its minimum
+    assert s.share == 0.0
+    s.window(0.060, 100)  # every sample of the window was 60 ms late
+    assert s.share == pytest.approx(OverloadShedder.STEP * 2)
+    s.window(0.500, 100)  # deep overload: the step grows, bounded by MAX_GAIN
+    assert s.share == pytest.approx(OverloadShedder.STEP * (2 + OverloadShedder.MAX_GAIN))
+    for _ in range(100):
+        s.window(1.0, 100)
+    assert s.share == OverloadShedder.MAX_SHARE  # one request in ten still gets through
+    for _ in range(100):
+        s.window(0.001, 100)
+    assert s.share == 0.0  # and it comes back down once the loop keeps up
+
+
+def test_lag_without_work_in_flight_is_not_shed_against() -> None:
+    """A loop that lags with almost nothing admitted (throttled, crowded out) is not cured by shedding."""
+    s = shedder()
+    for _ in range(10):
+        s.window(0.2, OverloadShedder.MIN_INFLIGHT - 1)
+    assert s.share == 0.0
+    assert s.shed() is False
+    assert not OverloadShedder(0, 100, lambda: 0, enabled_metrics=False).enabled
+
+
+def test_a_shed_is_a_constant_503_with_retry_after_before_the_body_is_read() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("a shed request reached the app")
+
+    async def fast_task(task: Any) -> Any:
+        raise AssertionError("unreachable")
+
+    guard = Guard(app, Settings(metrics_enabled=False), [], fast_task)
+    guard.overload.share = 1.0  # as if the loop lagged for many windows (MAX_SHARE bounds the controller)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        raise AssertionError("the body of a shed request was read")
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
+
+    scope = {"type": "http", "path": "/task", "method": "POST", "headers": [(b"content-length", b"40")]}
+    asyncio.run(guard(scope, receive, send))
+    assert sent[0]["status"] == 503 and (b"retry-after", b"1") in sent[0]["headers"]
+    assert sent[1]["body"] == SHED_BODY and guard.inflight == 0
+
+
+def test_a_request_that_waited_too_long_for_its_first_loop_turn_is_shed() -> None:
+    """The server's protocol stamps ``QUEUED_AT`` when it makes the request's task; a request that then
+    waited ``overload_queue_ms`` for the loop is already late, so it is answered 503 at once."""
+    reached: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def fast_task(task: Any) -> Any:
+        raise AssertionError("unreachable")
+
+    guard = Guard(app, Settings(metrics_enabled=False, overload_queue_ms=100), [], fast_task)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
+
+    def scope(path: str, waited_s: float) -> dict[str, Any]:
+        return {"type": "http", "path": path, "method": "GET", "headers": [], QUEUED_AT: time.perf_counter() - waited_s}
+
+    asyncio.run(guard(scope("/late", 0.5), receive, send))
+    asyncio.run(guard(scope("/healthz", 0.5), receive, send))  # probes are never shed
+    asyncio.run(guard(scope("/prompt", 0.01), receive, send))
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [503, 200, 200]
+    assert reached == ["/healthz", "/prompt"]
+
+
+# --------------------------------------------------------------------------- a real process
+
+
+def api_env(
+    postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer, **extra: Any
+) -> dict[str, str]:
+    return service_env(postgres, redis_server, simulator, db_pool_size=10, db_max_overflow=10, **extra)
+
+
+@pytest.fixture(scope="module")
+def api(
+    postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer
+) -> Iterator[OrchestratorServer]:
+    """One API process (the default shedding settings) and a worker, so hot keys become cache hits."""
+    truncate_tasks(postgres)
+    flush_redis(redis_server)
+    simulator.reset()
+    env = api_env(postgres, redis_server, simulator)
+    server = OrchestratorServer(env)
+    worker = WorkerProcess(env)
+    server.start(60)
+    worker.start(60)
+    try:
+        yield server
+    finally:
+        worker.cleanup()
+        server.cleanup()
+
+
+def shed_count(api: OrchestratorServer) -> float:
+    return value(scrape(f"{api.url}/metrics"), "loadproof_http_rejected_total", reason="loop_lag")
+
+
+def test_modest_load_sheds_nothing(api: OrchestratorServer, tmp_path: Path) -> None:
+    before = shed_count(api)
+    res = LoadRun(api.url, [Stage(5, 60)], Mix(poll_max_s=3), tmp_path, "modest", start_rate=60).wait(90)
+    assert res.records and res.returncode in (0, 99)
+    statuses = {r.status for r in res.records}
+    assert 503 not in statuses, f"shed at 60 requests/s: {sum(r.status == 503 for r in res.records)} x 503"
+    assert shed_count(api) == before
+
+
+STARVED_RATE = 600.0
+STARVED_S = 8.0
+
+
+def starved_load(api: OrchestratorServer, tmp_path: Path, name: str) -> tuple[list[Record], int]:
+    """The API pinned to one core next to a CPU hog (a neighbour taking half of it), under an open-model
+    load far beyond what half a core serves; records and dropped iterations."""
+    assert api.pid is not None
+    cpu = min(os.sched_getaffinity(0))
+    original = os.sched_getaffinity(api.pid)
+    hog = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+    try:
+        os.sched_setaffinity(api.pid, {cpu})
+        time.sleep(0.5)
+        stage = Stage(STARVED_S, STARVED_RATE)
+        res = LoadRun(api.url, [stage], Mix(poll_max_s=3), tmp_path, name, start_rate=STARVED_RATE).wait(120)
+    finally:
+        hog.kill()
+        hog.wait()
+        os.sched_setaffinity(api.pid, original)
+    assert res.records, "k6 sent nothing"
+    return res.records, res.dropped
+
+
+def rejected_by_reason(api: OrchestratorServer) -> dict[str, float]:
+    return {
+        dict(labels)["reason"]: v
+        for (name, labels), v in scrape(f"{api.url}/metrics").items()
+        if name == "loadproof_http_rejected_total"
+    }
+
+
+def served_p95(records: list[Record]) -> float:
+    """p95 of the requests served after the first 2 s (the controller's reaction time excluded)."""
+    t0 = records[0].t
+    p95 = window(records, t0 + 2, t0 + STARVED_S).p95_served_ms
+    assert p95 is not None, "nothing was served"
+    return p95
+
+
+@pytest.mark.timeout(300)
+def test_a_cpu_starved_process_answers_the_excess_503_and_bounds_latency(
+    api: OrchestratorServer,
+    postgres: PostgresServer,
+    redis_server: RedisServer,
+    simulator: SimulatorServer,
+    tmp_path: Path,
+) -> None:
+    """The same starved overload against the default settings and against a process without shedding:
+    the excess gets 503 + Retry-After (counted by reason) and the served p95 is a fraction of the
+    unshed one, whose requests queue for seconds."""
+    before = shed_count(api)
+    records, dropped = starved_load(api, tmp_path, "starved")
+    reasons = rejected_by_reason(api)
+    control_env = api_env(postgres, redis_server, simulator, overload_lag_ms=0, overload_queue_ms=0)
+    with OrchestratorServer(control_env) as control:
+        control_records, control_dropped = starved_load(control, tmp_path, "unshed")
+        control_reasons = rejected_by_reason(control)
+    shed = [r for r in records if r.status == 503]
+    other_5xx = sorted({r.status for r in records if r.status >= 500 and r.status != 503})
+    p95, control_p95 = served_p95(records), served_p95(control_records)
+    print(
+        f"starved, shedding: {len(records)} requests, {len(shed)} x 503 {reasons}, served "
+        f"{sum(r.served for r in records)}, p95 {p95:.0f} ms, dropped {dropped}; without shedding: "
+        f"{len(control_records)} requests, 503s {control_reasons}, served "
+        f"{sum(r.served for r in control_records)}, p95 {control_p95:.0f} ms, dropped {control_dropped}"
+    )
+    assert shed, "no request was shed although the loop was starved"
+    assert all(r.retry_after == "1" for r in shed), "a 503 without Retry-After"
+    assert not other_5xx, other_5xx
+    assert shed_count(api) > before  # counted with its reason
+    assert not {"loop_lag", "queue_wait"} & set(control_reasons), control_reasons  # max_inflight only
+    assert p95 < control_p95 / 2, f"served p95 {p95:.0f} ms with shedding, {control_p95:.0f} ms without"
+    # once the hog is gone the shedding stops: modest load is served in full again
+    time.sleep(2)
+    after = LoadRun(api.url, [Stage(3, 30)], Mix(poll_max_s=2), tmp_path, "after", start_rate=30).wait(60)
+    assert after.records and not any(r.status == 503 for r in after.records)
