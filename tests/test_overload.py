@@ -9,9 +9,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Coroutine, Iterator, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -22,6 +22,18 @@ from service.config import Settings
 from service.guard import QUEUED_AT, SHED_BODY, Guard, OverloadShedder
 from tests.conftest import flush_redis, service_env, truncate_tasks
 from tests.test_metrics import scrape, value
+
+T = TypeVar("T")
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on a private loop: ``asyncio.run`` would leave the main thread without a current
+    loop, which later tests (Pulumi's) expect to find."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
 
 
 def shedder(inflight: int = 100) -> OverloadShedder:
@@ -72,7 +84,7 @@ def test_a_shed_is_a_constant_503_with_retry_after_before_the_body_is_read() -> 
         sent.append(dict(message))
 
     scope = {"type": "http", "path": "/task", "method": "POST", "headers": [(b"content-length", b"40")]}
-    asyncio.run(guard(scope, receive, send))
+    run_async(guard(scope, receive, send))
     assert sent[0]["status"] == 503 and (b"retry-after", b"1") in sent[0]["headers"]
     assert sent[1]["body"] == SHED_BODY and guard.inflight == 0
 
@@ -102,9 +114,9 @@ def test_a_request_that_waited_too_long_for_its_first_loop_turn_is_shed() -> Non
     def scope(path: str, waited_s: float) -> dict[str, Any]:
         return {"type": "http", "path": path, "method": "GET", "headers": [], QUEUED_AT: time.perf_counter() - waited_s}
 
-    asyncio.run(guard(scope("/late", 0.5), receive, send))
-    asyncio.run(guard(scope("/healthz", 0.5), receive, send))  # probes are never shed
-    asyncio.run(guard(scope("/prompt", 0.01), receive, send))
+    run_async(guard(scope("/late", 0.5), receive, send))
+    run_async(guard(scope("/healthz", 0.5), receive, send))  # probes are never shed
+    run_async(guard(scope("/prompt", 0.01), receive, send))
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [503, 200, 200]
     assert reached == ["/healthz", "/prompt"]
 
