@@ -211,8 +211,8 @@ def test_a_cpu_starved_process_answers_the_excess_503_and_bounds_latency(
     api: OrchestratorServer, tmp_path: Path
 ) -> None:
     """The excess gets 503 + Retry-After (counted by reason) and the served p95 stays bounded. The
-    bound is generous (k6 shares the machine): without lag shedding the same load queued for 5-8 s
-    at the p95 in three of four tries, and 1.4 s in one where ``max_inflight`` shed instead."""
+    bound is generous (k6 shares the machine), yet without lag shedding the same load mostly queues
+    for several seconds at the p95 (unless ``max_inflight`` happens to shed instead)."""
     before = shed_count(api)
     records, dropped = starved_load(api, tmp_path, "starved")
     reasons = rejected_by_reason(api)
