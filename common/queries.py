@@ -74,6 +74,8 @@ HTTP_REQUEST_DURATION = _name(m.HTTP_REQUEST_DURATION)
 HTTP_REQUESTS = _name(m.HTTP_REQUESTS)
 HTTP_INFLIGHT = _name(m.HTTP_INFLIGHT)
 HTTP_REJECTED = _name(m.HTTP_REJECTED)
+HTTP_LOOP_LAG = _name(m.HTTP_LOOP_LAG)
+HTTP_SHED_SHARE = _name(m.HTTP_SHED_SHARE)
 CACHE_LOOKUPS = _name(m.CACHE_LOOKUPS)
 CACHE_ERRORS = _name(m.CACHE_ERRORS)
 CACHE_BREAKER_OPEN = _name(m.CACHE_BREAKER_OPEN)
@@ -328,8 +330,18 @@ def requests_by_status(window: str) -> str:
 
 
 def rejected_per_s(window: str) -> str:
-    """Requests refused before handling (overload, too large), per reason."""
+    """Requests refused before handling (overload, queue_wait, loop_lag, too_large, body_timeout), per reason."""
     return f"sum by (reason) (rate({HTTP_REJECTED}[{window}]))"
+
+
+def overload_loop_lag_ms() -> str:
+    """The largest per-process loop lag of the last lag-shedding window (service.guard.OverloadShedder)."""
+    return f"max({HTTP_LOOP_LAG}) * 1000"
+
+
+def overload_shed_share_pct() -> str:
+    """The largest per-process share of new requests shed on loop lag, in percent."""
+    return f"max({HTTP_SHED_SHARE}) * 100"
 
 
 def http_inflight() -> str:

@@ -112,6 +112,19 @@ def service_internals() -> dict[str, Any]:
                 "Requests being handled, and requests refused before handling by reason.",
             )
         )
+        .with_panel(
+            series_panel(
+                ids,
+                "Overload shedding: loop lag and shed share",
+                [
+                    ("loop lag (ms, smallest of the window)", q.overload_loop_lag_ms()),
+                    ("shed share (%)", q.overload_shed_share_pct()),
+                ],
+                "short",
+                "Event-loop lag per API process (the largest) and the share of new requests answered 503 "
+                "because of it; target overload_lag_ms, see service.guard.OverloadShedder.",
+            )
+        )
         .with_row(dashboard.Row("LLM").id(ids.id()))
         .with_panel(
             series_panel(

@@ -114,7 +114,7 @@ SHORT = Profile(
     faults_s=6,
     overload_s=5,
     # generous: k6 and the whole stack share 2 cores with other work. It catches requests left to
-    # queue for seconds; what shedding buys against no shedding is tests/test_overload.py's control.
+    # queue for seconds; tests/test_overload.py starves one API process under a far larger load.
     overload_p95_ms=2000,
     drain_s=90,
     search_step_s=3,

@@ -74,19 +74,20 @@ class OverloadShedder:
     least ``MIN_INFLIGHT`` requests are in flight, and stops at ``MAX_SHARE``. A lag that shedding
     cannot cure (a process throttled or crowded out by neighbours lags however little it admits,
     and a shed costs nearly what a cache hit does) must not turn the API into a wall of 503s: a
-    throttled process shed 95 % and served 22 requests/s where it served 334/s without shedding.
+    process stopped 75 ms in every 100 (a CPU quota) shed nearly everything without these two rules
+    and served a small fraction of what it served without shedding, no faster.
 
     Not a latency signal: slow requests whose time goes to a starved Redis or Postgres are not this
-    process's excess (measured on this machine: a server-side p95 rule shed at 50 requests/s and
-    left the served p95 as high as without it); the store's own timeouts answer those.
+    process's excess (tried on this machine: a server-side p95 rule shed at modest load and left the
+    served p95 as high as without it); the store's own timeouts answer those.
 
-    Defaults: at modest load the loop's lag is a few ms, but on a busy machine a neighbour's time
-    slices alone lag it by 10-40 ms (measured at the chaos campaign's sustainable rate), so lag alone
-    is no evidence of excess; ``MIN_INFLIGHT`` is: at the demo's 1000 requests/s on 2 cores with a
-    p95 of ~5 ms, Little's law leaves a handful in flight per process. The 10 ms target then acts only with real excess
-    and holds the loop close to idle, because a served request needs several loop turns (its start,
-    a Redis round trip with its reply, a group commit) and pays the lag on each: at 3x the
-    sustainable rate the served p95 was ~1 s with a 30 ms target and ~0.5-0.6 s with 10 ms.
+    Defaults: at modest load the loop's lag is a few ms, but on a busy machine neighbours' time
+    slices alone lag it by tens of ms at times, so lag alone is no evidence of excess;
+    ``MIN_INFLIGHT`` is: at the demo's 1000 requests/s on 2 cores with a p95 of ~5 ms, Little's law
+    leaves a handful in flight per process. The 10 ms target then acts only with real excess and
+    holds the loop close to idle, because a served request needs several loop turns (its start, a
+    Redis round trip with its reply, a group commit) and pays the lag on each: in the short chaos
+    campaign's overload a 30 ms target left the served p95 about twice as high as 10 ms does.
     """
 
     STEP = 0.05

@@ -9,15 +9,27 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import MutableMapping
+from collections.abc import Coroutine, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from loadtest import chaos
 from loadtest.chaos_load import Record, Tolerance, inflight_at, parse_records, percentile, recovery_s, window
 from service.config import Settings
+
+T = TypeVar("T")
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on a private loop: ``asyncio.run`` would leave the main thread without a current
+    loop, which later tests (Pulumi's) expect to find."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
 
 
 def rec(t: float, ms: float = 10.0, status: int = 202, kind: str = "new", task_id: str | None = "x") -> Record:
@@ -148,7 +160,7 @@ def test_guard_answers_408_to_a_body_that_never_ends() -> None:
 
     scope = {"type": "http", "path": "/task", "method": "POST", "headers": [(b"transfer-encoding", b"chunked")]}
     t0 = time.monotonic()
-    asyncio.run(guard(scope, receive, send))
+    run_async(guard(scope, receive, send))
     assert time.monotonic() - t0 < 2
     assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
     assert guard.inflight == 0, "the admission slot was not given back"
@@ -191,6 +203,6 @@ def test_a_deeply_nested_invalid_body_is_a_422_not_a_500() -> None:
     for _ in range(2000):
         deep = {"persona_id": deep}
     exc = RequestValidationError([{"type": "string_type", "loc": ("body", "persona_id"), "msg": "m", "input": deep}])
-    response = asyncio.run(_invalid_request(None, exc))  # type: ignore[arg-type]
+    response = run_async(_invalid_request(None, exc))  # type: ignore[arg-type]
     assert response.status_code == 422
     assert json.loads(bytes(response.body))["detail"][0]["loc"] == ["body", "persona_id"]

@@ -165,6 +165,8 @@ def test_service_internals_covers_the_internals() -> None:
         q.CACHE_BREAKER_OPEN,
         q.LLM_BREAKER_OPEN,
         q.HTTP_INFLIGHT,
+        q.HTTP_LOOP_LAG,
+        q.HTTP_SHED_SHARE,
         q.LLM_INFLIGHT,
         q.TASK_COMPLETION,
     ):
