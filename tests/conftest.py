@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
 import httpx
 import psycopg
@@ -175,3 +175,16 @@ def sample(name: str, labels: dict[str, str] | None = None) -> float:
     from prometheus_client import REGISTRY
 
     return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+T = TypeVar("T")
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on a private loop: ``asyncio.run`` would leave the main thread without a current
+    loop, which later tests (Pulumi's) expect to find."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()

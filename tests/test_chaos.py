@@ -9,27 +9,16 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Coroutine, MutableMapping
+from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from loadtest import chaos
 from loadtest.chaos_load import Record, Tolerance, inflight_at, parse_records, percentile, recovery_s, window
 from service.config import Settings
-
-T = TypeVar("T")
-
-
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` on a private loop: ``asyncio.run`` would leave the main thread without a current
-    loop, which later tests (Pulumi's) expect to find."""
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
+from tests.conftest import run_async
 
 
 def rec(t: float, ms: float = 10.0, status: int = 202, kind: str = "new", task_id: str | None = "x") -> Record:

@@ -4,14 +4,13 @@ nothing; a CPU-starved process answers the excess 503 + Retry-After."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine, Iterator, MutableMapping
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -20,20 +19,8 @@ from localstack.servers import PostgresServer, RedisServer
 from localstack.services import OrchestratorServer, SimulatorServer, WorkerProcess
 from service.config import Settings
 from service.guard import QUEUED_AT, SHED_BODY, Guard, OverloadShedder
-from tests.conftest import flush_redis, service_env, truncate_tasks
+from tests.conftest import flush_redis, run_async, service_env, truncate_tasks
 from tests.test_metrics import scrape, value
-
-T = TypeVar("T")
-
-
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` on a private loop: ``asyncio.run`` would leave the main thread without a current
-    loop, which later tests (Pulumi's) expect to find."""
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(coro)
-    finally:
-        loop.close()
 
 
 def shedder(inflight: int = 100) -> OverloadShedder:
