@@ -121,11 +121,12 @@ def api_env(
 def api(
     postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer
 ) -> Iterator[OrchestratorServer]:
-    """One API process (the default shedding settings) and a worker, so hot keys become cache hits."""
+    """One API process with lag shedding on (off by default: see docs/service.md) and a worker, so hot keys
+    become cache hits."""
     truncate_tasks(postgres)
     flush_redis(redis_server)
     simulator.reset()
-    env = api_env(postgres, redis_server, simulator)
+    env = api_env(postgres, redis_server, simulator, overload_lag_ms=10)
     server = OrchestratorServer(env)
     worker = WorkerProcess(env)
     server.start(60)
