@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -13,11 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 from rich.console import Console
 
 from common.k6config import SCRIPT, k6_env, profile_duration_s
 from common.stackconfig import StackConfig
 from common.tools import tool
+from loadtest.k6_start import paused, resume
 from localstack.process import free_port
 from localstack.reaper import reaper
 
@@ -75,18 +78,21 @@ def run_k6(
             }
         )
     env.update(extra_env or {})
-    argv = [tool("k6"), "run", "--no-color", "--tag", f"testid={test_id}"]
+    # Started paused and resumed once initialised, as the cluster's runners are (loadtest.k6_start): the
+    # run's start is then the resume, exactly, not the process launch or a figure derived from k6's exit.
+    api = f"127.0.0.1:{free_port()}"
+    argv = [tool("k6"), "run", "--no-color", "--paused", "--address", api, "--tag", f"testid={test_id}"]
     if prometheus_rw_url:
         argv += ["-o", "experimental-prometheus-rw"]
     argv.append(str(script))
     log_path = run_dir / "k6.log"
-    started = time.time()
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             argv, env=env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         reaper().watch(proc.pid)  # own session: the watchdog ends it if this launcher is killed
         try:
+            started = _resume_when_ready(proc, api, log_path)
             total = profile_duration_s(cfg.loadtest.profiles[profile])
             if console is not None:
                 with console.status("") as status:
@@ -102,11 +108,24 @@ def run_k6(
             reaper().unwatch(proc.pid)
     ended = time.time()
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    if summary is not None:  # k6's own start: the run's duration ends when the process ends
-        run_ms = summary.get("state", {}).get("testRunDurationMs")
-        if run_ms:
-            started = max(started, ended - run_ms / 1000.0)
     return K6Result(proc.returncode, started, ended, summary, log_path)
+
+
+def _resume_when_ready(proc: subprocess.Popen[bytes], api: str, log_path: Path, timeout_s: float = 120.0) -> float:
+    """Wait until the paused k6 has initialised its VUs, resume it; the wall-clock start of the run."""
+    deadline = time.monotonic() + timeout_s
+    while not asyncio.run(_paused(api)):
+        if proc.poll() is not None:
+            return time.time()  # it ended during init (a script error): the caller reports its exit code
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"k6 not initialised after {timeout_s:.0f}s:\n{log_path.read_text()[-2000:]}")
+        time.sleep(0.1)
+    return asyncio.run(resume([api]))
+
+
+async def _paused(api: str) -> bool:
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        return await paused(client, api)
 
 
 def _stop_process_group(proc: subprocess.Popen[bytes]) -> None:

@@ -304,7 +304,8 @@ def measure(
 
     ``settle_s``: how long after the run k6's last push and the last scrape may land; client
     totals are read at ``ended_at + settle_s`` (still "the end of the run": no later samples exist).
-    ``scrape_interval_s``: the step at which the observed replicas are sampled.
+    ``scrape_interval_s``: the step at which the observed replicas are sampled; service counters are read
+    one scrape after the drain (the caller waits that long).
     ``configured_replicas``: per scrape job, the count the stack asked for (shown next to the observed).
     """
     if window.measured_s < 1:
@@ -374,8 +375,10 @@ def _measure(
     server_p95 = prom.scalar(q.server_p95_latency_ms(mw), window.ended_at)
     hit_ratio = prom.scalar(q.cache_hit_ratio(mw), window.ended_at)
 
-    # ---- service counters over run + drain, exact (see counter_total): cost and tasks
-    cost_end = max(window.drain_end, end)
+    # ---- service counters over run + drain, exact (see counter_total): cost and tasks. They count up
+    # to one scrape after the run and its drain ended: what a process counted in its last seconds
+    # reaches Prometheus only with its next scrape (callers wait that long before measuring).
+    cost_end = max(window.drain_end + scrape_interval_s + 1, end)
     starts = process_starts(prom, window.started_at, cost_end)
 
     def total(
