@@ -44,12 +44,18 @@ JSON = "application/json"
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes are never shed
 RETRY_AFTER_S = "1"
 QUEUED_AT = "loadproof.queued_at"  # scope key: perf_counter() when the server made the request's task
+LANE_EXCLUDED_HEADERS = frozenset({b"idempotency-key", b"expect", b"transfer-encoding"})
 SHED_BODY = b'{"detail":"server overloaded; retry shortly"}'
 SHED_HEADERS = [
     (b"content-type", JSON.encode()),
     (b"content-length", str(len(SHED_BODY)).encode()),
     (b"retry-after", RETRY_AFTER_S.encode()),
 ]
+
+
+# This process's guard (the last one built: one app per server process), for the fast lane of
+# service/orchestrator.py's protocol; None before the app is built or in-process.
+LANE: list[Guard | None] = [None]
 
 
 def json_bytes(doc: Any) -> bytes:
@@ -165,6 +171,7 @@ class Guard:
             (r for r in self.routes if getattr(r, "path", None) == "/task" and "POST" in getattr(r, "methods", ())),
             None,
         )
+        LANE[0] = self  # the server protocol's fast lane serves through this process's guard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -244,6 +251,51 @@ class Guard:
             await send({"type": "http.response.start", "status": 503, "headers": SHED_HEADERS})
             await send({"type": "http.response.body", "body": SHED_BODY})
         self._observe(scope, 503, started)
+
+    def takes(self, scope: Scope) -> bool:
+        """Whether the server protocol's fast lane may serve this request (see :meth:`serve_body`):
+        ``POST /task`` with a JSON body, no ``Idempotency-Key``, nothing but a plain complete body."""
+        if self.task_route is None or scope["method"] != "POST" or scope["path"] != "/task":
+            return False
+        is_json = False
+        for name, value in scope["headers"]:
+            if name == b"content-type":
+                is_json = value.split(b";", 1)[0].strip().lower() == b"application/json"
+            elif name in LANE_EXCLUDED_HEADERS:
+                return False
+        return is_json
+
+    async def serve_body(self, scope: Scope, body: bytes, send: Send) -> bool:
+        """``POST /task`` whose whole body the server already holds, answered without the ASGI stack
+        (uvicorn's app task, this middleware's body replay, Starlette's response objects: a third
+        of a cache hit's CPU in a profile). The same admission, handler and metrics as
+        :meth:`__call__`. False, with nothing sent, when the request must take the ASGI path (too
+        large, not a valid task): its error answers stay FastAPI's."""
+        started = time.perf_counter()
+        if len(body) > self.max_body:
+            return False
+        reason = self._shed_reason(scope, started)
+        if reason is not None:
+            await self._shed(scope, send, reason, started)
+            return True
+        try:
+            task = TaskIn.model_validate_json(body)
+        except ValidationError:
+            return False
+        scope["route"] = self.task_route
+        status = 500
+        self.inflight += 1
+        _gauge_inc()
+        try:
+            response = await self.fast_task(task)
+            status = response.status_code
+            await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+            await send({"type": "http.response.body", "body": response.body})
+        finally:
+            self.inflight -= 1
+            _gauge_dec()
+            self._observe(scope, status, started)
+        return True
 
     async def _fast_task(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         """``POST /task`` without FastAPI's per-request machinery, which profiled at more than half of

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import uvloop
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from service import metrics
@@ -643,7 +644,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "httpcore", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)  # one line per LLM call is not a log
-    asyncio.run(_main(get_settings()))
+    # uvloop, as the API: a worker's CPU goes mostly to the loop's I/O (one wake-up per streamed chunk, per
+    # query), and it shares the cores with the API it must not slow down.
+    uvloop.run(_main(get_settings()))
 
 
 if __name__ == "__main__":
