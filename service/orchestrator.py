@@ -10,8 +10,8 @@ Graceful shutdown, in this order, on SIGTERM/SIGINT:
 The server's HTTP protocol is uvicorn's httptools one with three additions (:class:`HeaderDeadlineProtocol`):
 a header deadline, a response's head and body written at once (:class:`PairedWrites`), and a fast
 lane: a ``POST /task`` whose body arrived with its headers is answered by the guard directly
-(``Guard.serve_body``: same admission, handler and metrics), not through an ASGI app task. On this
-2-core box that lane took the default demo from 6.5 % errors and p95 466 ms to 0.05 % and 201 ms.
+(``Guard.serve_body``: same admission, handler and metrics), not through an ASGI app task: the
+per-request machinery it skips was most of a cache hit's CPU (``make profile`` shows the split).
 
 With ``processes > 1`` prometheus-client runs in multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` must
 be set before ``prometheus_client`` is imported anywhere, so this module sets it (a fresh temp dir
