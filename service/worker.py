@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -646,6 +647,8 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)  # one line per LLM call is not a log
     # uvloop, as the API: a worker's CPU goes mostly to the loop's I/O (one wake-up per streamed chunk, per
     # query), and it shares the cores with the API it must not slow down.
+    gc.collect()
+    gc.freeze()  # as the API (service/orchestrator.py): full collections walk only what the work allocates
     uvloop.run(_main(get_settings()))
 
 
