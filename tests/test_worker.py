@@ -343,6 +343,28 @@ async def test_lone_task_is_sent_at_once(
     assert simulator.stats()["items_per_call"] == {"1": 3}
 
 
+async def test_provider_at_600_rpm_the_worker_stays_under_its_budget_and_every_task_completes(
+    postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer
+) -> None:
+    """The whole worker (limiter included) against a provider limited to 600 requests per minute, with no
+    budget configured: it learns the budget from the ``x-ratelimit-*`` headers. 660 one-item calls spend
+    the full minute's bucket and then 60 more at the refill rate (10/s): under 1 % of calls get a 429
+    and every task is done, none failed or lost."""
+    settings = make_settings(postgres, redis_server, simulator, batch_size=1, llm_rpm=0, llm_tpm=0, llm_deadline_s=60.0)
+    simulator.control(rpm=600, tpm=0, reset_stats=True)
+    try:
+        ids = await _accept(settings, [f"budget {i}" for i in range(660)])
+        async with running_worker(settings):
+            rows = await eventually(lambda: _all_final(postgres, ids), within_s=90.0, interval=0.5)
+        stats = simulator.stats()
+    finally:
+        simulator.control(rpm=0, tpm=0)
+    assert {r["status"] for r in rows.values()} == {"done"}
+    assert stats["completed"] >= 660
+    limited = stats["rate_limited"]["requests"]
+    assert limited < 0.01 * stats["calls"], f"{limited} of {stats['calls']} calls got a 429"
+
+
 def test_adaptive_batching_waits_only_while_the_rate_fills_the_batch() -> None:
     now = [0.0]
     arrivals = ArrivalRate(1.0, clock=lambda: now[0])
