@@ -9,10 +9,10 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from rich.console import Console
@@ -23,6 +23,8 @@ from common.tools import tool
 from loadtest.k6_start import paused, resume
 from localstack.process import free_port
 from localstack.reaper import reaper
+
+T = TypeVar("T")
 
 K6_PUSH_INTERVAL_S = 2  # remote-write period: finer time series than the cluster's 5 s, same numbers
 
@@ -114,13 +116,23 @@ def run_k6(
 def _resume_when_ready(proc: subprocess.Popen[bytes], api: str, log_path: Path, timeout_s: float = 120.0) -> float:
     """Wait until the paused k6 has initialised its VUs, resume it; the wall-clock start of the run."""
     deadline = time.monotonic() + timeout_s
-    while not asyncio.run(_paused(api)):
+    while not _run(_paused(api)):
         if proc.poll() is not None:
             return time.time()  # it ended during init (a script error): the caller reports its exit code
         if time.monotonic() >= deadline:
             raise RuntimeError(f"k6 not initialised after {timeout_s:.0f}s:\n{log_path.read_text()[-2000:]}")
         time.sleep(0.1)
-    return asyncio.run(resume([api]))
+    return _run(resume([api]))
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on a private loop: ``asyncio.run`` would leave the caller's thread without a current
+    event loop, which breaks callers that expect one (Pulumi's runtime in the same test process)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
 
 
 async def _paused(api: str) -> bool:
