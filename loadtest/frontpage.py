@@ -50,6 +50,9 @@ def replace_block(text: str, name: str, body: str) -> str:
     return _block_re(name).sub(lambda m: f"{m.group(1)}{body}\n{m.group(3)}", text, count=1)
 
 
+_COMMIT = re.compile(r"commit `([0-9a-f]+(?:\+dirty)?)`")
+
+
 def run_id(performance: str) -> str | None:
     """The run id on PERFORMANCE.md's verdict line, or None when no measured run is committed."""
     for line in performance.splitlines():
@@ -83,6 +86,17 @@ def _table_and_prose(lines: list[str]) -> list[str]:
     return out
 
 
+def _runs_at(lines: list[str], commit: str) -> list[str]:
+    """The run table's rows at ``commit`` (every one of them, failures included) and the medians; the
+    other rows and the notes on them stay in PERFORMANCE.md, which the front page links."""
+    table = [line for line in lines if line.startswith("|")]
+    rows = [line for line in table[2:] if f"`{commit}`" in line]
+    medians = [line for line in lines if line.startswith("- `") and "latest" in line and "median" in line]
+    earlier = len(table[2:]) - len(rows)
+    tail = [f"{earlier} other runs, and the notes on every run, are in [PERFORMANCE.md](PERFORMANCE.md)."]
+    return ["", *table[:2], *rows, "", *medians, "", *(tail if earlier else [])]
+
+
 def _tidy(lines: list[str]) -> str:
     text = "\n".join(lines)
     return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
@@ -101,8 +115,11 @@ def results_block(performance: str) -> str:
     machine = [line for line in sections.get("How it was measured", []) if line.startswith("- Machine:")]
     if machine:
         parts += ["", *machine]
+    commit = _COMMIT.search(top[start])
     for heading, lines in sections.items():
-        if heading.startswith(("Baseline vs optimized", "Every run", "make bench")):
+        if heading.startswith("Every run") and commit:
+            parts += ["", f"**{heading}** (at the latest run's commit)", *_runs_at(lines, commit.group(1))]
+        elif heading.startswith(("Baseline vs optimized", "Every run", "make bench")):
             parts += ["", f"**{heading}**", *_table_and_prose(lines)]
     parts += [
         "",

@@ -203,3 +203,22 @@ def test_architecture_has_a_mermaid_flowchart_and_every_package() -> None:
     assert diagrams and all(d.startswith("flowchart ") for d in diagrams)
     for pkg in LAYERS:
         assert f"`{pkg}/`" in text, f"docs/architecture.md does not place {pkg}"
+
+
+def test_front_page_lists_every_run_at_the_latest_commit_and_points_to_the_rest() -> None:
+    lines = [
+        "",
+        "| run | commit | verdict |",
+        "|---|---|---|",
+        "| `r1` | `aaa` | PASS |",
+        "| `r2` | `bbb` | FAIL |",
+        "| `r3` | `bbb+dirty` | PASS |",
+        "| `r4` | `bbb` | PASS |",
+        "",
+        "- `demo`, latest 3 runs, 2 passed — median: p95 1 ms.",
+        "- a note on r1",
+    ]
+    out = frontpage._runs_at(lines, "bbb")
+    assert [line for line in out if line.startswith("| `")] == ["| `r2` | `bbb` | FAIL |", "| `r4` | `bbb` | PASS |"]
+    assert any("median" in line for line in out) and not any("a note on r1" in line for line in out)
+    assert "2 other runs, and the notes on every run, are in [PERFORMANCE.md](PERFORMANCE.md)." in out
