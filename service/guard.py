@@ -260,7 +260,7 @@ class Guard:
         is_json = False
         for name, value in scope["headers"]:
             if name == b"content-type":
-                is_json = value.split(b";", 1)[0].strip().lower() == b"application/json"
+                is_json = _is_json(value)
             elif name in LANE_EXCLUDED_HEADERS:
                 return False
         return is_json
@@ -306,7 +306,7 @@ class Guard:
         is_json = keyed = False
         for name, value in scope["headers"]:
             if name == b"content-type":
-                is_json = value.split(b";", 1)[0].strip().lower() == b"application/json"
+                is_json = _is_json(value)
             elif name == b"idempotency-key":
                 keyed = True
         chunks: list[bytes] = []
@@ -427,6 +427,10 @@ def _count_rejected(reason: str) -> None:
         if child is None:
             child = _REJECTED[reason] = metrics.HTTP_REJECTED.labels(reason)
         child.inc()
+
+
+def _is_json(content_type: bytes) -> bool:
+    return content_type.split(b";", 1)[0].strip().lower() == b"application/json"
 
 
 def _gauge_inc() -> None:
