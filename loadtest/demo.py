@@ -300,6 +300,8 @@ def results_table(out: Mapping[str, Any]) -> Table:
         if key.endswith("latency_ms"):
             value += f" (hit ratio {report.fmt('cache_hit_ratio', out.get('cache_hit_ratio'))})"
         table.add_row(f"[dim]{key}[/]", value, "", "")
+    for label, counts in report.failures(out):
+        table.add_row(f"[dim]{label}[/]", counts, "", "")
     return table
 
 

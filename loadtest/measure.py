@@ -70,7 +70,7 @@ from loadtest.prom import (
     process_starts,
 )
 from loadtest.tasks import DONE_STATUSES, FAILED_STATUSES, TaskRows, count_task_rows, pending_rows
-from service.metrics import HTTP_BUCKETS, SLOW_BUCKETS
+from service.metrics import HTTP_BUCKETS, REJECT_REASONS, SLOW_BUCKETS
 from service.worker import GAUGE_INTERVAL_S
 
 # Every outputs.json key a consumer may rely on (tests check all of them).
@@ -397,11 +397,12 @@ def _measure(
         "llm_calls": total(q.LLM_REQUESTS),
         **{event: total(q.TASKS, {"event": event}) for event in ("accepted", "completed", "failed", "dead_lettered")},
     }
+    rejected = {reason: total(q.HTTP_REJECTED, {"reason": reason}) for reason in REJECT_REASONS}
     spend, llm_calls, llm_tokens = totals["spend"].value, totals["llm_calls"].value, totals["billed"].value
     cost_per_1k = _ratio(spend, totals["delivered"].value, 1000)  # per 1k delivered tokens (cache hits at $0)
     billed_per_1k = _ratio(spend, llm_tokens, 1000)
     cost_per_request = _ratio(spend, totals["ok_requests"].value)
-    resets = starts.restarts.union(*(t.resets for t in totals.values()))
+    resets = starts.restarts.union(*(t.resets for t in (*totals.values(), *rejected.values())))
     completion_p95 = prom.scalar(q.completion_p95_ms(q.window_range(cost_end - window.measured_start)), cost_end)
     # A classic histogram cannot place a quantile beyond its last finite bucket: histogram_quantile then
     # returns that bound. Say so instead of presenting the bound as the measured value.
@@ -564,6 +565,8 @@ def _measure(
         "thresholds_passed": all(checks.values()),
         "k6_cross_check": k6_cross_check(k6_summary, p95, requests, flow["time_to_post_p95_ms"]),
         "errors_by_status": errors_by_status,  # k6 status "0" = no response (timeout, connection error)
+        # Why the service refused requests (run + drain, every route): which limit a 503 came from.
+        "rejected_by_reason": {r: round(t.value) for r, t in rejected.items() if t.value},
         "counter_resets": len(resets),  # restarts seen in the service counters' processes (see notes)
         "replicas": replicas,
         "notes": notes,

@@ -106,6 +106,24 @@ def target_text(key: str, thresholds: Mapping[str, Any]) -> str:
     return THRESHOLD_TEXT[key].format(v=v, pct=f"{100 * float(v):g} %")
 
 
+def failures(out: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The failed requests by status, and the service's own reasons for the refusals among them."""
+    found = []
+    if by_status := out.get("errors_by_status"):
+        found.append(("Failed requests by status (0 = no response)", _pairs(by_status)))
+    if by_reason := out.get("rejected_by_reason"):
+        found.append(("Refused by the service, by reason (run and drain, all routes)", _pairs(by_reason)))
+    return found
+
+
+def failure_lines(out: Mapping[str, Any]) -> list[str]:
+    return [f"{label}: {counts}" for label, counts in failures(out)]
+
+
+def _pairs(counts: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+
+
 def threshold_rows(out: Mapping[str, Any]) -> list[tuple[str, str, str, bool]]:
     """(label, measured, target, passed) per judged target."""
     labels = {
@@ -265,9 +283,7 @@ def render_html(out: Mapping[str, Any], series: Mapping[str, Any] | None, *, com
         else "k6 summary not available for a cross-check."
     )
     notes = [str(n) for n in out.get("notes") or []]
-    by_status = out.get("errors_by_status") or {}
-    if by_status:
-        notes.insert(0, "Failed requests by status: " + ", ".join(f"{k}: {v}" for k, v in sorted(by_status.items())))
+    notes[:0] = failure_lines(out)
     notes_html = "".join(f"<li>{esc(n)}</li>" for n in notes)
     charts = []
     if series:
@@ -427,10 +443,8 @@ def render_markdown(
     ]
     for label, measured, target, ok in threshold_rows(out):
         lines.append(f"| {label} | {measured} | {target} | {'PASS' if ok else 'FAIL'} |")
-    by_status = out.get("errors_by_status") or {}
-    if by_status:
-        lines += ["", "Failed requests by status (0 = no response): "
-                  + ", ".join(f"{k}: {v}" for k, v in sorted(by_status.items()))]  # fmt: skip
+    for line in failure_lines(out):
+        lines += ["", line]
     for note in out.get("notes") or []:
         lines += ["", f"Note: {note}"]
     lines += [

@@ -42,7 +42,7 @@ from service.accept import GroupCommitter, NewTask
 from service.cache import INFLIGHT_TTL_S, Cache, clean_topic, inflight_key, make_redis
 from service.config import Settings, get_settings
 from service.db import Database, TaskStoreBusy
-from service.guard import JSON, RETRY_AFTER_S, Guard, json_bytes
+from service.guard import JSON, RETRY_AFTER_S, Guard, count_rejected, json_bytes
 from service.queue import TaskQueue
 from service.schemas import (
     IDEMPOTENCY_KEY_PATTERN,
@@ -185,6 +185,7 @@ async def _db_unavailable(request: Request, exc: Exception) -> Response:
 
 def _db_unavailable_response(exc: Exception) -> Response:
     log.warning("database unavailable: %r", exc)
+    count_rejected("store")
     return _error(503, "task store unavailable; retry shortly", {"Retry-After": RETRY_AFTER_S})
 
 

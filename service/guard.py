@@ -194,12 +194,12 @@ class Guard:
             try:
                 receive, too_large = await self._limit_body(scope, receive)
             except TimeoutError:
-                _count_rejected("body_timeout")
+                count_rejected("body_timeout")
                 status = 408
                 await self._reply(send, 408, f"request body not received within {self.body_timeout_s:g}s")
                 return
             if too_large:
-                _count_rejected("too_large")
+                count_rejected("too_large")
                 status = 413
                 await self._reply(send, 413, f"request body larger than {self.max_body} bytes")
                 return
@@ -246,7 +246,7 @@ class Guard:
     async def _shed(self, scope: Scope, send: Send, reason: str, started: float) -> None:
         """503 + Retry-After as cheaply as it can be: before the body is read, constant bytes, no JSON
         work, since a shed request's CPU is taken from the requests being served."""
-        _count_rejected(reason)
+        count_rejected(reason)
         with contextlib.suppress(Exception):
             await send({"type": "http.response.start", "status": 503, "headers": SHED_HEADERS})
             await send({"type": "http.response.body", "body": SHED_BODY})
@@ -421,7 +421,8 @@ class Guard:
 _REJECTED: dict[str, Any] = {}
 
 
-def _count_rejected(reason: str) -> None:
+def count_rejected(reason: str) -> None:
+    """One refusal, by reason (``metrics.REJECT_REASONS``); a metrics failure never fails the request."""
     with contextlib.suppress(Exception):
         child = _REJECTED.get(reason)
         if child is None:

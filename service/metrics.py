@@ -54,14 +54,13 @@ HTTP_REQUEST_DURATION = Histogram(
 )
 HTTP_REQUESTS = Counter("loadproof_http_requests", "HTTP requests served.", ["route", "method", "status"])
 HTTP_INFLIGHT = Gauge("loadproof_http_requests_inflight", "HTTP requests in flight.", multiprocess_mode="livesum")
-HTTP_REJECTED = Counter(
-    "loadproof_http_rejected",
-    "Requests refused before handling.",
-    ["reason"],  # overload (max_inflight)|queue_wait|loop_lag|too_large|body_timeout
-)
+# Why requests were refused: overload (max_inflight), queue_wait, loop_lag, too_large, body_timeout
+# (service.guard), store (the task store down or busy: service.api).
+REJECT_REASONS = ("overload", "queue_wait", "loop_lag", "store", "too_large", "body_timeout")
+HTTP_REJECTED = Counter("loadproof_http_rejected", "Requests refused, by reason.", ["reason"])
 HTTP_LOOP_LAG = Gauge(
     "loadproof_http_loop_lag_seconds",
-    "Smallest event-loop lag seen over the last lag-shedding window (service.guard.LagShedder).",
+    "Smallest event-loop lag seen over the last lag-shedding window (service.guard.OverloadShedder).",
     multiprocess_mode="livemax",
 )
 HTTP_SHED_SHARE = Gauge(

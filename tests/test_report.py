@@ -203,12 +203,19 @@ def test_chart_scales_and_marks_warmup() -> None:
 
 
 def test_notes_and_errors_by_status_are_shown() -> None:
-    out = {**OUT, "errors_by_status": {"503": 12, "0": 3}, "notes": ["completion_p95_ms is at least 120000"]}
+    out = {
+        **OUT,
+        "errors_by_status": {"503": 12, "0": 3},
+        "rejected_by_reason": {"queue_wait": 10, "store": 2},
+        "notes": ["completion_p95_ms is at least 120000"],
+    }
     text = report.render_html(out, None, commands=COMMANDS)
-    assert "Failed requests by status: 0: 3, 503: 12" in text
+    assert "Failed requests by status (0 = no response): 0: 3, 503: 12" in text
+    assert "by reason (run and drain, all routes): queue_wait: 10, store: 2" in text
     assert "completion_p95_ms is at least 120000" in text
     md = report.render_markdown(out, commands=COMMANDS, workload={}, profile={})
     assert "0: 3, 503: 12" in md and "Note: completion_p95_ms is at least 120000" in md
+    assert "queue_wait: 10, store: 2" in md
 
 
 def test_lower_bounds_are_marked() -> None:
