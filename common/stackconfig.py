@@ -281,6 +281,10 @@ class OrchestratorConfig(Section):
     cache_lookup_batching: bool = Field(
         default=True, description="Lookups in one event-loop turn share one MGET (off = baseline)."
     )
+    cache_local_ttl_s: float = Field(
+        default=5.0, description="Seconds a process keeps a post read from Redis in its own memory (0 = off)."
+    )
+    cache_local_max_entries: int = Field(default=10000, description="Posts kept in a process's own memory at most.")
     coalesce_enabled: bool = Field(default=True, description="Join identical in-flight requests (off = baseline).")
     accept_group_commit: bool = Field(
         default=True, description="New tasks written in groups: one INSERT + one XADD pipeline (off = baseline)."
@@ -619,6 +623,8 @@ class StackConfig(Section):
             "CACHE_ENABLED": o.cache_enabled,
             "CACHE_TTL_S": o.cache_ttl_s,
             "CACHE_LOOKUP_BATCHING": o.cache_lookup_batching,
+            "CACHE_LOCAL_TTL_S": o.cache_local_ttl_s,
+            "CACHE_LOCAL_MAX_ENTRIES": o.cache_local_max_entries,
             "COALESCE_ENABLED": o.coalesce_enabled,
             "ACCEPT_GROUP_COMMIT": o.accept_group_commit,
             "ACCEPT_LINGER_MS": o.accept_linger_ms,

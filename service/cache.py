@@ -9,6 +9,13 @@ Every Redis failure (down, slow past ``redis_socket_timeout_s``, pool exhausted)
 in ``CACHE_ERRORS``; after ``cache_breaker_failures`` in a row the breaker skips Redis for
 ``cache_breaker_reset_s`` so a dead Redis costs nothing per request.
 
+A post read from Redis is also kept in the process's own memory for ``cache_local_ttl_s`` (a near
+cache, bounded to ``cache_local_max_entries``): under a Zipf workload the hot posts are asked for many
+times a second, and a hit from memory costs no round trip and no event-loop turn at all, where the
+Redis round trip was most of a hit's CPU. Posts are immutable per key (the prompt version is part of
+it), so the only staleness is a post deleted from Redis still served for up to that TTL. The near
+cache also answers while Redis is down.
+
 Lookups issued in the same event-loop turn share one ``MGET`` (``cache_lookup_batching``): a Redis
 round trip through redis-py costs this process more CPU than the rest of a cache hit, and requests
 that arrive together (uvicorn starts every request parsed from one socket read in the same turn) pay
@@ -23,6 +30,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -40,6 +48,7 @@ INFLIGHT_TTL_S = 60  # a hint only: Postgres' unique index is the real coalescin
 _WS = re.compile(r"\s+")
 
 _HIT = metrics.CACHE_LOOKUPS.labels("hit")
+_HIT_LOCAL = metrics.CACHE_LOCAL_HITS
 _MISS = metrics.CACHE_LOOKUPS.labels("miss")
 _ERR_GET = metrics.CACHE_ERRORS.labels("get")
 _ERR_SET = metrics.CACHE_ERRORS.labels("set")
@@ -106,6 +115,35 @@ def make_redis(settings: Settings, *, socket_timeout: float | None, pool_size: i
     return aioredis.Redis(connection_pool=pool)
 
 
+class NearCache:
+    """Posts recently read from Redis, in this process's memory: a dict in insertion order, so the
+    oldest entry goes first when full and a lookup is one dict get and one clock read."""
+
+    def __init__(self, ttl_s: float, max_entries: int) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[str, tuple[float, CachedPost]] = {}
+
+    def get(self, key: str) -> CachedPost | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] < time.monotonic():
+            del self._entries[key]
+            return None
+        return entry[1]
+
+    def put(self, key: str, hit: CachedPost) -> None:
+        entries = self._entries
+        entries.pop(key, None)
+        while len(entries) >= self.max_entries:
+            del entries[next(iter(entries))]
+        entries[key] = (time.monotonic() + self.ttl_s, hit)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class LookupBatcher:
     """Coalesces the ``MGET`` calls made in one event-loop turn into one round trip.
 
@@ -160,6 +198,8 @@ class Cache:
         self.ttl = settings.cache_ttl_s
         self.client = client or make_redis(settings, socket_timeout=settings.redis_socket_timeout_s)
         self._batcher = LookupBatcher(self.client) if settings.cache_lookup_batching else None
+        local = self.enabled and settings.cache_local_ttl_s > 0
+        self.near = NearCache(settings.cache_local_ttl_s, settings.cache_local_max_entries) if local else None
         self.breaker = CircuitBreaker(
             settings.cache_breaker_failures, settings.cache_breaker_reset_s, metrics.CACHE_BREAKER_OPEN
         )
@@ -191,8 +231,13 @@ class Cache:
         """One round trip for the hot path: the cached post and, if ``coalesce``, the in-flight task id.
 
         An identical request whose task is still queued or running is answered from Redis alone, so
-        hot keys never reach Postgres while their post is being written. Failures are misses.
+        hot keys never reach Postgres while their post is being written. Failures are misses. A post
+        in the near cache answers without Redis.
         """
+        if self.near is not None and (near := self.near.get(key)) is not None:
+            _count(_HIT)
+            _count(_HIT_LOCAL)
+            return near, None
         keys = ([key] if self.enabled else []) + ([inflight_key(key)] if coalesce else [])
         if not keys:
             return None, None
@@ -215,6 +260,8 @@ class Cache:
             raw = raws[0]
             hit = decode_hit(raw) if isinstance(raw, bytes) else None
             _count(_HIT if hit is not None else _MISS)
+            if hit is not None and self.near is not None:
+                self.near.put(key, hit)
         inflight = raws[-1] if coalesce else None
         return hit, inflight.decode() if isinstance(inflight, bytes) else None
 

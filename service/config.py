@@ -97,6 +97,15 @@ class Settings(BaseSettings):
     cache_lookup_batching: bool = Field(
         default=True, description="Lookups made in the same event-loop turn share one MGET (off for the baseline)."
     )
+    cache_local_ttl_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long a process keeps a post it read from Redis in its own memory (0 = off); "
+        "bounds how stale a post deleted from Redis can be.",
+    )
+    cache_local_max_entries: int = Field(
+        default=10000, ge=1, description="Posts held in a process's own memory at most (oldest out first)."
+    )
     cache_breaker_failures: int = Field(
         default=5, ge=1, description="Consecutive cache failures that open the cache circuit breaker."
     )

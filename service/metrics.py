@@ -73,6 +73,9 @@ HTTP_SHED_SHARE = Gauge(
 CACHE_LOOKUPS = Counter(
     "loadproof_cache_lookups", "Cache lookups by result; a Redis failure counts as a miss.", ["result"]
 )  # result: hit|miss
+CACHE_LOCAL_HITS = Counter(
+    "loadproof_cache_local_hits", "Cache hits answered from the process's own memory (also counted as hits)."
+)
 CACHE_ERRORS = Counter("loadproof_cache_errors", "Redis failures seen by the cache.", ["op"])  # get|set
 CACHE_BREAKER_OPEN = Gauge(
     "loadproof_cache_breaker_open", "1 while the cache circuit breaker is open.", multiprocess_mode="max"

@@ -9,7 +9,7 @@ import redis
 
 from localstack.servers import PostgresServer, RedisServer
 from localstack.services import SimulatorServer
-from service.cache import Cache, cache_key, clean_topic, decode_hit, encode_hit, normalize_topic
+from service.cache import Cache, CachedPost, NearCache, cache_key, clean_topic, decode_hit, encode_hit, normalize_topic
 from tests.conftest import make_settings, sample
 
 
@@ -148,5 +148,52 @@ async def test_failed_batched_lookup_is_a_miss_for_every_caller(
         results = await asyncio.gather(*(cache.lookup(cache.key("p", f"t{i}"), coalesce=True) for i in range(5)))
         assert results == [(None, None)] * 5
         assert sample("loadproof_cache_lookups_total", {"result": "miss"}) == misses + 5
+    finally:
+        await cache.aclose()
+
+
+def test_near_cache_expires_and_drops_the_oldest_when_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr("service.cache.time.monotonic", lambda: now[0])
+    near = NearCache(ttl_s=5.0, max_entries=2)
+    posts = {k: CachedPost(k.encode(), 1) for k in "abc"}
+    near.put("a", posts["a"])
+    near.put("b", posts["b"])
+    near.put("a", posts["a"])  # refreshed: now the newest
+    near.put("c", posts["c"])  # full: the oldest ("b") goes
+    assert (near.get("a"), near.get("b"), near.get("c")) == (posts["a"], None, posts["c"])
+    now[0] += 5.01
+    assert near.get("a") is None and len(near) == 1  # expired entries are gone when looked up
+
+
+@pytest.mark.usefixtures("clean_state")
+@pytest.mark.parametrize("local_ttl_s", [30.0, 0.0])
+async def test_a_post_read_from_redis_is_then_served_from_memory(
+    postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer, local_ttl_s: float
+) -> None:
+    """A near-cache hit needs no Redis at all (the post deleted, then Redis unreachable); with a TTL
+    of 0 every lookup goes to Redis."""
+    cache = Cache(make_settings(postgres, redis_server, simulator, cache_local_ttl_s=local_ttl_s))
+    try:
+        key = cache.key("p", "near")
+        assert await cache.set_many([(key, encode_hit("t1", "a post", 7))])
+        assert (await cache.lookup(key, coalesce=True))[0] is not None  # from Redis
+        redis.Redis.from_url(redis_server.url).delete(key)
+        hits, local = (
+            sample("loadproof_cache_lookups_total", {"result": "hit"}),
+            sample("loadproof_cache_local_hits_total"),
+        )
+        before = _mget_calls(redis_server.url)
+        hit, joined = await cache.lookup(key, coalesce=True)
+        if local_ttl_s:
+            assert hit is not None and hit.post() == "a post" and joined is None
+            assert _mget_calls(redis_server.url) == before
+            assert sample("loadproof_cache_local_hits_total") == local + 1
+            assert sample("loadproof_cache_lookups_total", {"result": "hit"}) == hits + 1
+            cache.client.connection_pool.connection_kwargs["port"] = 1  # Redis unreachable from now on
+            await cache.client.connection_pool.disconnect()
+            assert (await cache.lookup(key, coalesce=True))[0] is not None
+        else:
+            assert hit is None and _mget_calls(redis_server.url) == before + 1
     finally:
         await cache.aclose()
