@@ -76,7 +76,10 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(default=40, ge=0, description="Extra connections allowed above the pool size.")
     db_pool_timeout_s: float = Field(default=5.0, gt=0, description="Longest wait to acquire a pooled connection.")
     db_pool_recycle_s: int = Field(default=3600, ge=1, description="Reconnect connections older than this.")
-    db_pool_pre_ping: bool = Field(default=True, description="Check a connection before handing it out.")
+    db_pool_pre_ping: bool = Field(
+        default=True,
+        description="Check a pooled connection before handing it out (its socket: open, nothing unread; no round trip).",
+    )
     accept_group_commit: bool = Field(
         default=True,
         description="Write new tasks in groups: one INSERT and one XADD pipeline per group (off for the baseline).",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -24,7 +25,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg.rows import dict_row
 from sqlalchemy import event, text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -90,7 +91,7 @@ SCHEMA = (
 def make_engine(settings: Settings) -> AsyncEngine:
     """An async engine configured from settings, with pool metrics attached."""
     url = settings.database_url.get_secret_value()
-    kwargs: dict[str, Any] = {"pool_pre_ping": settings.db_pool_pre_ping}
+    kwargs: dict[str, Any] = {}
     if settings.db_pool_mode == "null":
         kwargs["poolclass"] = NullPool
     else:
@@ -102,7 +103,33 @@ def make_engine(settings: Settings) -> AsyncEngine:
         )
     engine = create_async_engine(url, connect_args={"connect_timeout": 5}, isolation_level="AUTOCOMMIT", **kwargs)
     _attach_pool_metrics(engine)
+    if settings.db_pool_pre_ping:
+        event.listen(engine.sync_engine.pool, "checkout", _check_alive)
     return engine
+
+
+def _check_alive(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    """The pre-ping, without its round trip: a pooled connection is handed out only if its socket is open
+    and has nothing to read.
+
+    SQLAlchemy's ``pool_pre_ping`` sends a statement on every checkout, so every statement cost two
+    round trips, and on a busy machine each round trip waits for a Postgres backend to be scheduled.
+    An idle connection in autocommit mode is sent nothing by a healthy server; a server that went
+    away (restart, ``pg_terminate_backend``, fast shutdown) sends its FATAL message and closes, so
+    the socket turns readable. Raising ``DisconnectionError`` makes the pool discard the connection
+    and hand out a new one (the same recovery as the pre-ping).
+    """
+    conn = getattr(dbapi_connection, "driver_connection", None)
+    if conn is None:
+        return
+    if conn.closed or conn.broken:
+        raise DisconnectionError("connection closed")
+    try:
+        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (OSError, ValueError, psycopg.Error) as exc:
+        raise DisconnectionError(f"connection unusable: {exc!r}") from exc
+    if readable:
+        raise DisconnectionError("the server sent something to an idle connection (it closed it)")
 
 
 def _attach_pool_metrics(engine: AsyncEngine) -> None:
