@@ -208,6 +208,9 @@ class LlmConfig(Section):
     model: str = Field(default="gpt-4o-mini", description="Model name, also the price-table key.")
     max_tokens: int = Field(default=400, description="Output token cap per item.")
     timeout_s: float = Field(default=30.0, description="Timeout of one call.")
+    http_client: Literal["lean", "httpx"] = Field(
+        default="lean", description="HTTP transport under the openai SDK: lean (asyncio + httptools) or httpx."
+    )
     max_retries: int = Field(default=4, description="Retries within the deadline.")
     deadline_s: float = Field(default=90.0, description="Total time budget of one call including its retries.")
     breaker_failures: int = Field(default=10, description="Consecutive LLM failures that open the circuit breaker.")
@@ -638,6 +641,7 @@ class StackConfig(Section):
             "LLM_MODEL": llm.model,
             "LLM_MAX_TOKENS": llm.max_tokens,
             "LLM_TIMEOUT_S": llm.timeout_s,
+            "LLM_HTTP_CLIENT": llm.http_client,
             "LLM_MAX_RETRIES": llm.max_retries,
             "LLM_DEADLINE_S": llm.deadline_s,
             "LLM_BREAKER_FAILURES": llm.breaker_failures,

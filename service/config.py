@@ -78,7 +78,8 @@ class Settings(BaseSettings):
     db_pool_recycle_s: int = Field(default=3600, ge=1, description="Reconnect connections older than this.")
     db_pool_pre_ping: bool = Field(
         default=True,
-        description="Check a pooled connection before handing it out (its socket: open, nothing unread; no round trip).",
+        description="Check a pooled connection before handing it out: its socket open with nothing unread "
+        "(no round trip).",
     )
     accept_group_commit: bool = Field(
         default=True,
@@ -151,6 +152,11 @@ class Settings(BaseSettings):
     llm_model: str = Field(default="gpt-4o-mini", description="Model name sent to the endpoint and priced.")
     llm_max_tokens: int = Field(default=400, ge=16, description="Output token cap per item.")
     llm_timeout_s: float = Field(default=30.0, gt=0, description="Timeout of one LLM HTTP call.")
+    llm_http_client: Literal["lean", "httpx"] = Field(
+        default="lean",
+        description="HTTP transport under the openai SDK: `lean` (asyncio + httptools, service/llmhttp.py) "
+        "or `httpx` (the SDK's default: proxies, HTTP/2).",
+    )
     llm_deadline_s: float = Field(default=90.0, gt=0, description="Total time budget for one call with retries.")
     llm_max_retries: int = Field(default=4, ge=0, description="Retries after a retryable failure (429/5xx/timeout).")
     llm_breaker_failures: int = Field(default=10, ge=1, description="Consecutive LLM failures that open its breaker.")

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+import httpx2
 import openai
 from openai import AsyncOpenAI, AsyncStream
 from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
@@ -40,6 +41,7 @@ from service.breaker import CircuitBreaker
 from service.config import Settings
 from service.cost import Price, PriceTable
 from service.limiter import AdaptiveLimiter
+from service.llmhttp import LeanTransport
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +363,7 @@ class LLMClient:
             api_key=settings.llm_api_key.get_secret_value(),
             timeout=settings.llm_timeout_s,
             max_retries=0,
+            http_client=httpx2.AsyncClient(transport=LeanTransport()) if settings.llm_http_client == "lean" else None,
         )
         self.breaker = LLMBreaker(
             settings.llm_breaker_failures, settings.llm_breaker_reset_s, metrics.LLM_BREAKER_OPEN, clock=clock

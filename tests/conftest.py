@@ -180,10 +180,15 @@ def sample(name: str, labels: dict[str, str] | None = None) -> float:
 T = TypeVar("T")
 
 
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` on a private loop: ``asyncio.run`` would leave the main thread without a current
-    loop, which later tests (Pulumi's) expect to find."""
-    loop = asyncio.new_event_loop()
+def run_async(coro: Coroutine[Any, Any, T], *, uvloop: bool = False) -> T:
+    """Run ``coro`` on a private loop (asyncio's, or uvloop's as the service runs): ``asyncio.run``
+    would leave the main thread without a current loop, which later tests (Pulumi's) expect to find."""
+    if uvloop:
+        import uvloop as uv
+
+        loop = uv.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
     try:
         return loop.run_until_complete(coro)
     finally:

@@ -53,6 +53,7 @@ CONTEXT: dict[str, dict[str, Any]] = {
 SPECIAL: dict[str, Any] = {
     "llm.mode": "external",
     "llm.limiter": "fixed",
+    "llm.httpClient": "httpx",
     "llm.baseUrl": "https://b.example.com/v1",
     "loadtest.profile": "smoke",
     "llm.prices": {"gpt-4o-mini": "0.1/0.2"},
