@@ -358,6 +358,13 @@ class WorkersConfig(Section):
 
     replicas: int = Field(default=2, description="Worker pods (with `autoscaling` on: the count KEDA starts from).")
     processes: int = Field(default=1, description="Local worker processes (demo).")
+    nice: int = Field(
+        default=5,
+        ge=0,
+        le=19,
+        description="CPU priority (nice) of local worker processes: on one machine the request path "
+        "gets the cores first and the workers catch up on the backlog (the cluster gives pods their own CPU).",
+    )
     concurrency: int = Field(
         default=256, description="Upper bound of the adaptive limit of concurrent LLM calls per worker process."
     )

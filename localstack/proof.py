@@ -138,6 +138,7 @@ class ProofStack:
             self.service = LocalStack(
                 cfg.service_env(),
                 workers=max(1, cfg.workers.processes),
+                worker_nice=cfg.workers.nice,
                 simulator_env=cfg.simulator_env(),
                 redis_appendonly=cfg.redis.appendonly,
                 redis_maxmemory=cfg.redis.maxmemory,

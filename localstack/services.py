@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import sys
@@ -48,18 +47,17 @@ class _PythonService:
         return dict(self.extra_env)
 
     def start(self, timeout: float = 30.0) -> float:
+        # Through nice(1), so a supervised restart keeps the priority too.
+        niced = ["nice", "-n", str(self.nice)] if self.nice else []
         self.process = ManagedProcess(
             self.name,
-            [sys.executable, "-m", self.module],
+            [*niced, sys.executable, "-m", self.module],
             env=_child_env(self._env()),
             cwd=ROOT,
             log_path=self.logdir / f"{self.name}.log",
             ready=self._ready(),
         )
         self.process.start()
-        if self.nice and self.process.pid is not None:
-            with contextlib.suppress(OSError):  # before the interpreter has started its threads
-                os.setpriority(os.PRIO_PROCESS, self.process.pid, self.nice)
         return self.process.wait_ready(timeout)
 
     def stop(self, timeout: float = 30.0) -> int | None:
@@ -163,8 +161,10 @@ class WorkerProcess(_PythonService):
         metrics_port: int | None = None,
         index: int = 0,
         logdir: str | os.PathLike[str] | None = None,
+        nice: int = 0,
     ) -> None:
         self.name = f"worker-{index}"
+        self.nice = nice
         super().__init__(env, logdir=logdir)
         self.metrics_port = metrics_port or free_port()
 

@@ -48,9 +48,11 @@ class LocalStack:
         supervise: bool = False,
         restart_policy: RestartPolicy | None = None,
         log: Callable[[str], None] | None = None,
+        worker_nice: int = 0,
     ) -> None:
         self.env = dict(env or {})
         self.n_workers = workers
+        self.worker_nice = worker_nice
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="loadproof-stack-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         # Measured runs keep Postgres durable (fsync on): numbers taken with fsync off would flatter
@@ -138,7 +140,7 @@ class LocalStack:
                 "orchestrator", lambda: self.orchestrator.start(60) if self.orchestrator else None, self.orchestrator
             )
             for i in range(self.n_workers):
-                worker = WorkerProcess(env, index=i, logdir=logs)
+                worker = WorkerProcess(env, index=i, logdir=logs, nice=self.worker_nice)
                 self.workers.append(worker)
                 self._step(worker.name, lambda w=worker: w.start(60), worker)
         except BaseException:

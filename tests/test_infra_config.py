@@ -21,6 +21,7 @@ from infra import render
 # Keys with no cluster effect, and why (they are still consumed: by `make demo`).
 LOCAL_ONLY = {
     "workers.processes": "local worker processes of `make demo`; in the cluster, replicas scale workers",
+    "workers.nice": "CPU priority of `make demo`'s worker processes; in the cluster, pods have their own CPU",
 }
 # KEDA on, with Postgres room for its maxReplicas worker pods.
 KEDA_ON: dict[str, Any] = {"workers.autoscaling.enabled": True, "postgres.maxConnections": 5000}
@@ -167,6 +168,7 @@ def test_local_only_keys_are_read_by_the_demo() -> None:
     import localstack.proof as local_stack
 
     assert "workers.processes" in inspect.getsource(local_stack)
+    assert "workers.nice" in inspect.getsource(local_stack)
 
 
 def test_every_field_has_a_description() -> None:
