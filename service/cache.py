@@ -14,7 +14,9 @@ cache, bounded to ``cache_local_max_entries``): under a Zipf workload the hot po
 times a second, and a hit from memory costs no round trip and no event-loop turn at all, where the
 Redis round trip was most of a hit's CPU. Posts are immutable per key (the prompt version is part of
 it), so the only staleness is a post deleted from Redis still served for up to that TTL. The near
-cache also answers while Redis is down.
+cache also answers while Redis is unavailable, then past that TTL (stale-if-error, as HTTP caches do):
+whatever it still holds is the post Redis would have served, and every hot key answered from memory
+during an outage is a request that does not become a new task the workers must catch up on after.
 
 Lookups issued in the same event-loop turn share one ``MGET`` (``cache_lookup_batching``): a Redis
 round trip through redis-py costs this process more CPU than the rest of a cache hit, and requests
@@ -49,6 +51,7 @@ _WS = re.compile(r"\s+")
 
 _HIT = metrics.CACHE_LOOKUPS.labels("hit")
 _HIT_LOCAL = metrics.CACHE_LOCAL_HITS
+_HIT_STALE = metrics.CACHE_STALE_HITS
 _MISS = metrics.CACHE_LOOKUPS.labels("miss")
 _ERR_GET = metrics.CACHE_ERRORS.labels("get")
 _ERR_SET = metrics.CACHE_ERRORS.labels("set")
@@ -124,12 +127,10 @@ class NearCache:
         self.max_entries = max_entries
         self._entries: dict[str, tuple[float, CachedPost]] = {}
 
-    def get(self, key: str) -> CachedPost | None:
+    def get(self, key: str, *, stale_ok: bool = False) -> CachedPost | None:
+        """The post if still fresh; with ``stale_ok`` (Redis unavailable) whatever is still held."""
         entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if entry[0] < time.monotonic():
-            del self._entries[key]
+        if entry is None or (entry[0] < time.monotonic() and not stale_ok):
             return None
         return entry[1]
 
@@ -242,18 +243,14 @@ class Cache:
         if not keys:
             return None, None
         if not self.breaker.allow():
-            if self.enabled:
-                _count(_MISS)
-            return None, None
+            return self._unavailable(key), None
         try:
             raws = await (self._batcher.mget(keys) if self._batcher is not None else self.client.mget(keys))
         except Exception as exc:  # any failure is a miss, never an error
             self.breaker.record_failure()
             _count(_ERR_GET)
-            if self.enabled:
-                _count(_MISS)
             log.debug("cache lookup failed: %r", exc)
-            return None, None
+            return self._unavailable(key), None
         self.breaker.record_success()
         hit: CachedPost | None = None
         if self.enabled:
@@ -264,6 +261,19 @@ class Cache:
                 self.near.put(key, hit)
         inflight = raws[-1] if coalesce else None
         return hit, inflight.decode() if isinstance(inflight, bytes) else None
+
+    def _unavailable(self, key: str) -> CachedPost | None:
+        """Redis could not answer: a post still held in memory (however old), else a miss."""
+        if not self.enabled:
+            return None
+        stale = self.near.get(key, stale_ok=True) if self.near is not None else None
+        if stale is None:
+            _count(_MISS)
+            return None
+        _count(_HIT)
+        _count(_HIT_LOCAL)
+        _count(_HIT_STALE)
+        return stale
 
     async def mark_inflight(self, key: str, task_id: str) -> None:
         """Best effort: later identical requests join ``task_id`` without a database round trip."""

@@ -76,6 +76,10 @@ CACHE_LOOKUPS = Counter(
 CACHE_LOCAL_HITS = Counter(
     "loadproof_cache_local_hits", "Cache hits answered from the process's own memory (also counted as hits)."
 )
+CACHE_STALE_HITS = Counter(
+    "loadproof_cache_stale_hits",
+    "Local hits served past their TTL because Redis was unavailable (also counted as local hits).",
+)
 CACHE_ERRORS = Counter("loadproof_cache_errors", "Redis failures seen by the cache.", ["op"])  # get|set
 CACHE_BREAKER_OPEN = Gauge(
     "loadproof_cache_breaker_open", "1 while the cache circuit breaker is open.", multiprocess_mode="max"

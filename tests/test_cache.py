@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import redis
@@ -152,7 +153,7 @@ async def test_failed_batched_lookup_is_a_miss_for_every_caller(
         await cache.aclose()
 
 
-def test_near_cache_expires_and_drops_the_oldest_when_full(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_near_cache_expires_keeps_stale_entries_and_drops_the_oldest_when_full(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
     monkeypatch.setattr("service.cache.time.monotonic", lambda: now[0])
     near = NearCache(ttl_s=5.0, max_entries=2)
@@ -163,7 +164,8 @@ def test_near_cache_expires_and_drops_the_oldest_when_full(monkeypatch: pytest.M
     near.put("c", posts["c"])  # full: the oldest ("b") goes
     assert (near.get("a"), near.get("b"), near.get("c")) == (posts["a"], None, posts["c"])
     now[0] += 5.01
-    assert near.get("a") is None and len(near) == 1  # expired entries are gone when looked up
+    assert near.get("a") is None  # expired: not fresh any more
+    assert near.get("a", stale_ok=True) == posts["a"]  # but still there for when Redis cannot answer
 
 
 @pytest.mark.usefixtures("clean_state")
@@ -190,10 +192,52 @@ async def test_a_post_read_from_redis_is_then_served_from_memory(
             assert _mget_calls(redis_server.url) == before
             assert sample("loadproof_cache_local_hits_total") == local + 1
             assert sample("loadproof_cache_lookups_total", {"result": "hit"}) == hits + 1
-            cache.client.connection_pool.connection_kwargs["port"] = 1  # Redis unreachable from now on
-            await cache.client.connection_pool.disconnect()
-            assert (await cache.lookup(key, coalesce=True))[0] is not None
+            unreachable = _unreachable(cache, postgres, redis_server, simulator)
+            assert (await unreachable.lookup(key, coalesce=True))[0] is not None
+            await unreachable.aclose()
         else:
             assert hit is None and _mget_calls(redis_server.url) == before + 1
     finally:
         await cache.aclose()
+
+
+@pytest.mark.usefixtures("clean_state")
+async def test_while_redis_is_unavailable_an_expired_post_in_memory_is_served(
+    postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer
+) -> None:
+    """Stale-if-error: past its TTL a post in memory is not served while Redis answers (a deleted post is
+    a miss), but is served when Redis cannot answer, with the breaker closed or open."""
+    cache = Cache(make_settings(postgres, redis_server, simulator, cache_local_ttl_s=0.05, cache_breaker_failures=2))
+    try:
+        key, other = cache.key("p", "stale"), cache.key("p", "never cached")
+        assert await cache.set_many([(key, encode_hit("t1", "a post", 7))])
+        assert (await cache.lookup(key, coalesce=False))[0] is not None  # from Redis, now in memory
+        redis.Redis.from_url(redis_server.url).delete(key)
+        await asyncio.sleep(0.1)
+        assert (await cache.lookup(key, coalesce=False))[0] is None  # expired, and Redis says it is gone
+        assert await cache.set_many([(key, encode_hit("t1", "a post", 7))])
+        assert (await cache.lookup(key, coalesce=False))[0] is not None
+        await asyncio.sleep(0.1)
+        unreachable = _unreachable(cache, postgres, redis_server, simulator, cache_breaker_failures=2)
+        stale = sample("loadproof_cache_stale_hits_total")
+        for _ in range(3):  # failures, then the breaker open: served from memory either way
+            hit, _ = await unreachable.lookup(key, coalesce=True)
+            assert hit is not None and hit.post() == "a post"
+        assert not unreachable.breaker.allow()
+        assert sample("loadproof_cache_stale_hits_total") == stale + 3
+        assert (await unreachable.lookup(other, coalesce=True)) == (None, None)  # nothing held: a miss
+        await unreachable.aclose()
+    finally:
+        await cache.aclose()
+
+
+def _unreachable(cache: Cache, *servers: Any, **overrides: Any) -> Cache:
+    """A cache with the same memory (near cache) as ``cache`` whose Redis cannot be reached."""
+    from localstack.process import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    other = Cache(
+        make_settings(*servers, redis_url=url, **{"cache_local_ttl_s": cache.settings.cache_local_ttl_s, **overrides})
+    )
+    other.near = cache.near
+    return other
