@@ -155,6 +155,7 @@ class RedisServer:
         maxmemory: str | None = None,
     ) -> None:
         self.port = port or free_port()
+        self._port_picked = port is None  # until the first start succeeds (then restarts keep it)
         self.appendonly = appendonly
         self.maxmemory = maxmemory
         self.dir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="loadproof-redis-"))
@@ -173,7 +174,21 @@ class RedisServer:
             return False
 
     def start(self, timeout: float = 30.0) -> float:
+        """Start (or restart on the same port). A port picked here that another process took between
+        ``free_port()`` and the bind (the check cannot reserve it) is picked again, at most twice."""
         t0 = time.monotonic()
+        for attempt in range(3):
+            try:
+                self._start(timeout)
+                break
+            except RuntimeError as exc:
+                if not (self._port_picked and attempt < 2 and "Address already in use" in str(exc)):
+                    raise
+                self.port = free_port()
+        self._port_picked = False
+        return time.monotonic() - t0
+
+    def _start(self, timeout: float) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         argv = [
             tool("redis-server"),
@@ -199,7 +214,6 @@ class RedisServer:
         self.process = ManagedProcess("redis", argv, cwd=self.dir, log_path=self.dir / "redis.log", ready=self._ping)
         self.process.start()
         self.process.wait_ready(timeout)
-        return time.monotonic() - t0
 
     def stop(self) -> None:
         if self.process is not None:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ import pytest
 
 from common.stackconfig import REPO_ROOT
 from localstack.process import ManagedProcess, free_port
+from localstack.servers import RedisServer
 from localstack.supervisor import RestartPolicy, Supervisor
 
 FAST = RestartPolicy(initial_backoff_s=0.05, max_backoff_s=0.2, crash_loop_restarts=5, crash_loop_window_s=30)
@@ -243,3 +245,17 @@ def test_listening_sees_a_listener_and_only_a_listener() -> None:
         server.listen()
         assert listening(port)
     assert not listening(port)
+
+
+def test_redis_picks_another_port_when_the_one_it_picked_was_taken_meanwhile() -> None:
+    """``free_port()`` cannot reserve a port: another process may bind it before redis-server does."""
+    server = RedisServer()
+    taken = server.port
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", taken))
+        blocker.listen()
+        try:
+            server.start()
+            assert server.port != taken and server._ping()
+        finally:
+            server.cleanup()
