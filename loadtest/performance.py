@@ -48,8 +48,9 @@ def runs_table(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     for r in runs:
         cells = [fmt(key, r.get(key)) for key, _ in COLUMNS]
         verdict = "PASS" if r.get("thresholds_passed") else "FAIL"
+        profile = f"{r.get('profile')} (baseline)" if r.get("_baseline") else r.get("profile")
         lines.append(
-            f"| `{r.get('test_id')}` | `{r.get('git_commit') or 'unknown'}` | {r.get('profile')} | {verdict} | "
+            f"| `{r.get('test_id')}` | `{r.get('git_commit') or 'unknown'}` | {profile} | {verdict} | "
             + " | ".join(cells)
             + " |"
         )
@@ -57,9 +58,9 @@ def runs_table(runs: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def medians(runs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Median of each column over the latest three runs of each profile that has three."""
+    """Median of each column over the latest three runs of each profile that has three (baselines aside)."""
     by_profile: dict[str, list[Mapping[str, Any]]] = {}
-    for r in sorted(runs, key=lambda r: str(r.get("started_at"))):
+    for r in sorted((r for r in runs if not r.get("_baseline")), key=lambda r: str(r.get("started_at"))):
         by_profile.setdefault(str(r.get("profile")), []).append(r)
     lines = []
     for profile, all_runs in by_profile.items():
@@ -131,8 +132,9 @@ def render(
     notes: Sequence[str] = (),
     profiles: Sequence[Mapping[str, Any]] = (),
 ) -> str:
-    demos = [r for r in runs if r.get("profile") == "demo"]
-    latest = max(demos or runs, key=lambda r: str(r.get("started_at")))
+    current = [r for r in runs if not r.get("_baseline")] or list(runs)
+    demos = [r for r in current if r.get("profile") == "demo"]
+    latest = max(demos or current, key=lambda r: str(r.get("started_at")))
     own = (Path(latest["_dir"]) / "PERFORMANCE.md").read_text().splitlines()
     verdict_at = next(i for i, line in enumerate(own) if line.startswith("**Verdict:"))
     first_section = next((i for i, line in enumerate(own) if line.startswith("## ")), len(own))
@@ -171,12 +173,20 @@ def render(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (reports/<run-id>)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        action="append",
+        default=[],
+        help="a run of older code made for a comparison: in the table, never the latest run or in a median",
+    )
     parser.add_argument("--bench", type=Path, action="append", default=[], help="a bench.json (repeatable)")
     parser.add_argument("--profile", type=Path, action="append", default=[], help="a profile.json (repeatable)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "PERFORMANCE.md")
     parser.add_argument("--note", action="append", default=[], help="a sentence about the runs (repeatable)")
     args = parser.parse_args(argv)
-    runs = sorted((load_run(d) for d in args.runs), key=lambda r: str(r.get("started_at")))
+    baselines = [{**load_run(d), "_baseline": True} for d in args.baseline]
+    runs = sorted([*(load_run(d) for d in args.runs), *baselines], key=lambda r: str(r.get("started_at")))
     benches = [json.loads(path.read_text()) for path in args.bench]
     profiles = [json.loads(path.read_text()) for path in args.profile]
     args.out.write_text(render(runs, benches, args.note, profiles))

@@ -43,3 +43,16 @@ def test_every_run_is_listed_and_the_latest_demo_leads(tmp_path: Path) -> None:
     assert "| hot | 2000 | 90.00 % | one Redis GET per request | 2400 | 0.833 |" in text
     block = frontpage.results_block(text)
     assert "**Every run**" in block and "**make bench**" in block and "`r4-cold`" in block
+
+
+def test_a_baseline_run_is_listed_but_never_the_latest_or_in_a_median(tmp_path: Path) -> None:
+    """A run of older code made later for a comparison must not become the file's verdict."""
+    runs = [
+        make_run(tmp_path, f"r{i}-demo", "demo", f"2026-01-01T00:0{i}:00", p95_latency_ms=10.0 * i) for i in (1, 2, 3)
+    ]
+    old = make_run(tmp_path, "r9-demo", "demo", "2026-01-01T00:09:00", p95_latency_ms=999.0, thresholds_passed=False)
+    assert performance.main([*map(str, runs), "--baseline", str(old), "--out", str(tmp_path / "P.md")]) == 0
+    text = (tmp_path / "P.md").read_text()
+    assert "| `r9-demo` | `abc123` | demo (baseline) | FAIL |" in text
+    assert frontpage.run_id(text) == "r3-demo"
+    assert "`demo`, latest 3 runs, 3 passed — median: p95 20.0 ms" in text
