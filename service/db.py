@@ -365,6 +365,21 @@ class Database:
             {"ids": task_ids},
         )
 
+    async def claim_queued(self, limit: int) -> list[dict[str, Any]]:
+        """Claim the oldest queued tasks straight from Postgres (``FOR UPDATE SKIP LOCKED``).
+
+        The workers' lane while Redis cannot deliver: the rows are the queue of record, so tasks
+        accepted during an outage are worked on then instead of piling up for the sweeper to hand
+        over all at once when Redis returns. Concurrent workers skip each other's rows.
+        """
+        return await self._rows(
+            "UPDATE tasks SET status = 'running', attempts = attempts + 1, started_at = COALESCE(started_at, now()) "
+            "WHERE id IN (SELECT id FROM tasks WHERE status = 'queued' ORDER BY accepted_at LIMIT %(n)s "
+            "FOR UPDATE SKIP LOCKED) AND status = 'queued' "
+            "RETURNING id::text AS id, persona_id, topic, cache_key, attempts",
+            {"n": limit},
+        )
+
     async def complete(
         self, results: list[tuple[str, str, int | None, int | None, float | None]]
     ) -> list[dict[str, Any]]:

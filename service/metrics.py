@@ -88,7 +88,7 @@ CACHE_BREAKER_OPEN = Gauge(
 # --- Tasks and queue ---
 TASKS = Counter(
     "loadproof_tasks", "Task lifecycle events.", ["event"]
-)  # accepted|coalesced|completed|failed|retried|dead_lettered|reclaimed
+)  # accepted|coalesced|completed|failed|retried|dead_lettered|reclaimed|claimed_direct
 TASK_COMPLETION = Histogram(
     "loadproof_task_completion_seconds",
     "Time from acceptance (202) to the stored result.",

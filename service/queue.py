@@ -23,6 +23,8 @@ Why nothing accepted is lost, even though Redis is not the system of record:
 4. An entry is acknowledged (``XACK`` + ``XDEL``) only after its row is final (done/failed) or after
    a replacement entry was added (retry), so a crash at any point leaves the entry pending.
 5. After ``queue_max_attempts`` deliveries the row is dead-lettered: status ``failed`` with the reason.
+6. While the stream cannot be read, workers claim queued rows from Postgres directly
+   (``Database.claim_queued``), so an outage delays nothing it does not have to.
 
 Entries are deleted on acknowledgement, so the stream only holds live work (no trimming, which could
 drop unacknowledged entries).

@@ -39,7 +39,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -97,6 +97,8 @@ class Worker:
         self._writer: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
         self._held: set[bytes] = set()  # entry ids we are working on (heartbeat keeps them ours)
+        self._queue_down = False  # the last read of the queue failed: claiming from Postgres instead
+        self._direct = 0  # tasks claimed from Postgres since then
         self._next_claim = 0.0
         self._started = False
         self._ready = False
@@ -215,16 +217,47 @@ class Worker:
             try:
                 entries = await self._gather_batch()
             except Exception as exc:
-                self._give_slot()
-                log.warning("reading the queue failed: %r", exc)
-                await asyncio.sleep(ERROR_BACKOFF_S)
+                rows = await self._claim_from_postgres(exc)
+                if rows:
+                    self._start_batch(self._work({r["id"]: r for r in rows}, {}))
+                else:
+                    self._give_slot()
+                    await asyncio.sleep(ERROR_BACKOFF_S)
                 continue
+            if self._queue_down:
+                log.warning("queue readable again; %d task(s) were claimed from Postgres meanwhile", self._direct)
+                self._queue_down, self._direct = False, 0
             if not entries:
                 self._give_slot()
                 continue
-            task = asyncio.create_task(self._run_batch(entries))
-            self._batches.add(task)
-            task.add_done_callback(self._batch_done)
+            self._start_batch(self._run_batch(entries))
+
+    def _start_batch(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._batches.add(task)
+        task.add_done_callback(self._batch_done)
+
+    async def _claim_from_postgres(self, exc: Exception) -> list[dict[str, Any]]:
+        """While the queue cannot be read, claim queued tasks from their rows (the queue of record).
+
+        Tasks accepted during a Redis outage are then worked on as they come instead of waiting for
+        the sweeper, which hands all of them over at once when Redis returns: measured in the chaos
+        campaign, that catch-up (and the polls of clients waiting for those tasks) was what kept
+        latency high for 10-20 s after Redis was back. A duplicate delivery (a stream entry for a
+        task claimed here) is harmless, as for every redelivery. Returns [] on a Postgres error too.
+        """
+        if not self._queue_down:
+            self._queue_down = True
+            log.warning("reading the queue failed (%r); claiming queued tasks from Postgres meanwhile", exc)
+        try:
+            rows = await self.db.claim_queued(self.settings.batch_size)
+        except Exception as db_exc:
+            log.warning("claiming from Postgres failed too: %r", db_exc)
+            return []
+        if rows:
+            self._direct += len(rows)
+            _inc("claimed_direct", len(rows))
+        return rows
 
     # Concurrency control lives in these two methods (and ``self._slots``, ``self._room``) only.
     async def _take_slot(self) -> None:
@@ -302,6 +335,11 @@ class Worker:
         rows = {r["id"]: r for r in await self.db.claim(valid)}
         # Finished, unknown or garbage ids: nothing to do, acknowledge.
         await self.queue.ack([eid for t, eids in by_task.items() if t not in rows for eid in eids])
+        await self._work(rows, by_task)
+
+    async def _work(self, rows: dict[str, dict[str, Any]], by_task: dict[str, list[bytes]]) -> None:
+        """One LLM call for claimed ``rows``; ``by_task``: their stream entries (none when claimed from
+        Postgres), acknowledged as each task becomes final."""
         live: list[dict[str, Any]] = []
         for row in rows.values():
             if row["attempts"] > self.settings.queue_max_attempts:
@@ -371,7 +409,10 @@ class Worker:
             [c.cache_key for c in closed],
         )
         acked = [eid for c in closed for eid in c.entry_ids]
-        await self.queue.ack(acked)
+        try:
+            await self.queue.ack(acked)
+        except Exception as exc:  # stored is stored: the entries are redelivered, found done and acked then
+            log.warning("acknowledging %d stored task(s) failed: %r", len(acked), exc)
         self._held.difference_update(acked)
         return ids
 
@@ -406,7 +447,12 @@ class Worker:
         task_id = row["id"]
         if refund or (retryable and row["attempts"] < self.settings.queue_max_attempts):
             if await self.db.requeue(task_id, reason, refund_attempt=refund):
-                await self.queue.enqueue_many([task_id])
+                try:
+                    await self.queue.enqueue_many([task_id])
+                except Exception as exc:  # queued in Postgres: claimed from there or swept back
+                    log.warning("re-enqueueing task %s failed: %r", task_id, exc)
+                    if by_task.get(task_id):
+                        raise  # keep the old entry pending: it is redelivered
                 if not refund:
                     _inc("retried")
             await self.queue.ack(by_task.get(task_id, []))

@@ -229,6 +229,39 @@ async def test_worker_killed_between_read_and_ack_task_completed_by_another(
         simulator.reset()
 
 
+async def test_with_redis_down_the_worker_claims_queued_tasks_from_postgres(
+    postgres: PostgresServer, simulator: SimulatorServer
+) -> None:
+    """Tasks accepted while Redis is down (row committed, XADD failed) are worked on during the
+    outage, not only swept over when Redis returns; with Redis back the stream is read again."""
+    with RedisServer() as own_redis:
+        settings = make_settings(postgres, own_redis, simulator, batch_size=5, queue_sweep_interval_s=600)
+        claimed_before = sample("loadproof_tasks_total", {"event": "claimed_direct"})
+        async with running_worker(settings):
+            own_redis.stop()
+            db = Database(settings)
+            try:
+                during = []
+                for i in range(12):
+                    key = cache_key("persona", f"outage {i}", settings.prompt_version)
+                    task_id, created, _ = await db.insert_task(
+                        str(uuid.uuid4()), "persona", f"outage {i}", key, key, None
+                    )
+                    assert created
+                    during.append(task_id)
+            finally:
+                await db.aclose()
+            rows = await eventually(lambda: _all_final(postgres, during), within_s=30)
+            assert all(r["status"] == "done" and r["post"] and r["attempts"] == 1 for r in rows.values())
+            assert sample("loadproof_tasks_total", {"event": "claimed_direct"}) - claimed_before == 12
+            assert simulator.stats()["items"] == 12
+
+            own_redis.start()  # empty: the group is made again on the first read
+            after = await _accept(settings, ["after the outage"])
+            await eventually(lambda: _all_final(postgres, after), within_s=30)
+        assert sample("loadproof_tasks_total", {"event": "claimed_direct"}) - claimed_before == 12
+
+
 async def test_worker_probes_answer_and_readiness_flips_on_drain(
     postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer
 ) -> None:
