@@ -294,6 +294,9 @@ class OrchestratorConfig(Section):
     )
     accept_linger_ms: float = Field(default=2.0, description="Longest wait to gather new tasks into one commit.")
     accept_batch_max: int = Field(default=256, description="Largest group of new tasks per commit.")
+    accept_max_writes: int = Field(
+        default=1, description="Groups being written at once per process; the next group gathers meanwhile."
+    )
     prompt_version: str = Field(default="v1", description="Cache-key version.")
     shutdown_timeout_s: float = Field(default=20.0, description="Drain bound; the pod grace period exceeds it.")
     autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig, description="HPA.")
@@ -639,6 +642,7 @@ class StackConfig(Section):
             "ACCEPT_GROUP_COMMIT": o.accept_group_commit,
             "ACCEPT_LINGER_MS": o.accept_linger_ms,
             "ACCEPT_BATCH_MAX": o.accept_batch_max,
+            "ACCEPT_MAX_WRITES": o.accept_max_writes,
             "PROMPT_VERSION": o.prompt_version,
             "WORKER_CONCURRENCY": w.concurrency,
             "BATCH_SIZE": w.batch_size,

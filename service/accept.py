@@ -23,6 +23,13 @@ What does not change:
   join (an idempotency key already used; a task that finished in between) is answered by the
   per-request path (:meth:`Database.insert_task`), which finds the task to join or replay.
 * **Order.** Within a process, entries are appended in the order the requests were accepted.
+
+**At most ``max_writes`` groups in flight per process.** New tasks that arrive while that many
+groups are being written wait for one of them to end and then go together: under load the groups
+grow instead of the writes, the way a group commit should (with every flush started at once,
+groups stayed at one or two tasks and concurrent INSERTs queued for the pool and for Postgres;
+server-side, a 202 took 0.3 s at the median in the chaos campaign's overload). At low load nothing
+changes: a group goes after ``linger_s`` as before, because no write is in flight then.
 """
 
 from __future__ import annotations
@@ -62,11 +69,21 @@ class Accepted:
 class GroupCommitter:
     """Collects new tasks for up to ``linger_s`` (or ``max_batch``) and writes each group at once."""
 
-    def __init__(self, db: Database, queue: TaskQueue, *, linger_s: float, max_batch: int, inflight_ttl_s: int) -> None:
+    def __init__(
+        self,
+        db: Database,
+        queue: TaskQueue,
+        *,
+        linger_s: float,
+        max_batch: int,
+        inflight_ttl_s: int,
+        max_writes: int = 1,
+    ) -> None:
         self.db = db
         self.queue = queue
         self.linger_s = linger_s
         self.max_batch = max_batch
+        self.max_writes = max_writes
         self.inflight_ttl_s = inflight_ttl_s
         self._pending: list[tuple[NewTask, asyncio.Future[Accepted | None]]] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -81,7 +98,7 @@ class GroupCommitter:
         self._pending.append((task, future))
         if len(self._pending) >= self.max_batch:
             self._flush()
-        elif self._timer is None:
+        elif self._timer is None and len(self._flushes) < self.max_writes:  # else it goes when a write ends
             self._timer = loop.call_later(self.linger_s, self._flush)
         # shield: a cancelled request must not cancel the group's write (the row may commit anyway)
         return await asyncio.shield(future)
@@ -90,11 +107,17 @@ class GroupCommitter:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        group, self._pending = self._pending, []
-        if group:
+        while self._pending and len(self._flushes) < self.max_writes:
+            group, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             flush = asyncio.create_task(self._write(group))
             self._flushes.add(flush)
-            flush.add_done_callback(self._flushes.discard)
+            flush.add_done_callback(self._written)
+
+    def _written(self, flush: asyncio.Task[None]) -> None:
+        """A write ended: what gathered meanwhile has waited long enough and goes now."""
+        self._flushes.discard(flush)
+        if self._pending:
+            self._flush()
 
     async def _write(self, group: list[tuple[NewTask, asyncio.Future[Accepted | None]]]) -> None:
         leaders: dict[str, NewTask] = {}  # coalesce key -> the group's first unkeyed task for it
@@ -147,5 +170,5 @@ class GroupCommitter:
     async def aclose(self) -> None:
         """Write what is pending and wait for every write in progress (drain on shutdown)."""
         self._flush()
-        if self._flushes:
+        while self._flushes:  # each write that ends starts the next group
             await asyncio.gather(*self._flushes, return_exceptions=True)

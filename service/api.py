@@ -140,6 +140,7 @@ def create_app(settings: Settings | None = None, *, drain_delay_s: float | None 
                 rt.queue,
                 linger_s=s.accept_linger_ms / 1000.0,
                 max_batch=s.accept_batch_max,
+                max_writes=s.accept_max_writes,
                 inflight_ttl_s=INFLIGHT_TTL_S,
             )
         if drain_delay_s is not None:

@@ -89,6 +89,12 @@ class Settings(BaseSettings):
         default=2.0, ge=0, description="Longest wait to gather new tasks into one group commit (like linger.ms)."
     )
     accept_batch_max: int = Field(default=256, ge=1, description="Largest group of new tasks per commit.")
+    accept_max_writes: int = Field(
+        default=1,
+        ge=1,
+        description="Groups of new tasks being written at once per process; what arrives meanwhile waits "
+        "for one to end and joins the next group, so groups grow under load instead of concurrent writes.",
+    )
 
     # --- Redis: cache and queue ---
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis for the cache and the task queue.")

@@ -178,3 +178,45 @@ async def test_idempotency_keys_hold_through_the_group_path(
         other = await client.post("/task", json={"persona_id": "p", "topic": "else"}, headers={"Idempotency-Key": "k1"})
         assert other.status_code == 409
     assert rows(postgres, "keyed") == 1
+
+
+@pytest.mark.parametrize("max_writes", [1, 8])
+async def test_arrivals_during_a_write_wait_for_it_and_go_as_one_group(
+    postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer, max_writes: int
+) -> None:
+    """With one write in flight per process, tasks arriving while it commits form the next group
+    (groups grow under load); with eight allowed, each linger window makes its own group."""
+    settings = make_settings(postgres, redis_server, simulator)
+    db = Database(settings)
+    queue = TaskQueue(settings, make_redis(settings, socket_timeout=5.0))
+    committer = GroupCommitter(db, queue, linger_s=0.002, max_batch=256, inflight_ttl_s=60, max_writes=max_writes)
+    await db.create_schema()
+    with psycopg.connect(postgres.dsn, autocommit=True) as conn:  # the first group's commit takes 0.4 s
+        conn.execute(
+            "CREATE OR REPLACE FUNCTION slow_commit() RETURNS trigger AS $$ BEGIN "
+            "IF NEW.topic = 'slow' THEN PERFORM pg_sleep(0.4); END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
+        )
+        conn.execute("CREATE TRIGGER slow_commit BEFORE INSERT ON tasks FOR EACH ROW EXECUTE FUNCTION slow_commit()")
+    groups = sample("loadproof_accept_group_size_count")
+
+    def task(topic: str) -> NewTask:
+        return NewTask(str(uuid.uuid4()), "p", topic, f"post:{topic}", None, None, None)
+
+    try:
+        first = asyncio.create_task(committer.submit(task("slow")))
+        await asyncio.sleep(0.05)
+        later = []
+        for i in range(10):  # 20 ms apart: ten linger windows
+            later.append(asyncio.create_task(committer.submit(task(f"meanwhile {i}"))))
+            await asyncio.sleep(0.02)
+        accepted = await asyncio.gather(first, *later)
+        await committer.aclose()
+    finally:
+        with psycopg.connect(postgres.dsn, autocommit=True) as conn:
+            conn.execute("DROP TRIGGER slow_commit ON tasks")
+        await queue.client.aclose()
+        await db.aclose()
+    assert all(isinstance(a, Accepted) and a.created for a in accepted)
+    assert rows(postgres, "meanwhile %") == 10
+    made = sample("loadproof_accept_group_size_count") - groups
+    assert made == 2 if max_writes == 1 else made >= 10, made
