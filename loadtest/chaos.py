@@ -32,7 +32,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from common.stackconfig import REPO_ROOT
+from common.stackconfig import REPO_ROOT, WorkersConfig
 from loadtest.chaos_abuse import AbuseOutcome, Deadlines, run_abuse
 from loadtest.chaos_load import (
     LoadResult,
@@ -61,6 +61,7 @@ LLM_FAULTS = {"rate_500": 0.10, "rate_429": 0.05, "rate_timeout": 0.02, "rate_ma
 LLM_DONE_SHARE = 0.99
 RECOVERY_LIMIT_S = 10.0
 KILL_NOTICE_S = 0.1
+CHAOS_WORKERS = 2  # one can be killed while the other works
 NO_FAULTS = {"rate_429": 0, "rate_500": 0, "rate_timeout": 0, "rate_malformed": 0}
 
 
@@ -948,6 +949,7 @@ def chaos_doc(c: Campaign, started: str, commit: str | None) -> dict[str, Any]:
         "steady_rate": c.p.rate,
         "mix": asdict(c.p.mix),
         "service_env": service_env(c.p),
+        "processes": {"workers": CHAOS_WORKERS, "worker_nice": WorkersConfig().nice},
         "recovery_rule": c.tolerance.describe(),
     }
 
@@ -989,7 +991,8 @@ def chaos_markdown(doc: dict[str, Any]) -> str:
         "*lost* = no row, *pending* = a row not done/failed when the drain ended.",
         "- Service settings that differ from the defaults: "
         + ", ".join(f"`{k}={v}`" for k, v in doc["service_env"].items())
-        + ".",
+        + "."
+        + _processes(doc.get("processes")),
         "- What each scenario does and how each figure is measured: [docs/chaos.md](docs/chaos.md).",
         "",
         "| scenario | verdict | requests (offered / served) | error rate | errors by status "
@@ -1050,6 +1053,12 @@ def _mix(mix: dict[str, Any]) -> str:
     )
 
 
+def _processes(p: dict[str, Any] | None) -> str:
+    if not p:
+        return ""
+    return f" {p['workers']} worker processes at nice {p['worker_nice']} (the local default, as in `make demo`)."
+
+
 def _statuses(d: dict[str, int]) -> str:
     return ", ".join(f"{'no response' if k == '0' else k}: {v}" for k, v in d.items()) or "none"
 
@@ -1072,7 +1081,8 @@ def chaos_stack(
     """The stack the campaign runs against: supervised, two API processes, two workers, durable stores."""
     with LocalStack(
         service_env(p),
-        workers=2,
+        workers=CHAOS_WORKERS,
+        worker_nice=WorkersConfig().nice,  # as `make demo` runs them: the request path gets the cores first
         simulator_env=p.simulator_env,
         redis_appendonly=True,
         durable_postgres=True,
