@@ -295,7 +295,9 @@ class OrchestratorConfig(Section):
     accept_linger_ms: float = Field(default=2.0, description="Longest wait to gather new tasks into one commit.")
     accept_batch_max: int = Field(default=256, description="Largest group of new tasks per commit.")
     accept_max_writes: int = Field(
-        default=1, description="Groups being written at once per process; the next group gathers meanwhile."
+        default=64,
+        description="Groups being written at once per process; beyond it the next group gathers meanwhile "
+        "(1: larger groups under load, but each new task also waits for the write in flight).",
     )
     prompt_version: str = Field(default="v1", description="Cache-key version.")
     shutdown_timeout_s: float = Field(default=20.0, description="Drain bound; the pod grace period exceeds it.")

@@ -90,10 +90,11 @@ class Settings(BaseSettings):
     )
     accept_batch_max: int = Field(default=256, ge=1, description="Largest group of new tasks per commit.")
     accept_max_writes: int = Field(
-        default=1,
+        default=64,
         ge=1,
-        description="Groups of new tasks being written at once per process; what arrives meanwhile waits "
-        "for one to end and joins the next group, so groups grow under load instead of concurrent writes.",
+        description="Groups of new tasks being written at once per process; what arrives while that many "
+        "are written waits for one to end and joins the next group (1: groups grow under load, but a new "
+        "task also waits for the write in flight).",
     )
 
     # --- Redis: cache and queue ---
