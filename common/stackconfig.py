@@ -273,6 +273,19 @@ class OrchestratorConfig(Section):
     overload_interval_ms: float = Field(
         default=100.0, description="Window whose smallest loop lag decides whether the shed share grows or shrinks."
     )
+    overload_slow_inflight: int = Field(
+        default=0,
+        description="In-flight limit per process while served requests are slow (see overloadSlowMs; 0 = off: "
+        "32 made the demo answer 12.6 % 503s).",
+    )
+    overload_slow_ms: float = Field(
+        default=30.0, description="Moving average latency of served requests above which overloadSlowInflight applies."
+    )
+    overload_signal_ttl_ms: float = Field(
+        default=0.0,
+        description="How long one POST shed for overload keeps the workers yielding (0 = never signal: with "
+        "clients polling for their tasks, yielding kept an overload going after it ended).",
+    )
     max_body_bytes: int = Field(default=8192, description="Largest request body before 413.")
     db_pool_mode: Literal["queue", "null"] = Field(default="queue", description="`null` = no pooling (baseline).")
     db_pool_size: int = Field(default=20, description="Pooled connections per process.")
@@ -372,6 +385,10 @@ class WorkersConfig(Section):
     )
     concurrency: int = Field(
         default=256, description="Upper bound of the adaptive limit of concurrent LLM calls per worker process."
+    )
+    pressure_batches: int = Field(
+        default=1,
+        description="Batches in flight per worker process while the API sheds for overload (background work yields).",
     )
     batch_size: int = Field(default=5, description="Tasks per LLM call; 1 = no batching (baseline).")
     batch_wait_ms: int = Field(
@@ -628,6 +645,9 @@ class StackConfig(Section):
             "OVERLOAD_LAG_MS": o.overload_lag_ms,
             "OVERLOAD_QUEUE_MS": o.overload_queue_ms,
             "OVERLOAD_INTERVAL_MS": o.overload_interval_ms,
+            "OVERLOAD_SLOW_INFLIGHT": o.overload_slow_inflight,
+            "OVERLOAD_SLOW_MS": o.overload_slow_ms,
+            "OVERLOAD_SIGNAL_TTL_MS": o.overload_signal_ttl_ms,
             "MAX_BODY_BYTES": o.max_body_bytes,
             "SHUTDOWN_TIMEOUT_S": o.shutdown_timeout_s,
             "DB_POOL_MODE": o.db_pool_mode,
@@ -647,6 +667,7 @@ class StackConfig(Section):
             "ACCEPT_MAX_WRITES": o.accept_max_writes,
             "PROMPT_VERSION": o.prompt_version,
             "WORKER_CONCURRENCY": w.concurrency,
+            "WORKER_PRESSURE_BATCHES": w.pressure_batches,
             "BATCH_SIZE": w.batch_size,
             "BATCH_WAIT_MS": w.batch_wait_ms,
             "QUEUE_MAX_ATTEMPTS": w.max_attempts,

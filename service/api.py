@@ -43,6 +43,7 @@ from service.cache import INFLIGHT_TTL_S, Cache, clean_topic, inflight_key, make
 from service.config import Settings, get_settings
 from service.db import Database, TaskStoreBusy
 from service.guard import JSON, RETRY_AFTER_S, Guard, count_rejected, json_bytes
+from service.pressure import PressureSignal
 from service.queue import TaskQueue
 from service.schemas import (
     IDEMPOTENCY_KEY_PATTERN,
@@ -73,6 +74,7 @@ class Runtime:
     cache: Cache | None = None
     queue: TaskQueue | None = None
     accept: GroupCommitter | None = None  # group commit of new tasks (None: one INSERT per request)
+    pressure: PressureSignal | None = None  # tells the workers to yield while this process sheds
     draining: bool = False
 
 
@@ -128,6 +130,7 @@ def create_app(settings: Settings | None = None, *, drain_delay_s: float | None 
         s = rt.settings
         rt.db = Database(s)
         rt.cache = Cache(s, make_redis(s, socket_timeout=s.redis_socket_timeout_s))
+        rt.pressure = PressureSignal(s, rt.cache.client)
         # The queue write gets its own pool and more patience than a cache read: under a burst, a
         # missed XADD is not lost (the sweeper re-enqueues) but delays the task by the sweep grace.
         rt.queue = TaskQueue(s, make_redis(s, socket_timeout=QUEUE_WRITE_TIMEOUT_S))
@@ -176,7 +179,13 @@ def create_app(settings: Settings | None = None, *, drain_delay_s: float | None 
         except (SQLAlchemyError, psycopg.OperationalError, TaskStoreBusy) as exc:
             return _db_unavailable_response(exc)
 
-    app.add_middleware(Guard, settings=rt.settings, routes=list(app.router.routes), fast_task=fast_task)
+    def on_shed() -> None:
+        if rt.pressure is not None:
+            rt.pressure.shed()
+
+    app.add_middleware(
+        Guard, settings=rt.settings, routes=list(app.router.routes), fast_task=fast_task, on_shed=on_shed
+    )
     return app
 
 

@@ -41,6 +41,26 @@ class Settings(BaseSettings):
         description="A request that waited longer than this for its first event-loop turn (the queue an "
         "overloaded loop builds before any middleware runs) gets 503 + Retry-After (0 = off).",
     )
+    overload_slow_inflight: int = Field(
+        default=0,
+        ge=0,
+        description="A lower in-flight limit per process that applies only while served requests are slow "
+        "(their moving average above `overload_slow_ms`): sustained overload queues at most this many "
+        "(0 = off, the default: 32 made the demo answer 12.6 % 503s; `max_inflight` always applies).",
+    )
+    overload_slow_ms: float = Field(
+        default=30.0,
+        gt=0,
+        description="Served requests (2xx/3xx) slower than this on average (moving average, server side) "
+        "put `overload_slow_inflight` in force.",
+    )
+    overload_signal_ttl_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="How long one request shed for overload keeps the workers yielding (Redis key TTL; "
+        "see `worker_pressure_batches`; 0 = never signal, the default: with clients polling for their "
+        "tasks, yielding kept an overload going after it ended).",
+    )
     overload_interval_ms: float = Field(
         default=100.0,
         gt=0,
@@ -144,6 +164,12 @@ class Settings(BaseSettings):
         ge=1,
         description="Upper bound of the adaptive limit of concurrent LLM calls per worker process "
         "(with `llm_limiter=fixed`, the limit itself).",
+    )
+    worker_pressure_batches: int = Field(
+        default=1,
+        ge=0,
+        description="Batches in flight per worker process while an API process sheds for overload (see "
+        "`overload_signal_ttl_ms`): background work yields to the requests being served.",
     )
     batch_size: int = Field(default=5, ge=1, description="Tasks per LLM call; 1 disables batching (baseline).")
     batch_wait_ms: int = Field(

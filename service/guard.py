@@ -1,14 +1,14 @@
 """The API's one middleware, pure ASGI (``BaseHTTPMiddleware`` costs too much per request).
 
 For every request: admission control (503 + Retry-After instead of queueing seconds of latency: above
-``max_inflight`` in flight per process, for a request that already waited ``overload_queue_ms`` for
-its first loop turn, and for a share of new requests while the event loop lags, see
-:class:`OverloadShedder`), the body limit (``Content-Length`` and streamed bodies →
-413), the body deadline (a body not received within ``body_timeout_s`` → 408 and the connection
-closed, so a chunked body without end or a stalled upload cannot hold an admission slot) and HTTP
-metrics labelled by route *template* (bounded label sets). It also serves well-formed
-``POST /task`` requests itself through the route's own handler: FastAPI's per-request machinery
-profiled at over half the CPU of a request.
+``max_inflight`` in flight per process; above ``overload_slow_inflight`` while served requests are
+slow; for a request that already waited ``overload_queue_ms`` for its first loop turn; and for a
+share of new requests while the event loop lags, see :class:`OverloadShedder`), the body limit
+(``Content-Length`` and streamed bodies → 413), the body deadline (a body not received within
+``body_timeout_s`` → 408 and the connection closed, so a chunked body without end or a stalled upload
+cannot hold an admission slot) and HTTP metrics labelled by route *template* (bounded label sets). It
+also serves well-formed ``POST /task`` requests itself through the route's own handler: FastAPI's
+per-request machinery profiled at over half the CPU of a request.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ FastTask = Callable[[TaskIn], Awaitable[Response]]
 JSON = "application/json"
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probes and scrapes are never shed
 RETRY_AFTER_S = "1"
+LATENCY_ALPHA = 0.02  # weight of one served request in the moving average (about the last 50)
 QUEUED_AT = "loadproof.queued_at"  # scope key: perf_counter() when the server made the request's task
 LANE_EXCLUDED_HEADERS = frozenset({b"idempotency-key", b"expect", b"transfer-encoding"})
 SHED_BODY = b'{"detail":"server overloaded; retry shortly"}'
@@ -150,14 +151,26 @@ class OverloadShedder:
 class Guard:
     """Admission control, body limit and HTTP metrics for every request, in one pure-ASGI layer."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, routes: Sequence[Any], fast_task: FastTask) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: Settings,
+        routes: Sequence[Any],
+        fast_task: FastTask,
+        on_shed: Callable[[], None] | None = None,
+    ) -> None:
         """``routes``: the app's routes (to label requests refused before routing); ``fast_task``: the
-        ``POST /task`` handler for a validated body without ``Idempotency-Key`` (the route's own)."""
+        ``POST /task`` handler for a validated body without ``Idempotency-Key`` (the route's own);
+        ``on_shed``: told of every request refused for overload (the workers' pressure signal)."""
         self.app = app
+        self.on_shed = on_shed
         self.routes = list(routes)
         self.fast_task = fast_task
         self.inflight = 0
         self.max_inflight = settings.max_inflight
+        self.slow_inflight = settings.overload_slow_inflight or settings.max_inflight
+        self.slow_s = settings.overload_slow_ms / 1000.0
+        self.latency_s = 0.0  # moving average of served requests' server-side latency
         self.max_body = settings.max_body_bytes
         self.body_timeout_s = settings.body_timeout_s
         self.max_queue_s = settings.overload_queue_ms / 1000.0 if settings.overload_queue_ms > 0 else math.inf
@@ -223,8 +236,16 @@ class Guard:
 
     def _shed_reason(self, scope: Scope, started: float) -> str | None:
         """Why this request is refused, or None: too many in flight, too long a wait for its first loop
-        turn (stamped by the server's protocol, absent in-process), or the lag shedder's share."""
-        if self.inflight >= self.max_inflight:
+        turn (stamped by the server's protocol, absent in-process), or the lag shedder's share.
+
+        "Too many" is Little's law: what is in flight waits about in-flight / throughput. ``max_inflight``
+        (256) leaves room for the bursts of the demo's 1000 requests/s on one process, but in sustained
+        overload it queued a second or more. The lower ``overload_slow_inflight``, when set, applies
+        only while the served requests' moving average latency exceeds ``overload_slow_ms``, so a burst
+        of fast requests is still admitted; it is off by default because on this 2-core box the demo's
+        peak is slow too (measurements: docs/service.md, *Sustained overload*).
+        """
+        if self.inflight >= self.max_inflight or (self.inflight >= self.slow_inflight and self.latency_s > self.slow_s):
             return "overload"
         if started - scope.get(QUEUED_AT, started) > self.max_queue_s:
             return "queue_wait"
@@ -247,6 +268,11 @@ class Guard:
         """503 + Retry-After as cheaply as it can be: before the body is read, constant bytes, no JSON
         work, since a shed request's CPU is taken from the requests being served."""
         count_rejected(reason)
+        if self.on_shed is not None and scope.get("method") == "POST":
+            # new work the API cannot take; not polls, which wait for the very tasks the workers
+            # would then hold back (yielding to them kept a chaos overload going 20 s after it ended)
+            with contextlib.suppress(Exception):
+                self.on_shed()
         with contextlib.suppress(Exception):
             await send({"type": "http.response.start", "status": 503, "headers": SHED_HEADERS})
             await send({"type": "http.response.body", "body": SHED_BODY})
@@ -401,6 +427,9 @@ class Guard:
         return template
 
     def _observe(self, scope: Scope, status: int, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        if status < 400:
+            self.latency_s += LATENCY_ALPHA * (elapsed - self.latency_s)
         if not self.enabled:
             return
         try:
@@ -412,7 +441,7 @@ class Guard:
                 pair = (metrics.HTTP_REQUEST_DURATION.labels(*labels), metrics.HTTP_REQUESTS.labels(*labels))
                 if len(self._children) < 1000:  # bounded: methods/status codes are client-controlled
                     self._children[key] = pair
-            pair[0].observe(time.perf_counter() - started)
+            pair[0].observe(elapsed)
             pair[1].inc()
         except Exception:  # a metrics failure never fails a request
             log.debug("http metrics failed", exc_info=True)

@@ -118,6 +118,11 @@ LLM_DURATION = Histogram(
 LLM_BATCH_SIZE = Histogram("loadproof_llm_batch_size", "Items per LLM call.", buckets=BATCH_BUCKETS)
 LLM_TOKENS = Counter("loadproof_llm_tokens", "Billed tokens from `usage`.", ["model", "type"])  # input|output
 LLM_COST = Counter("loadproof_llm_cost_usd", "USD spent on LLM calls, priced per model.", ["model"])
+WORKER_YIELDING = Gauge(
+    "loadproof_worker_yielding",
+    "1 while an API process sheds for overload and this worker holds at most worker_pressure_batches batches.",
+    multiprocess_mode="max",
+)
 LLM_BREAKER_OPEN = Gauge(
     "loadproof_llm_breaker_open", "1 while the LLM circuit breaker is open.", multiprocess_mode="max"
 )

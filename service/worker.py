@@ -53,6 +53,8 @@ from service.config import Settings, get_settings
 from service.db import Database
 from service.limiter import AdaptiveLimiter
 from service.llm import LLMClient, LLMError, LLMItem, LLMItemResult
+from service.pressure import POLL_S as PRESSURE_POLL_S
+from service.pressure import under_pressure
 from service.queue import Entry, TaskQueue, sweep
 
 log = logging.getLogger("loadproof.worker")
@@ -97,6 +99,7 @@ class Worker:
         self._writer: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
         self._held: set[bytes] = set()  # entry ids we are working on (heartbeat keeps them ours)
+        self._pressure = False  # an API process shed for overload lately: hold fewer batches
         self._queue_down = False  # the last read of the queue failed: claiming from Postgres instead
         self._direct = 0  # tasks claimed from Postgres since then
         self._next_claim = 0.0
@@ -147,6 +150,8 @@ class Worker:
             asyncio.create_task(self._every(GAUGE_INTERVAL_S, self.queue.update_gauges), name="gauges"),
             asyncio.create_task(self._every(1.0, self._beat), name="beat"),
         ]
+        if self.settings.overload_signal_ttl_ms > 0:  # the API signals only then (same settings)
+            loops.append(asyncio.create_task(self._every(PRESSURE_POLL_S, self._read_pressure), name="pressure"))
         try:
             await self._collect()
             if self._batches:
@@ -181,6 +186,24 @@ class Worker:
                 raise
             except Exception as exc:
                 log.warning("%s failed: %r", getattr(fn, "__name__", fn), exc)
+
+    async def _read_pressure(self) -> None:
+        pressure = await under_pressure(self.settings, self.cache.client)
+        if pressure != self._pressure:
+            log.info(
+                "API %s; batches in flight up to %s",
+                "shedding" if pressure else "no longer shedding",
+                self.settings.worker_pressure_batches if pressure else "the adaptive limit",
+            )
+            self._pressure = pressure
+            with contextlib.suppress(Exception):
+                metrics.WORKER_YIELDING.set(1 if pressure else 0)
+
+    def _batch_limit(self) -> int:
+        """The adaptive limit, or ``worker_pressure_batches`` while the API sheds (see service.pressure)."""
+        if self._pressure:
+            return min(self.limiter.limit, self.settings.worker_pressure_batches)
+        return self.limiter.limit
 
     async def _heartbeat(self) -> None:
         if self._held:
@@ -267,7 +290,7 @@ class Worker:
         decides. Waiting here, before reading, leaves entries in the stream for other workers rather
         than holding them while the limiter would make their call wait anyway."""
         await self._slots.acquire()
-        while len(self._batches) >= self.limiter.limit and not self.stopping.is_set():
+        while len(self._batches) >= self._batch_limit() and not self.stopping.is_set():
             self._room.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._room.wait(), 0.25)  # the limit also moves without a batch ending

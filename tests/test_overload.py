@@ -76,6 +76,47 @@ def test_a_shed_is_a_constant_503_with_retry_after_before_the_body_is_read() -> 
     assert sent[1]["body"] == SHED_BODY and guard.inflight == 0
 
 
+def test_the_lower_limit_holds_only_while_served_requests_are_slow_and_each_shed_tells_the_workers() -> None:
+    """``overload_slow_inflight`` applies while the served requests' moving average latency exceeds
+    ``overload_slow_ms``: a burst of fast requests is admitted up to ``max_inflight``; every request
+    shed for overload calls ``on_shed`` (the workers' pressure signal)."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("unreachable")
+
+    told: list[int] = []
+    guard = Guard(
+        app,
+        Settings(metrics_enabled=False, max_inflight=256, overload_slow_inflight=32, overload_slow_ms=30),
+        [],
+        app,
+        on_shed=lambda: told.append(1),
+    )
+    scope = {"type": "http", "path": "/task", "method": "POST", "headers": []}
+    now = time.perf_counter()
+    guard.inflight = 40
+    assert guard._shed_reason(scope, now) is None  # fast so far: a burst is admitted
+    for _ in range(200):  # served requests of 80 ms: the average climbs past 30 ms
+        guard._observe(scope, 200, time.perf_counter() - 0.08)
+    assert guard.latency_s > 0.03
+    assert guard._shed_reason(scope, now) == "overload"
+    guard.inflight = 31
+    assert guard._shed_reason(scope, now) is None  # below the lower limit: admitted
+    for _ in range(200):  # a 503 or 4xx is no evidence of slowness; served requests of 1 ms are
+        guard._observe(scope, 503, time.perf_counter() - 5.0)
+        guard._observe(scope, 200, time.perf_counter() - 0.001)
+    guard.inflight = 40
+    assert guard._shed_reason(scope, now) is None
+    guard.inflight = 256
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(dict(message))
+
+    run_async(guard._shed(scope, send, "overload", now))
+    assert told == [1] and sent[0]["status"] == 503
+
+
 def test_a_request_that_waited_too_long_for_its_first_loop_turn_is_shed() -> None:
     """The server's protocol stamps ``QUEUED_AT`` when it makes the request's task; a request that then
     waited ``overload_queue_ms`` for the loop is already late, so it is answered 503 at once."""

@@ -22,8 +22,9 @@ from service.config import Settings
 from service.cost import PriceTable
 from service.db import Database
 from service.llm import LLMClient, LLMItem, LLMItemResult, PostSink
+from service.pressure import PressureSignal, pressure_key
 from service.queue import TaskQueue
-from service.worker import ArrivalRate, worth_waiting
+from service.worker import ArrivalRate, Worker, worth_waiting
 from tests.conftest import eventually, make_settings, running_worker, sample, service_env
 from tests.simproc import running_simulator
 
@@ -415,3 +416,32 @@ def test_adaptive_batching_waits_only_while_the_rate_fills_the_batch() -> None:
     now[0] += 10
     assert arrivals.rate() < 0.01  # forgets a burst once arrivals stop
     assert not worth_waiting(0, 1000.0, 0.1) and not worth_waiting(1, 1000.0, 0.0)
+
+
+async def test_a_shed_makes_the_workers_hold_one_batch_until_the_signal_expires(
+    postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer
+) -> None:
+    """The API's pressure signal (service.pressure) through a real Redis: one request shed for overload
+    sets a key that expires after ``overload_signal_ttl_ms``; a worker holds ``worker_pressure_batches``
+    batches while it exists and its adaptive limit again after."""
+    settings = make_settings(postgres, redis_server, simulator, overload_signal_ttl_ms=400, worker_pressure_batches=1)
+    client = make_redis(settings, socket_timeout=5.0)
+    signal = PressureSignal(settings, client)
+    worker = Worker(settings)
+    try:
+        usual = worker._batch_limit()
+        assert usual > 1
+        signal.shed()
+        signal.shed()  # within SIGNAL_INTERVAL_S of the first: no second write
+        await asyncio.sleep(0.05)
+        assert 0 < await client.pttl(pressure_key(settings)) <= 400
+        await worker._read_pressure()
+        assert worker._batch_limit() == 1
+        assert sample("loadproof_worker_yielding") == 1
+        await asyncio.sleep(0.5)
+        await worker._read_pressure()
+        assert worker._batch_limit() == usual
+        assert sample("loadproof_worker_yielding") == 0
+    finally:
+        await worker.aclose()
+        await client.aclose()
