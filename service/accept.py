@@ -115,8 +115,8 @@ class GroupCommitter:
 
     def _written(self, flush: asyncio.Task[None]) -> None:
         """A write ended: a group held back by the cap (no linger timer runs for it) goes now. One whose
-        linger is still running waits for it, as without the cap: flushing at every write's end cut
-        groups short under load (more INSERTs, and the default demo failed 2 of 3 runs on 503s)."""
+        linger is still running waits for it, as without the cap, so below the cap groups form
+        exactly as they did before the cap existed."""
         self._flushes.discard(flush)
         if self._pending and self._timer is None:
             self._flush()

@@ -270,7 +270,7 @@ class Guard:
         count_rejected(reason)
         if self.on_shed is not None and scope.get("method") == "POST":
             # new work the API cannot take; not polls, which wait for the very tasks the workers
-            # would then hold back (yielding to them kept a chaos overload going 20 s after it ended)
+            # would hold back (still not enough: see docs/service.md, *Sustained overload*)
             with contextlib.suppress(Exception):
                 self.on_shed()
         with contextlib.suppress(Exception):
@@ -428,7 +428,7 @@ class Guard:
 
     def _observe(self, scope: Scope, status: int, started: float) -> None:
         elapsed = time.perf_counter() - started
-        if status < 400:
+        if status < 400 and self.slow_inflight < self.max_inflight:  # only when the lower limit is on
             self.latency_s += LATENCY_ALPHA * (elapsed - self.latency_s)
         if not self.enabled:
             return
