@@ -174,7 +174,7 @@ class LoadRun:
         self.started_at = time.time()
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                argv, env=env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                argv, env=env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, process_group=0
             )
         reaper().watch(self.proc.pid)
 

@@ -89,10 +89,8 @@ def run_k6(
     argv.append(str(script))
     log_path = run_dir / "k6.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            argv, env=env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        reaper().watch(proc.pid)  # own session: the watchdog ends it if this launcher is killed
+        proc = subprocess.Popen(argv, env=env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, process_group=0)
+        reaper().watch(proc.pid)  # own group: the watchdog ends it if this launcher is killed
         try:
             started = _resume_when_ready(proc, api, log_path)
             total = profile_duration_s(cfg.loadtest.profiles[profile])

@@ -150,14 +150,17 @@ class ManagedProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # own process group: stop() reaches grandchildren too
+                # Own process group (stop() reaches grandchildren too) but not its own session: with
+                # autogroup scheduling every session gets an equal CPU share and nice counts only
+                # within one, so a session per child made the workers' nice void (PERFORMANCE.md).
+                process_group=0,
                 user=as_user,
                 group=as_user,
                 extra_groups=[] if as_user is not None else None,
             )
         finally:
             log.close()
-        reaper().watch(self._proc.pid)  # own session: pgid == pid
+        reaper().watch(self._proc.pid)  # own group: pgid == pid
         self.stopped_on_purpose = False
         with _LIVE_LOCK:
             _LIVE.add(self)

@@ -1,6 +1,6 @@
 """The launcher's dead-man switch: every child process group dies with the launcher, even on SIGKILL.
 
-Children run in their own sessions (so a stop reaches their grandchildren: uvicorn's worker
+Children run in their own process groups (so a stop reaches their grandchildren: uvicorn's worker
 processes, Postgres backends), which also means nothing ends them when the launcher dies. A
 ``PR_SET_PDEATHSIG`` on each child would kill only that one process, not its group, and fires when
 the *thread* that forked it exits. So one small watchdog process per launcher holds the read end of a

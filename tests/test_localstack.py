@@ -60,6 +60,19 @@ def test_crash_loop_is_restarted_with_backoff_then_given_up(tmp_path: Path) -> N
     assert sup.status()["flaky"]["state"] == "crash-loop"
 
 
+def test_a_child_has_its_own_process_group_but_stays_in_the_launchers_session(tmp_path: Path) -> None:
+    """With the kernel's autogroup scheduling (Debian's default), each session shares the CPU equally
+    with every other, and ``nice`` weighs only within a session: children in sessions of their own
+    made the workers' ``nice`` 5 count for nothing and gave the API one session's share."""
+    proc = ManagedProcess("sleeper", ["sleep", "60"], log_path=tmp_path / "s.log").start()
+    try:
+        assert proc.pid is not None
+        assert os.getpgid(proc.pid) == proc.pid  # stop() signals the whole group
+        assert os.getsid(proc.pid) == os.getsid(0)
+    finally:
+        proc.stop(timeout=2)
+
+
 def test_a_killed_process_is_restarted_and_a_stopped_one_is_not(tmp_path: Path) -> None:
     lines: list[str] = []
     proc = ManagedProcess("sleeper", ["sleep", "60"], log_path=tmp_path / "s.log").start()
