@@ -377,7 +377,7 @@ class WorkersConfig(Section):
     replicas: int = Field(default=2, description="Worker pods (with `autoscaling` on: the count KEDA starts from).")
     processes: int = Field(default=1, description="Local worker processes (demo).")
     nice: int = Field(
-        default=5,
+        default=10,
         ge=0,
         le=19,
         description="CPU priority (nice) of local worker processes: on one machine the request path "
