@@ -1,19 +1,22 @@
-"""Group commit for new tasks: many accepted requests, one INSERT, one pipelined XADD.
+"""Group commit for new tasks: many accepted requests, one INSERT, one scripted XADD call.
 
 Why: with durable Postgres (fsync on) every autocommit INSERT waits for its own WAL flush, and each
 statement and Redis round trip costs CPU in this process. A new task is accepted like a producer
 with ``linger.ms``: requests arriving within ``accept_linger_ms`` (or until ``accept_batch_max``)
 are written by one multi-row ``INSERT ... ON CONFLICT DO NOTHING RETURNING id`` and their ids by one
-pipelined ``XADD`` (+ the in-flight marks), so one commit and one round trip serve the whole group.
+script call that ``XADD``s each (+ the in-flight marks), so one commit and one round trip serve the
+whole group.
 
 What does not change:
 
 * **No 202 before the commit.** A request's future resolves only after the INSERT returned (the
   connection is in autocommit: returned means committed). If the INSERT fails, every request of
   the group gets the exception and answers 503; none is acknowledged.
-* **XADD after the commit, failures tolerated.** A failed pipeline or a crash between commit and
-  XADD leaves committed rows without a stream entry; the sweeper (``service.queue.sweep``)
-  re-enqueues them, exactly as for a single request.
+* **XADD after the commit, off the request's path, failures tolerated.** A group is answered when
+  its INSERT returned; its entries (and in-flight marks) are added by one script call right after,
+  in commit order, batched with whatever committed meanwhile. A failed call or a crash between
+  commit and XADD leaves committed rows without a stream entry; the sweeper
+  (``service.queue.sweep``) re-enqueues them, exactly as for a single request.
 * **Identical tasks join in the group.** Unkeyed requests for the same post in one group become one
   row: the first inserts it, the others join its id (a 202 for the same task, counted coalesced).
   One that conflicts with an unfinished task committed earlier joins that task, found for the whole
@@ -88,6 +91,8 @@ class GroupCommitter:
         self._pending: list[tuple[NewTask, asyncio.Future[Accepted | None]]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._flushes: set[asyncio.Task[None]] = set()
+        self._to_enqueue: list[tuple[str, str | None]] = []  # committed, not yet handed to Redis
+        self._enqueuer: asyncio.Task[None] | None = None
 
     async def submit(self, task: NewTask) -> Accepted | None:
         """The task once its row, or the unfinished row it joins, is committed (XADD attempted); None if
@@ -142,9 +147,8 @@ class GroupCommitter:
             if not isinstance(exc, Exception):
                 raise
             return
-        new = [t for t in rows if t.task_id in created]
-        if new:  # never raises: a failure is healed by the sweeper
-            await self.queue.enqueue_group([(t.task_id, t.inflight_key) for t in new], self.inflight_ttl_s)
+        self._enqueue([(t.task_id, t.inflight_key) for t in rows if t.task_id in created])
+        self._answer(group, leaders, created, {}, final=False)  # the committed ones need not wait below
         unfinished: dict[str, tuple[str, str]] = {}
         lost = [key for key, leader in leaders.items() if leader.task_id not in created]
         if lost:
@@ -155,6 +159,18 @@ class GroupCommitter:
             # Redis had no mark for them (forgotten, or not yet set): mark again so the next join is Redis alone
             marks = [(t.inflight_key, unfinished[k][0]) for k, t in leaders.items() if k in unfinished]
             await self.queue.mark_inflight([(m, i) for m, i in marks if m is not None], self.inflight_ttl_s)
+        self._answer(group, leaders, created, unfinished, final=True)
+
+    @staticmethod
+    def _answer(
+        group: list[tuple[NewTask, asyncio.Future[Accepted | None]]],
+        leaders: dict[str, NewTask],
+        created: set[str],
+        unfinished: dict[str, tuple[str, str]],
+        *,
+        final: bool,
+    ) -> None:
+        """Resolve the futures whose answer is known; with ``final`` every one (None = per-request path)."""
         for task, future in group:
             if future.done():
                 continue
@@ -166,11 +182,39 @@ class GroupCommitter:
             elif leader is not None and leader.coalesce_key in unfinished:
                 task_id, status = unfinished[str(leader.coalesce_key)]
                 future.set_result(Accepted(task_id, created=False, status=status))
-            else:
+            elif final:
                 future.set_result(None)
+
+    def _enqueue(self, items: list[tuple[str, str | None]]) -> None:
+        """Hand committed tasks to the stream in commit order, without making their requests wait.
+
+        The 202 needs the commit, not the XADD (whose failure is tolerated anyway: the sweeper
+        re-enqueues), so a group is answered as soon as its INSERT returned and the next group's
+        INSERT can start while this one's entries are written. One enqueue runs at a time per
+        process, so entries keep commit order, and what commits meanwhile goes in the next call.
+        """
+        if not items:
+            return
+        self._to_enqueue.extend(items)
+        if self._enqueuer is None:
+            self._enqueuer = asyncio.get_running_loop().create_task(self._drain_enqueue())
+
+    async def _drain_enqueue(self) -> None:
+        try:
+            while self._to_enqueue:
+                items, self._to_enqueue = self._to_enqueue, []
+                await self.queue.enqueue_group(items, self.inflight_ttl_s)  # never raises
+        finally:
+            self._enqueuer = None
+
+    async def enqueued(self) -> None:
+        """Wait until every task committed so far was handed to Redis (attempted)."""
+        while self._enqueuer is not None:
+            await asyncio.shield(self._enqueuer)
 
     async def aclose(self) -> None:
         """Write what is pending and wait for every write in progress (drain on shutdown)."""
         self._flush()
         while self._flushes:  # each write that ends starts the next group
             await asyncio.gather(*self._flushes, return_exceptions=True)
+        await self.enqueued()

@@ -1,4 +1,4 @@
-"""Group commit of new tasks: one INSERT and one XADD pipeline per group, and still no 202 without a row.
+"""Group commit of new tasks: one INSERT and one XADD script call per group, and still no 202 without a row.
 
 Real Postgres and Redis. A failed commit is a real one: a trigger makes Postgres reject the group's
 INSERT, so every request that waited on that group must get an error, and none a 202.
@@ -84,7 +84,7 @@ async def test_a_crash_between_commit_and_xadd_is_healed_by_the_sweeper(
     settings = make_settings(postgres, redis_server, simulator, queue_sweep_grace_s=0.3, **LINGER)
 
     async def crashed(self: TaskQueue, items: list[tuple[str, str | None]], inflight_ttl_s: int = 60) -> bool:
-        return False  # committed, then the process "died" before its XADD pipeline
+        return False  # committed, then the process "died" before its XADD
 
     monkeypatch.setattr(TaskQueue, "enqueue_group", crashed)
     async with api_client(settings) as client:
@@ -105,6 +105,41 @@ async def test_a_crash_between_commit_and_xadd_is_healed_by_the_sweeper(
             for task_id in ids:
                 assert (await wait_done(client, task_id, within_s=30))["status"] == "done"
     finally:
+        await queue.client.aclose()
+        await db.aclose()
+
+
+async def test_a_group_is_answered_at_its_commit_not_after_its_xadd(
+    postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 202 needs the committed row; the stream entry follows off the request's path, in order."""
+    settings = make_settings(postgres, redis_server, simulator)
+    db = Database(settings)
+    queue = TaskQueue(settings, make_redis(settings, socket_timeout=5.0))
+    committer = GroupCommitter(db, queue, linger_s=0.002, max_batch=100, inflight_ttl_s=60)
+    release = asyncio.Event()
+    original = TaskQueue.enqueue_group
+
+    async def slow_redis(self: TaskQueue, items: list[tuple[str, str | None]], inflight_ttl_s: int = 60) -> bool:
+        await release.wait()
+        return await original(self, items, inflight_ttl_s)
+
+    monkeypatch.setattr(TaskQueue, "enqueue_group", slow_redis)
+    try:
+        await db.create_schema()
+        await queue.ensure_group()
+        tasks = [NewTask(str(uuid.uuid4()), "p", f"early {i}", f"k:early {i}", None, None, None) for i in range(3)]
+        accepted = await asyncio.wait_for(asyncio.gather(*(committer.submit(t) for t in tasks[:2])), 5)
+        assert accepted == [Accepted(t.task_id, created=True) for t in tasks[:2]]
+        assert rows(postgres, "early %") == 2 and await queue.client.xlen(queue.stream) == 0
+        assert await asyncio.wait_for(committer.submit(tasks[2]), 5) == Accepted(tasks[2].task_id, created=True)
+        release.set()
+        await committer.enqueued()
+        streamed = [f[b"task_id"].decode() for _, f in await queue.client.xrange(queue.stream)]
+        assert streamed == [t.task_id for t in tasks]  # commit order, the later group batched behind
+    finally:
+        release.set()
+        await committer.aclose()
         await queue.client.aclose()
         await db.aclose()
 
@@ -137,10 +172,11 @@ async def test_group_order_is_accept_order_and_conflicts_take_the_per_request_pa
             Accepted(dup_coalesce[0].task_id, created=False),  # joins its identical neighbour: one row
         ]
         assert rows(postgres, "same topic") == 1
+        await committer.enqueued()  # answered at the commit; the entries follow off the request's path
         entries = await queue.client.xrange(queue.stream)
         streamed = [fields[b"task_id"].decode() for _, fields in entries]
         expected = [t.task_id for t in tasks] + [dup_idem[0].task_id, dup_coalesce[0].task_id]
-        assert streamed == expected  # one pipeline, in accept order
+        assert streamed == expected  # in accept order
         # the losers' per-request path finds the task to replay or join
         replay = await db.insert_task(dup_idem[1].task_id, "p", "idem b", "k:idem b", "k:idem b", "key-1")
         assert replay[0] == dup_idem[0].task_id and replay[1] is False

@@ -55,6 +55,31 @@ async def test_stream_read_ack_depth_pending_and_reclaim(
         await client.aclose()
 
 
+async def test_a_group_enqueue_adds_entries_in_order_with_their_marks_even_after_a_script_flush(
+    postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer
+) -> None:
+    """One script call per group: an entry per task in the given order, a mark (NX, with TTL) only
+    where one is given; a Redis that forgot the script (restart, SCRIPT FLUSH) gets it again."""
+    settings = make_settings(postgres, redis_server, simulator)
+    client = make_redis(settings, socket_timeout=5.0)
+    queue = TaskQueue(settings, client)
+    try:
+        await queue.ensure_group()
+        await client.set("mark:b", "earlier")  # NX: an existing mark is kept
+        items = [("a", "mark:a"), ("b", "mark:b"), ("c", None), ("d", "mark:d")]
+        assert await queue.enqueue_group(items, inflight_ttl_s=30)
+        entries = await client.xrange(queue.stream)
+        assert [fields[b"task_id"] for _, fields in entries] == [b"a", b"b", b"c", b"d"]
+        assert await client.mget(["mark:a", "mark:b", "mark:c", "mark:d"]) == [b"a", b"earlier", None, b"d"]
+        assert 0 < await client.ttl("mark:a") <= 30 and await client.ttl("mark:b") == -1
+        await client.script_flush()
+        assert await queue.enqueue_group([("e", None)])
+        assert [f[b"task_id"] for _, f in await client.xrange(queue.stream)][-1] == b"e"
+        assert await queue.enqueue_group([])  # nothing to do is not a failure
+    finally:
+        await client.aclose()
+
+
 async def test_sweeper_enqueues_committed_rows_missing_from_the_stream(
     postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer
 ) -> None:
