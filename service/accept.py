@@ -27,12 +27,13 @@ What does not change:
   per-request path (:meth:`Database.insert_task`), which finds the task to join or replay.
 * **Order.** Within a process, entries are appended in the order the requests were accepted.
 
-**At most ``max_writes`` groups in flight per process.** New tasks that arrive while that many
-groups are being written wait for one of them to end and then go together, so a small cap makes the
-groups grow under load instead of the concurrent writes. Measured on the 2-core box, a cap of 1 is
-not the default: in the chaos campaign's overload it grew the median group from 1 to 8 tasks, but in
-the default demo it dropped 13 and 627 iterations in two runs (0 with 64), because a new task then
-also waits for the write in flight, and concurrent writes overlap their waits for a busy CPU.
+**At most ``max_writes`` group INSERTs in flight per process** (default 1). New tasks that arrive
+while that many are being written wait for one to end and then go together, so the groups grow with
+the load instead of the concurrent writes: self-clocking group commit. Measured on the 2-core box
+(PERFORMANCE.md): three default demos at 1 had p95 20.7, 41.7 and 57.0 ms against 50.5-69.9 ms at
+64, and 1000 new tasks/s shed fewer requests. An earlier trial of 1 dropped iterations in the demo,
+but then every local process ran in a session of its own (nice did nothing) and a request also
+waited for its group's XADD; neither is true any more.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class GroupCommitter:
         linger_s: float,
         max_batch: int,
         inflight_ttl_s: int,
-        max_writes: int = 64,
+        max_writes: int = 1,
     ) -> None:
         self.db = db
         self.queue = queue

@@ -110,11 +110,10 @@ class Settings(BaseSettings):
     )
     accept_batch_max: int = Field(default=256, ge=1, description="Largest group of new tasks per commit.")
     accept_max_writes: int = Field(
-        default=64,
+        default=1,
         ge=1,
-        description="Groups of new tasks being written at once per process; what arrives while that many "
-        "are written waits for one to end and joins the next group (1: groups grow under load, but a new "
-        "task also waits for the write in flight).",
+        description="Group INSERTs of new tasks in flight per process; what arrives while that many run "
+        "waits for one to end and joins the next group (1: groups grow with the load, not the writes).",
     )
 
     # --- Redis: cache and queue ---
