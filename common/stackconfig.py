@@ -482,6 +482,11 @@ class ProfileConfig(Section):
     flow_timeout_s: float = Field(
         default=30.0, gt=0, description="Flow: a flow not done within this many seconds counts as failed."
     )
+    drain_s: int | None = Field(
+        default=None,
+        ge=0,
+        description="Longest wait after this profile's run for queued tasks to finish (unset: loadtest.drainS).",
+    )
 
     @model_validator(mode="after")
     def _flow_vus(self) -> ProfileConfig:
@@ -556,6 +561,9 @@ def _default_profiles() -> dict[str, ProfileConfig]:
             # while it initialised VUs on the saturated box; with 1000, none (PERFORMANCE.md).
             pre_allocated_vus=1000,
             stages=[Stage(duration="10s", target=1000), Stage(duration="60s", target=1000)],
+            # ~65k new tasks; the simulated provider completes ~250 tasks/s (256 calls in flight of 5 posts,
+            # ~5 s each), so the backlog needs ~4-5 min: a shorter bound could not show its drain time.
+            drain_s=420,
         ),
         # The client's view of the asynchronous work: new tasks at a constant rate, each polled until done.
         "flow": ProfileConfig(
@@ -606,6 +614,11 @@ class LoadtestConfig(Section):
         if self.profile not in self.profiles:
             raise ValueError(f"loadtest.profile {self.profile!r} is not one of {sorted(self.profiles)}")
         return self
+
+    def drain_for(self, profile: str) -> int:
+        """The drain bound of ``profile``: its own ``drainS`` if set, else the section's."""
+        own = self.profiles[profile].drain_s
+        return self.drain_s if own is None else own
 
 
 class StackConfig(Section):

@@ -115,6 +115,8 @@ def config_for(stack: str) -> StackConfig:
 
 def scalar(value: object) -> str:
     """A YAML scalar that reads back as the same type (quoted when YAML would reinterpret it)."""
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

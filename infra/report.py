@@ -27,7 +27,7 @@ MEASURE_MARGIN_S = 300  # querying Prometheus and Postgres after the drain
 
 
 def report_timeout_s(cfg: StackConfig) -> int:
-    return math.ceil(cfg.loadtest.drain_s + MEASURE_MARGIN_S)
+    return math.ceil(cfg.loadtest.drain_for(cfg.loadtest.profile) + MEASURE_MARGIN_S)
 
 
 def report_job_config(
@@ -53,7 +53,7 @@ def report_job_config(
         "profileName": lt.profile,
         "profile": lt.profiles[lt.profile].model_dump(by_alias=True),
         "thresholds": lt.thresholds.model_dump(by_alias=True),
-        "drainS": lt.drain_s,
+        "drainS": lt.drain_for(lt.profile),
         "runners": lt.runners,
         "orchestratorReplicas": cfg.orchestrator.replicas,
         "workersReplicas": cfg.workers.replicas,

@@ -163,7 +163,7 @@ def run_demo(
         if k6.returncode not in (0, 99):  # 99 = thresholds crossed: still a valid, measured run
             raise RuntimeError(f"k6 failed with exit code {k6.returncode}:\n{_tail(k6.log_path)}")
         stack.check_alive()
-        drained_at, pending, note = drain(stack, k6.started_at - 5, cfg.loadtest.drain_s, console)
+        drained_at, pending, note = drain(stack, k6.started_at - 5, cfg.loadtest.drain_for(profile), console)
         # Let the final k6 push and one more scrape land before reading totals, and the queue gauges
         # show the drained queue.
         time.sleep(max(K6_PUSH_INTERVAL_S + stack.scrape_interval_s + 1, ms.backlog_lag_s(stack.scrape_interval_s)))

@@ -64,6 +64,7 @@ SPECIAL: dict[str, Any] = {
     "baseline.apiServerCidrs": ["203.0.113.0/28"],
     "baseline.nodeLocalDns": "169.254.20.10",
     "baseline.kedaOperatorPodSelector": {"app": "keda-operator"},
+    "loadtest.profiles.demo.drainS": 45,  # unset by default: the section's drainS applies
 }
 
 

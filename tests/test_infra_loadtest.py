@@ -24,7 +24,7 @@ from common.stackconfig import StackConfig, load
 from common.tools import tool
 from infra import render
 from infra.loadtest import START_TIMEOUT_S, THRESHOLDS_CROSSED, run_duration_s, runner_script, runner_timeout_s
-from infra.report import parse_report, report_timeout_s
+from infra.report import parse_report, report_job_config, report_timeout_s
 from loadtest import k6_start
 from loadtest.report_job import Kube, KubeError
 
@@ -110,6 +110,18 @@ def test_runner_job_shape_and_timeouts() -> None:
     svc = render.find(objects, "Service", "k6-1a2b3c4d")["spec"]
     assert svc["clusterIP"] == "None" and "publishNotReadyAddresses" not in svc  # only Ready runners count
     assert report_timeout_s(cfg) > cfg.loadtest.drain_s
+
+
+def test_a_profile_may_bound_its_own_drain_and_the_report_job_waits_for_it() -> None:
+    """The cold profile's backlog outlasts the section's drain bound: its own bound reaches the report."""
+    cfg = load("dev")
+    lt = cfg.loadtest
+    assert lt.profiles["demo"].drain_s is None and lt.drain_for("demo") == lt.drain_s
+    assert lt.drain_for("cold") == lt.profiles["cold"].drain_s > lt.drain_s
+    cold = cfg.model_copy(update={"loadtest": lt.model_copy(update={"profile": "cold"})})
+    doc = report_job_config(cold, test_id="t", prometheus_url="p", start_configmap="s", report_configmap="r")
+    assert doc["drainS"] == lt.drain_for("cold")
+    assert report_timeout_s(cold) > lt.drain_for("cold") > report_timeout_s(cfg) - 300
 
 
 @pytest.mark.parametrize("stack", ["dev", "kind"])
