@@ -86,6 +86,16 @@ def _table_and_prose(lines: list[str]) -> list[str]:
     return out
 
 
+def _latest_bench(lines: list[str]) -> list[str]:
+    """The section's last ``make bench`` run (its sentence and table); the earlier ones stay in
+    PERFORMANCE.md, so the front page does not grow with every bench."""
+    starts = [i for i, line in enumerate(lines) if line.startswith("`make bench` at commit")]
+    if len(starts) < 2:
+        return _table_and_prose(lines)
+    earlier = f"{len(starts) - 1} earlier `make bench` runs are in [PERFORMANCE.md](PERFORMANCE.md)."
+    return [*_table_and_prose(lines[: starts[0]]), *_table_and_prose(lines[starts[-1] :]), "", earlier]
+
+
 def _runs_at(lines: list[str], commit: str) -> list[str]:
     """The run table's rows at ``commit`` (every one of them, failures included) and the medians; the
     other rows and the notes on them stay in PERFORMANCE.md, which the front page links."""
@@ -119,7 +129,9 @@ def results_block(performance: str) -> str:
     for heading, lines in sections.items():
         if heading.startswith("Every run") and commit:
             parts += ["", f"**{heading}** (at the latest run's commit)", *_runs_at(lines, commit.group(1))]
-        elif heading.startswith(("Baseline vs optimized", "Every run", "make bench")):
+        elif heading.startswith("make bench"):
+            parts += ["", f"**{heading}**", *_latest_bench(lines)]
+        elif heading.startswith(("Baseline vs optimized", "Every run")):
             parts += ["", f"**{heading}**", *_table_and_prose(lines)]
     parts += [
         "",

@@ -103,7 +103,7 @@ class Settings(BaseSettings):
     )
     accept_group_commit: bool = Field(
         default=True,
-        description="Write new tasks in groups: one INSERT and one XADD pipeline per group (off for the baseline).",
+        description="Write new tasks in groups: one INSERT and one XADD script call per group (off for the baseline).",
     )
     accept_linger_ms: float = Field(
         default=2.0, ge=0, description="Longest wait to gather new tasks into one group commit (like linger.ms)."

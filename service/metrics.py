@@ -104,7 +104,7 @@ DB_POOL_WAITERS = Gauge("loadproof_db_pool_waiters", "Callers waiting for a conn
 DB_POOL_WAIT = Histogram("loadproof_db_pool_wait_seconds", "Time spent acquiring a connection.", buckets=HTTP_BUCKETS)
 ACCEPT_GROUP_SIZE = Histogram(
     "loadproof_accept_group_size",
-    "New tasks written per group commit (one INSERT, one XADD pipeline).",
+    "New tasks written per group commit (one INSERT, one XADD script call).",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 

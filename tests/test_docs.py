@@ -96,6 +96,18 @@ def test_results_block_copies_the_verdict_targets_notes_and_machine_verbatim() -
     assert "```" not in block and "make compare PROFILE" not in block
 
 
+def test_the_front_page_shows_the_latest_bench_only() -> None:
+    """Every bench stays in PERFORMANCE.md; the front page would otherwise grow by a table per bench."""
+    bench = "## make bench\n\n" + "".join(
+        f"`make bench` at commit `{c}`: steps.\n\n| path | ratio |\n|---|---|\n| hot | {r} |\n\n"
+        for c, r in (("aaa", "0.5"), ("bbb", "0.7"), ("ccc", "0.9"))
+    )
+    block = frontpage.results_block(PERFORMANCE.replace("## make bench", bench + "## make bench (old)", 1))
+    shown = block.split("**make bench**")[1]
+    assert "`ccc`" in shown and "| hot | 0.9 |" in shown
+    assert "`aaa`" not in shown and "| hot | 0.5 |" not in shown and "2 earlier `make bench` runs" in shown
+
+
 def test_demo_output_block_is_the_capture_of_the_same_run() -> None:
     capture = f"# comment\n\x1b[1mloadproof demo\x1b[0m — run {RUN}\nresults\n"
     block = frontpage.demo_output_block(capture, RUN)
