@@ -137,6 +137,66 @@ async def test_lookups_in_one_loop_turn_share_one_mget(
 
 
 @pytest.mark.usefixtures("clean_state")
+async def test_lookups_made_while_an_mget_is_out_go_together_after_it(
+    postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer
+) -> None:
+    """Self-clocked: one MGET in flight; lookups from later loop turns wait for it and share the next."""
+    settings = make_settings(postgres, redis_server, simulator, redis_socket_timeout_s=5.0)
+    cache = Cache(settings)
+    admin = redis.Redis.from_url(redis_server.url)
+    try:
+        keys = [cache.key("p", f"topic {i}") for i in range(4)]
+        assert await cache.set_many([(k, encode_hit(f"t{i}", f"post {i}", i)) for i, k in enumerate(keys)])
+        before = _mget_calls(redis_server.url)
+        admin.client_pause(300, all=True)  # the first MGET stays out while the others are made
+        first = asyncio.ensure_future(cache.lookup(keys[0], coalesce=False))
+        later = []
+        for k in keys[1:]:
+            await asyncio.sleep(0.02)  # each in a loop turn of its own
+            later.append(asyncio.ensure_future(cache.lookup(k, coalesce=False)))
+        results = await asyncio.gather(first, *later)
+        assert [hit.post() if hit else None for hit, _ in results] == [f"post {i}" for i in range(4)]
+        assert _mget_calls(redis_server.url) - before == 2  # the first alone, then the three together
+    finally:
+        await cache.aclose()
+        admin.close()
+
+
+@pytest.mark.usefixtures("clean_state")
+async def test_lookups_queued_behind_a_failed_mget_fail_with_it(
+    postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer
+) -> None:
+    """A stalled Redis costs the lookups waiting behind a timed-out MGET one timeout, not two: they are
+    misses with it, without a round trip of their own."""
+    settings = make_settings(postgres, redis_server, simulator, redis_socket_timeout_s=0.2, cache_breaker_failures=100)
+    cache = Cache(settings)
+    admin = redis.Redis.from_url(redis_server.url)
+    sent: list[list[str]] = []
+    real_mget = cache.client.mget
+
+    async def counted_mget(keys: list[str]) -> Any:
+        sent.append(list(keys))
+        return await real_mget(keys)
+
+    try:
+        keys = [cache.key("p", f"topic {i}") for i in range(3)]
+        assert await cache.set_many([(k, encode_hit(f"t{i}", f"post {i}", i)) for i, k in enumerate(keys)])
+        cache.client.mget = counted_mget  # type: ignore[method-assign]
+        admin.client_pause(600, all=True)
+        first = asyncio.ensure_future(cache.lookup(keys[0], coalesce=False))
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(cache.lookup(k, coalesce=False)) for k in keys[1:]]
+        assert await asyncio.gather(first, *queued) == [(None, None)] * 3  # misses, never errors
+        assert sent == [[keys[0]]]  # the queued two never went out
+        await asyncio.sleep(0.7)  # the pause ends
+        assert (await cache.lookup(keys[1], coalesce=False))[0] is not None  # and the batcher goes on
+        assert sent[1:] == [[keys[1]]]
+    finally:
+        await cache.aclose()
+        admin.close()
+
+
+@pytest.mark.usefixtures("clean_state")
 async def test_failed_batched_lookup_is_a_miss_for_every_caller(
     postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer
 ) -> None:
