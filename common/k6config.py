@@ -134,7 +134,7 @@ def k6_env(
 ) -> dict[str, str]:
     """Environment for one k6 process: script config plus Prometheus remote-write as native histograms."""
     doc = k6_config(cfg, base_url=base_url, test_id=test_id, profile=profile, summary_path=summary_path)
-    env = {CONFIG_ENV: json.dumps(doc)}
+    env = {CONFIG_ENV: json.dumps(doc), "GOGC": str(cfg.loadtest.gogc)}
     if prometheus_rw_url:
         env.update(
             {

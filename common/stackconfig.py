@@ -602,6 +602,14 @@ class LoadtestConfig(Section):
     workload: WorkloadConfig = Field(default_factory=WorkloadConfig, description="Key distribution.")
     thresholds: ThresholdsConfig = Field(default_factory=ThresholdsConfig, description="Targets.")
     drain_s: int = Field(default=60, description="Longest wait after the run for queued tasks to finish.")
+    gogc: int = Field(
+        default=400,
+        ge=25,
+        description="Go GC target of each k6 process (GOGC; Go's default is 100): fewer collections for more "
+        "memory. On the 2-core demo box k6 shares the cores with the service; at 1000 new tasks/s 400 took "
+        "its CPU from ~57 % to ~49 % of a core (PERFORMANCE.md). Cluster runners also get GOMEMLIMIT at 90 % "
+        "of their memory limit, so the heap stays inside the pod.",
+    )
     runner_resources: Resources = Field(
         default_factory=lambda: Resources(
             cpu_request="500m", cpu_limit="2", memory_request="256Mi", memory_limit="1Gi"

@@ -51,6 +51,7 @@ SCRIPT_FILE = "task.js"
 START_TIMEOUT_S = 600  # longest wait for all runners to become Ready (image pulls on a cold node)
 THRESHOLDS_CROSSED = 99  # k6's exit code for failed thresholds
 PUSH_INTERVAL_S = 5
+GO_MEMORY_SHARE = 0.9  # GOMEMLIMIT of a k6 runner, as a share of its memory limit (room for non-heap memory)
 SMALL = Resources(cpu_request="50m", cpu_limit="500m", memory_request="64Mi", memory_limit="256Mi")
 
 
@@ -173,13 +174,18 @@ class LoadTest(pulumi.ComponentResource):
             ),
             opts=pulumi.ResourceOptions(parent=self),
         )
+        # GOGC trades memory for CPU (see loadtest.gogc); the soft limit keeps the heap inside the pod.
+        go_memory_limit = {"GOMEMLIMIT": str(int(c.memory_bytes(lt.runner_resources.memory_limit) * GO_MEMORY_SHARE))}
         env = self.test_id.apply(
-            lambda tid: k6_env(
-                cfg,
-                base_url=target_base_url,
-                test_id=tid,
-                prometheus_rw_url=remote_write_url,
-                push_interval_s=PUSH_INTERVAL_S,
+            lambda tid: (
+                k6_env(
+                    cfg,
+                    base_url=target_base_url,
+                    test_id=tid,
+                    prometheus_rw_url=remote_write_url,
+                    push_interval_s=PUSH_INTERVAL_S,
+                )
+                | go_memory_limit
             )
         )
         runner = k8s.core.v1.ContainerArgs(

@@ -103,6 +103,9 @@ def test_runner_job_shape_and_timeouts() -> None:
     assert doc["baseUrl"] == "http://orchestrator.loadproof.svc:8080"
     assert doc["testId"] == "lp-1a2b3c4d"
     assert env["K6_PROMETHEUS_RW_SERVER_URL"] == "http://prometheus.loadproof.svc:9090/api/v1/write"
+    # k6 trades memory for CPU (GOGC), softly bounded inside its pod (90 % of the 1Gi limit)
+    assert env["GOGC"] == str(cfg.loadtest.gogc) == "400"
+    assert env["GOMEMLIMIT"] == str(int(0.9 * 2**30)) and c["resources"]["limits"]["memory"] == "1Gi"
     assert c["readinessProbe"]["httpGet"] == {"path": "/v1/status", "port": 6565}
     start = render.find(objects, "Job", "k6-start-1a2b3c4d")["spec"]["template"]["spec"]["containers"][0]
     assert start["args"][start["args"].index("--count") + 1] == str(cfg.loadtest.runners)
