@@ -26,6 +26,15 @@ def test_normalization_and_key() -> None:
     assert cache_key("a\x00b", "c", "v1") != cache_key("a", "b\x00c", "v1")
 
 
+def test_redis_replies_are_parsed_by_hiredis() -> None:
+    """requirements.txt installs hiredis for its parser; without it redis-py silently falls back to its
+    pure-Python one, which cost the API and the workers visible CPU."""
+    from redis._parsers import _AsyncHiredisParser
+    from redis.asyncio.connection import DefaultParser
+
+    assert DefaultParser is _AsyncHiredisParser
+
+
 def test_value_round_trip() -> None:
     raw = encode_hit("id-1", 'He said "hi" | ok', 42)
     hit = decode_hit(raw)
