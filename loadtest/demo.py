@@ -151,6 +151,7 @@ def run_demo(
             say(f"  Grafana: {stack.grafana_url}")
         elif stack.grafana_skipped_reason:
             say(f"  [dim]{stack.grafana_skipped_reason}[/]")
+        cpu_before = ms.host_cpu_times()
         k6 = run_k6(
             cfg,
             profile=profile,
@@ -160,6 +161,7 @@ def run_demo(
             prometheus_rw_url=stack.prometheus.remote_write_url if stack.prometheus else None,
             console=console,
         )
+        cpu_note = ms.host_cpu_note(cpu_before, ms.host_cpu_times())
         if k6.returncode not in (0, 99):  # 99 = thresholds crossed: still a valid, measured run
             raise RuntimeError(f"k6 failed with exit code {k6.returncode}:\n{_tail(k6.log_path)}")
         stack.check_alive()
@@ -194,6 +196,8 @@ def run_demo(
         out["request_timeout_s"] = REQUEST_TIMEOUT_S
         if note:
             out["notes"] = [*out.get("notes", []), note]
+        if cpu_note:
+            out["notes"] = [*out.get("notes", []), cpu_note]
         # A restarted process is part of what was measured: say so, never hide it.
         out["process_restarts"] = restarts = stack.restarts()
         if any(restarts.values()):

@@ -149,6 +149,43 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+CPU_STATES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+STEAL_NOTABLE = 0.01  # a share of the machine's CPU time taken by the hypervisor worth calling out
+
+
+def host_cpu_times() -> tuple[int, ...] | None:
+    """The machine's cumulative CPU time per state (``/proc/stat``, all CPUs); None off Linux."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if not first or first[0] != "cpu":
+        return None
+    return tuple(int(v) for v in first[1 : 1 + len(CPU_STATES)])
+
+
+def host_cpu_note(before: tuple[int, ...] | None, after: tuple[int, ...] | None) -> str | None:
+    """How busy the whole machine was between two readings, and what the hypervisor took (steal).
+
+    Why: on a shared VM a run can be slowed by what is not ours at all. A figure that the next run
+    does not reproduce needs evidence of that kind, so every local run states it.
+    """
+    if before is None or after is None:
+        return None
+    delta = {state: b - a for state, a, b in zip(CPU_STATES, before, after, strict=False)}
+    total = sum(delta.values())
+    if total <= 0:
+        return None
+    share = {k: v / total for k, v in delta.items()}
+    text = (
+        f"whole machine during the k6 run (/proc/stat): busy {100 * (1 - share['idle'] - share['iowait']):.1f} %, "
+        f"iowait {100 * share['iowait']:.1f} %, steal {100 * share['steal']:.1f} %"
+    )
+    if share["steal"] >= STEAL_NOTABLE:
+        text += " (the hypervisor took CPU time from this run: its figures are a disturbed run's)"
+    return text
+
+
 # ---------------------------------------------------------------- database reconciliation
 
 

@@ -102,6 +102,7 @@ def test_smoke_demo(tmp_path: Path) -> None:
     for job in ("orchestrator", "workers"):
         assert out["replicas"][job]["observed_max"] == out["replicas"][job]["configured"] >= 1, job
     assert out["machine"]["cores"] >= 1 and out["machine"]["cpu_model"]
+    assert any(n.startswith("whole machine during the k6 run (/proc/stat): busy ") for n in out["notes"])
     assert out["grafana_url"] is None
     assert isinstance(out["thresholds_passed"], bool)
 

@@ -671,3 +671,15 @@ def test_new_outputs_are_declared() -> None:
     for key in ("time_to_post_p50_ms", "time_to_post_p95_ms", "flow_failed_rate", "backlog_peak", "backlog_drain_s"):
         assert key in OUTPUT_KEYS, key
     assert {"time_to_post_p95_ms", "backlog_drain_s", "backlog_peak"} <= set(STACK_OUTPUTS)
+
+
+def test_every_local_run_states_how_busy_the_machine_was_and_what_the_hypervisor_took() -> None:
+    from loadtest.measure import host_cpu_note, host_cpu_times
+
+    now = host_cpu_times()
+    assert now is not None and len(now) == 8  # user nice system idle iowait irq softirq steal
+    quiet = host_cpu_note((0,) * 8, (60, 0, 20, 18, 2, 0, 0, 0))
+    assert quiet == "whole machine during the k6 run (/proc/stat): busy 80.0 %, iowait 2.0 %, steal 0.0 %"
+    stolen = host_cpu_note((0,) * 8, (70, 0, 20, 5, 0, 0, 0, 5))
+    assert stolen is not None and "steal 5.0 %" in stolen and "disturbed run" in stolen
+    assert host_cpu_note(None, now) is None and host_cpu_note(now, now) is None
