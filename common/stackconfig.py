@@ -286,11 +286,6 @@ class OrchestratorConfig(Section):
         description="How long one POST shed for overload keeps the workers yielding (0 = never signal: with "
         "clients polling for their tasks, yielding kept an overload going after it ended).",
     )
-    overload_signal_inflight: int = Field(
-        default=0,
-        description="Requests in flight per process from which the workers are told to yield before any 503 "
-        "(needs overloadSignalTtlMs; 0 = only when shedding).",
-    )
     max_body_bytes: int = Field(default=8192, description="Largest request body before 413.")
     db_pool_mode: Literal["queue", "null"] = Field(default="queue", description="`null` = no pooling (baseline).")
     db_pool_size: int = Field(default=20, description="Pooled connections per process.")
@@ -676,7 +671,6 @@ class StackConfig(Section):
             "OVERLOAD_SLOW_INFLIGHT": o.overload_slow_inflight,
             "OVERLOAD_SLOW_MS": o.overload_slow_ms,
             "OVERLOAD_SIGNAL_TTL_MS": o.overload_signal_ttl_ms,
-            "OVERLOAD_SIGNAL_INFLIGHT": o.overload_signal_inflight,
             "MAX_BODY_BYTES": o.max_body_bytes,
             "SHUTDOWN_TIMEOUT_S": o.shutdown_timeout_s,
             "DB_POOL_MODE": o.db_pool_mode,

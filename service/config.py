@@ -61,12 +61,6 @@ class Settings(BaseSettings):
         "see `worker_pressure_batches`; 0 = never signal, the default: with clients polling for their "
         "tasks, yielding kept an overload going after it ended).",
     )
-    overload_signal_inflight: int = Field(
-        default=0,
-        ge=0,
-        description="Requests in flight in one API process from which it also signals the workers to yield "
-        "before it sheds (needs `overload_signal_ttl_ms`; 0 = only when shedding).",
-    )
     overload_interval_ms: float = Field(
         default=100.0,
         gt=0,

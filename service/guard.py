@@ -161,13 +161,9 @@ class Guard:
     ) -> None:
         """``routes``: the app's routes (to label requests refused before routing); ``fast_task``: the
         ``POST /task`` handler for a validated body without ``Idempotency-Key`` (the route's own);
-        ``on_shed``: told of every request refused for overload (the workers' pressure signal), and, from
-        ``overload_signal_inflight`` requests in flight (0 = never), of every request admitted: the leading
-        form of the same signal, so background work yields before anything is refused."""
+        ``on_shed``: told of every request refused for overload (the workers' pressure signal)."""
         self.app = app
         self.on_shed = on_shed
-        self.signal_inflight = settings.overload_signal_inflight
-        self._busy_signal = on_shed if self.signal_inflight > 0 else None
         self.routes = list(routes)
         self.fast_task = fast_task
         self.inflight = 0
@@ -207,7 +203,6 @@ class Guard:
                 return
         self.inflight += 1
         _gauge_inc()
-        self._signal_if_busy()
         try:
             try:
                 receive, too_large = await self._limit_body(scope, receive)
@@ -257,13 +252,6 @@ class Guard:
         if self.overload.shed():
             return "loop_lag"
         return None
-
-    def _signal_if_busy(self) -> None:
-        """The leading pressure signal: one compare per request below ``overload_signal_inflight`` (the signal
-        itself writes at most twice a second per process)."""
-        if self._busy_signal is not None and self.inflight >= self.signal_inflight:
-            with contextlib.suppress(Exception):
-                self._busy_signal()
 
     async def _with_overload_monitor(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The lifespan, with the overload monitor running for as long as the server does (one per
@@ -324,7 +312,6 @@ class Guard:
         status = 500
         self.inflight += 1
         _gauge_inc()
-        self._signal_if_busy()
         try:
             response = await self.fast_task(task)
             status = response.status_code

@@ -9,9 +9,8 @@ nice 5 or 15, and 219 ms (with 757 requests/s served instead of ~330) with the w
 simulator stopped. The work a worker causes runs in Postgres and Redis at their priority (claims,
 completions, acknowledgements, cache writes), whatever the worker's own nice.
 
-So an API process that sheds a ``POST`` for overload (``max_inflight``, ``queue_wait``, ``loop_lag``),
-or, with ``overload_signal_inflight`` set, admits a request while that many are in flight (the leading
-form: background work yields before anything is refused), sets a key in Redis that expires after ``overload_signal_ttl_ms`` (at most one write per
+So an API process that sheds a ``POST`` for overload (``max_inflight``, ``queue_wait``, ``loop_lag``)
+sets a key in Redis that expires after ``overload_signal_ttl_ms`` (at most one write per
 ``SIGNAL_INTERVAL_S`` per process), and each worker, which reads it every ``POLL_S``, keeps at most
 ``worker_pressure_batches`` batches in flight while it exists. The backlog is durable in Postgres
 and the stream; tasks finish later, none is put at risk. Without Redis there is no signal, and

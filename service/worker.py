@@ -192,7 +192,7 @@ class Worker:
         if pressure != self._pressure:
             log.info(
                 "API %s; batches in flight up to %s",
-                "under pressure" if pressure else "no longer under pressure",
+                "shedding" if pressure else "no longer shedding",
                 self.settings.worker_pressure_batches if pressure else "the adaptive limit",
             )
             self._pressure = pressure

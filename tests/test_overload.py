@@ -117,39 +117,6 @@ def test_the_lower_limit_holds_only_while_served_requests_are_slow_and_each_shed
     assert told == [1] and sent[0]["status"] == 503
 
 
-def test_from_signal_inflight_admitted_requests_tell_the_workers_to_yield_before_anything_is_shed() -> None:
-    """The leading pressure signal: from ``overload_signal_inflight`` requests in flight every admitted
-    request calls the signal (which itself writes at most twice a second), below it none does; 0 = off."""
-    told: list[int] = []
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    def guard_with(signal_inflight: int) -> Guard:
-        settings = Settings(metrics_enabled=False, max_inflight=256, overload_signal_inflight=signal_inflight)
-        return Guard(app, settings, [], app, on_shed=lambda: told.append(1))
-
-    async def send(message: MutableMapping[str, Any]) -> None:
-        pass
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    scope = {"type": "http", "path": "/healthz", "method": "GET", "headers": []}
-    guard = guard_with(3)
-    guard.inflight = 1  # this request makes 2: below the threshold
-    run_async(guard(dict(scope), receive, send))
-    assert told == []
-    guard.inflight = 2  # this one makes 3
-    run_async(guard(dict(scope), receive, send))
-    assert told == [1] and guard.inflight == 2
-    off = guard_with(0)
-    off.inflight = 255
-    run_async(off(dict(scope), receive, send))
-    assert told == [1]  # off: only sheds signal
-
-
 def test_a_request_that_waited_too_long_for_its_first_loop_turn_is_shed() -> None:
     """The server's protocol stamps ``QUEUED_AT`` when it makes the request's task; a request that then
     waited ``overload_queue_ms`` for the loop is already late, so it is answered 503 at once."""
