@@ -150,7 +150,7 @@ def machine_info() -> dict[str, Any]:
 
 
 CPU_STATES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
-STEAL_NOTABLE = 0.01  # a share of the machine's CPU time taken by the hypervisor worth calling out
+STEAL_NOTABLE = 0.05  # a share of the machine's CPU time taken by the hypervisor worth calling out
 
 
 def host_cpu_times() -> tuple[int, ...] | None:
@@ -182,7 +182,7 @@ def host_cpu_note(before: tuple[int, ...] | None, after: tuple[int, ...] | None)
         f"iowait {100 * share['iowait']:.1f} %, steal {100 * share['steal']:.1f} %"
     )
     if share["steal"] >= STEAL_NOTABLE:
-        text += " (the hypervisor took CPU time from this run: its figures are a disturbed run's)"
+        text += " (the hypervisor took a notable share of the CPU from this run: compare it with the runs around it)"
     return text
 
 

@@ -681,5 +681,7 @@ def test_every_local_run_states_how_busy_the_machine_was_and_what_the_hypervisor
     quiet = host_cpu_note((0,) * 8, (60, 0, 20, 18, 2, 0, 0, 0))
     assert quiet == "whole machine during the k6 run (/proc/stat): busy 80.0 %, iowait 2.0 %, steal 0.0 %"
     stolen = host_cpu_note((0,) * 8, (70, 0, 20, 5, 0, 0, 0, 5))
-    assert stolen is not None and "steal 5.0 %" in stolen and "disturbed run" in stolen
+    assert stolen is not None and "steal 5.0 %" in stolen and "notable share" in stolen
+    a_little = host_cpu_note((0,) * 8, (70, 0, 20, 9, 0, 0, 0, 1))
+    assert a_little is not None and a_little.endswith("steal 1.0 %")  # stated, not judged
     assert host_cpu_note(None, now) is None and host_cpu_note(now, now) is None
