@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -11,6 +13,7 @@ import redis
 from localstack.servers import PostgresServer, RedisServer
 from localstack.services import SimulatorServer
 from service.cache import Cache, CachedPost, NearCache, cache_key, clean_topic, decode_hit, encode_hit, normalize_topic
+from service.config import Settings
 from tests.conftest import make_settings, sample
 
 
@@ -145,17 +148,27 @@ async def test_lookups_in_one_loop_turn_share_one_mget(
         await cache.aclose()
 
 
+@contextlib.asynccontextmanager
+async def _posts_in_redis(settings: Settings, n: int) -> AsyncIterator[tuple[Cache, redis.Redis, list[str]]]:
+    """A cache holding ``n`` posts, and a separate client to pause Redis with."""
+    cache = Cache(settings)
+    admin = redis.Redis.from_url(settings.redis_url)
+    try:
+        keys = [cache.key("p", f"topic {i}") for i in range(n)]
+        assert await cache.set_many([(k, encode_hit(f"t{i}", f"post {i}", i)) for i, k in enumerate(keys)])
+        yield cache, admin, keys
+    finally:
+        await cache.aclose()
+        admin.close()
+
+
 @pytest.mark.usefixtures("clean_state")
 async def test_lookups_made_while_an_mget_is_out_go_together_after_it(
     postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer
 ) -> None:
     """Self-clocked: one MGET in flight; lookups from later loop turns wait for it and share the next."""
     settings = make_settings(postgres, redis_server, simulator, redis_socket_timeout_s=5.0)
-    cache = Cache(settings)
-    admin = redis.Redis.from_url(redis_server.url)
-    try:
-        keys = [cache.key("p", f"topic {i}") for i in range(4)]
-        assert await cache.set_many([(k, encode_hit(f"t{i}", f"post {i}", i)) for i, k in enumerate(keys)])
+    async with _posts_in_redis(settings, 4) as (cache, admin, keys):
         before = _mget_calls(redis_server.url)
         admin.client_pause(300, all=True)  # the first MGET stays out while the others are made
         first = asyncio.ensure_future(cache.lookup(keys[0], coalesce=False))
@@ -166,9 +179,6 @@ async def test_lookups_made_while_an_mget_is_out_go_together_after_it(
         results = await asyncio.gather(first, *later)
         assert [hit.post() if hit else None for hit, _ in results] == [f"post {i}" for i in range(4)]
         assert _mget_calls(redis_server.url) - before == 2  # the first alone, then the three together
-    finally:
-        await cache.aclose()
-        admin.close()
 
 
 @pytest.mark.usefixtures("clean_state")
@@ -178,18 +188,14 @@ async def test_lookups_queued_behind_a_failed_mget_fail_with_it(
     """A stalled Redis costs the lookups waiting behind a timed-out MGET one timeout, not two: they are
     misses with it, without a round trip of their own."""
     settings = make_settings(postgres, redis_server, simulator, redis_socket_timeout_s=0.2, cache_breaker_failures=100)
-    cache = Cache(settings)
-    admin = redis.Redis.from_url(redis_server.url)
-    sent: list[list[str]] = []
-    real_mget = cache.client.mget
+    async with _posts_in_redis(settings, 3) as (cache, admin, keys):
+        sent: list[list[str]] = []
+        real_mget = cache.client.mget
 
-    async def counted_mget(keys: list[str]) -> Any:
-        sent.append(list(keys))
-        return await real_mget(keys)
+        async def counted_mget(batch: list[str]) -> Any:
+            sent.append(list(batch))
+            return await real_mget(batch)
 
-    try:
-        keys = [cache.key("p", f"topic {i}") for i in range(3)]
-        assert await cache.set_many([(k, encode_hit(f"t{i}", f"post {i}", i)) for i, k in enumerate(keys)])
         cache.client.mget = counted_mget  # type: ignore[method-assign]
         admin.client_pause(600, all=True)
         first = asyncio.ensure_future(cache.lookup(keys[0], coalesce=False))
@@ -200,9 +206,6 @@ async def test_lookups_queued_behind_a_failed_mget_fail_with_it(
         await asyncio.sleep(0.7)  # the pause ends
         assert (await cache.lookup(keys[1], coalesce=False))[0] is not None  # and the batcher goes on
         assert sent[1:] == [[keys[1]]]
-    finally:
-        await cache.aclose()
-        admin.close()
 
 
 @pytest.mark.usefixtures("clean_state")
