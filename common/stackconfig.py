@@ -295,7 +295,7 @@ class OrchestratorConfig(Section):
     cache_enabled: bool = Field(default=True, description="Redis response cache (off = baseline).")
     cache_ttl_s: int = Field(default=3600, description="Cached post lifetime.")
     cache_lookup_batching: bool = Field(
-        default=True, description="Lookups in one event-loop turn share one MGET (off = baseline)."
+        default=True, description="Concurrent lookups share MGETs, one in flight per process (off = baseline)."
     )
     cache_local_ttl_s: float = Field(
         default=5.0, description="Seconds a process keeps a post read from Redis in its own memory (0 = off)."

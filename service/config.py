@@ -125,7 +125,7 @@ class Settings(BaseSettings):
     cache_enabled: bool = Field(default=True, description="Serve finished posts from Redis (off for the baseline).")
     cache_ttl_s: int = Field(default=3600, ge=1, description="Lifetime of a cached post.")
     cache_lookup_batching: bool = Field(
-        default=True, description="Lookups made in the same event-loop turn share one MGET (off for the baseline)."
+        default=True, description="Concurrent lookups share MGETs, one in flight per process (off for the baseline)."
     )
     cache_local_ttl_s: float = Field(
         default=5.0,
