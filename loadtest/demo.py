@@ -194,10 +194,8 @@ def run_demo(
         out["git_commit"] = git_commit()
         # Client latencies cannot exceed the k6 request timeout: slower requests fail (status 0) instead.
         out["request_timeout_s"] = REQUEST_TIMEOUT_S
-        if note:
-            out["notes"] = [*out.get("notes", []), note]
-        if cpu_note:
-            out["notes"] = [*out.get("notes", []), cpu_note]
+        if note or cpu_note:
+            out["notes"] = [*out.get("notes", []), *(n for n in (note, cpu_note) if n)]
         # A restarted process is part of what was measured: say so, never hide it.
         out["process_restarts"] = restarts = stack.restarts()
         if any(restarts.values()):
