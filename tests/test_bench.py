@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from loadtest.bench import cache_counts, hit_ratio
+import loadtest.bench as bench
+from common.stackconfig import load
+from loadtest.bench import Step, cache_counts, hit_ratio, search
 
 REGISTRY = CollectorRegistry()
 LOOKUPS = Counter("loadproof_cache_lookups", "lookups", ["result"], registry=REGISTRY)
@@ -77,3 +81,37 @@ def test_cold_reference_commits_one_row_and_one_stream_entry_per_request() -> No
             assert client.xlen(REFERENCE_STREAM) == 5
         finally:
             client.close()
+
+
+def test_each_step_starts_after_the_backlog_settled_outside_the_budget(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A step's verdict must not depend on the steps before it: ``settle`` runs before every step, what
+    it leaves is recorded on the step, and its waiting does not eat the search's time budget."""
+    calls: list[str] = []
+
+    def fake_step(cfg: object, base_url: str, rate: int, **_: object) -> Step:
+        calls.append(f"step {rate}")
+        return Step(rate=rate, passed=rate <= 700, p95_ms=1.0, error_rate=0.0, dropped=0, requests=rate, seconds=0.0)
+
+    def settle() -> int:
+        calls.append("settle")
+        time.sleep(0.2)  # 7 steps wait 1.4 s in all: more than the budget's 0.5 s slack
+        return len(calls)
+
+    monkeypatch.setattr(bench, "run_step", fake_step)
+    best, steps = search(
+        load("dev"),
+        "http://x",
+        start_rate=100,
+        budget_s=5.5,
+        step_s=0,
+        warmup_s=0,
+        precision=0.1,
+        workdir=tmp_path,
+        settle=settle,
+    )
+    assert best == 700
+    assert [s.rate for s in steps] == [100, 200, 400, 800, 600, 700, 750]
+    assert calls == [x for s in steps for x in ("settle", f"step {s.rate}")]
+    assert [s.backlog_at_start for s in steps] == [1, 3, 5, 7, 9, 11, 13]
