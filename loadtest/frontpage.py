@@ -24,9 +24,13 @@ from common.stackconfig import REPO_ROOT
 README = "README.md"
 PERFORMANCE = "PERFORMANCE.md"
 DEMO_OUTPUT = "docs/demo-output.txt"
-# The front page stays within 200 lines: a longer capture is shown as its head and tail.
+# The front page stays within 200 lines. A longer capture gives up the stack's start-up lines first
+# (the command and the run's title stay), so the results table is shown whole; one without a results
+# table (or still too long) is shown as its head and tail.
 MAX_OUTPUT_LINES = 36
 HEAD_LINES = 8
+TITLE_LINES = 2
+RESULTS_TITLE = "loadproof results"
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _RUN_ID = re.compile(r"\(run `([^`]+)`")
@@ -152,6 +156,21 @@ def capture_lines(capture: str) -> list[str]:
     return lines
 
 
+def _fit(lines: list[str]) -> list[str]:
+    if len(lines) <= MAX_OUTPUT_LINES:
+        return lines
+    table = next((i for i, line in enumerate(lines) if RESULTS_TITLE in line), None)
+    if table is not None and table > TITLE_LINES and len(lines) - table + TITLE_LINES + 1 <= MAX_OUTPUT_LINES:
+        return [
+            *lines[:TITLE_LINES],
+            f"[... {table - TITLE_LINES} lines omitted: the stack starting ...]",
+            *lines[table:],
+        ]
+    tail = MAX_OUTPUT_LINES - HEAD_LINES - 1
+    omitted = len(lines) - HEAD_LINES - tail
+    return [*lines[:HEAD_LINES], f"[... {omitted} lines omitted ...]", *lines[-tail:]]
+
+
 def demo_output_block(capture: str, run: str | None) -> str:
     lines = capture_lines(capture)
     if not lines:
@@ -161,11 +180,7 @@ def demo_output_block(capture: str, run: str | None) -> str:
         )
     if run is not None and not any(run in line for line in lines):
         raise ValueError(f"{DEMO_OUTPUT} does not mention run {run} of {PERFORMANCE}: capture both from one run")
-    shown = lines
-    if len(lines) > MAX_OUTPUT_LINES:
-        tail = MAX_OUTPUT_LINES - HEAD_LINES - 1
-        omitted = len(lines) - HEAD_LINES - tail
-        shown = [*lines[:HEAD_LINES], f"[... {omitted} lines omitted ...]", *lines[-tail:]]
+    shown = _fit(lines)
     source = f"run `{run}`" if run else "a real run"
     return "\n".join(
         [

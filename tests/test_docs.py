@@ -127,6 +127,14 @@ def test_a_long_capture_shows_head_and_tail_and_the_page_stays_short() -> None:
     assert frontpage.render(page, _performance(with_compare=True), "\n".join(lines)) == page
 
 
+def test_a_long_capture_gives_up_the_start_up_lines_before_any_result() -> None:
+    start = [f"  ✓ service-{i} ready" for i in range(20)]
+    table = [f"                loadproof results — {RUN} (demo)", *(f"| row {i} |" for i in range(25)), "report: x"]
+    lines = [".venv/bin/python -m loadtest.demo --stack dev", f"loadproof demo — run {RUN}", *start, *table]
+    body = frontpage.demo_output_block("\n".join(lines), RUN).split("```text\n")[1].split("```")[0].splitlines()
+    assert body == [*lines[:2], "[... 20 lines omitted: the stack starting ...]", *table]
+
+
 def test_without_a_run_the_blocks_say_so_and_show_no_figure() -> None:
     results = frontpage.results_block("# loadproof — measured performance\n\nNo measured run is committed yet.\n")
     output = frontpage.demo_output_block("# nothing captured yet\n", None)
