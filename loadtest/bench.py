@@ -341,11 +341,12 @@ def run_bench(
         new_topics, mode, what = PATHS[path]
         say(f"[bold]bench {path}[/]: service POST /task (full stack, new topics {new_topics:.0%})")
         with ProofStack(cfg, grafana=False) as stack:
-
-            def settle(database_url: str = stack.database_url) -> int:
-                return wait_for_drain(database_url, 0.0, SETTLE_S)[1]
-
-            service_rate, service_steps = measure(stack.api_url, f"{path} service", new_topics, settle)
+            service_rate, service_steps = measure(
+                stack.api_url,
+                f"{path} service",
+                new_topics,
+                lambda: wait_for_drain(stack.database_url, 0.0, SETTLE_S)[1],
+            )
         say(f"[bold]bench {path}[/]: reference ({what}, same uvicorn settings)")
         with ReferenceServer(
             cfg.orchestrator.processes,

@@ -174,7 +174,7 @@ let startMs = null; // the scenario's start: constant, but only readable once th
 // entry and no in-flight task can answer it — the request costs a new task, as after a cache flush.
 const NEW_TOPICS = PROFILE.newTopics || 0;
 let newTopicPrefix = null; // test options are readable only once the test runs, not in the init context
-let newTopicCount = 0; // this VU's iteration count (one scenario: exec.vu.iterationInInstance)
+let newTopicCount = 0; // this VU's new topics so far: unique per VU, as exec.vu.iterationInInstance was
 
 function newTopic() {
   if (newTopicPrefix === null) {
