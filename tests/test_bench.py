@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 import loadtest.bench as bench
+from common.k6config import k6_config
 from common.stackconfig import load
 from loadtest.bench import Step, cache_counts, hit_ratio, search
 
@@ -115,3 +116,18 @@ def test_each_step_starts_after_the_backlog_settled_outside_the_budget(
     assert [s.rate for s in steps] == [100, 200, 400, 800, 600, 700, 750]
     assert calls == [x for s in steps for x in ("settle", f"step {s.rate}")]
     assert [s.backlog_at_start for s in steps] == [1, 3, 5, 7, 9, 11, 13]
+
+
+def test_a_step_ramps_over_its_warm_up_and_judges_only_the_held_rate() -> None:
+    """A full-rate start made k6 open every VU's connection in one second and send a burst the next,
+    which the service shed: the step must reach its rate before the judged window starts, and hold it
+    for the whole window."""
+    cfg = bench.step_config(load("dev"), 1000, step_s=12, warmup_s=8)
+    doc = k6_config(cfg, profile=bench.BENCH_PROFILE, base_url="http://x", test_id="t")["profile"]
+    assert isinstance(doc, dict)
+    assert doc["startRate"] == 100 and doc["warmupS"] == 8
+    assert [(s["duration"], s["target"]) for s in doc["stages"]] == [("8s", 1000), ("12s", 1000)]
+    assert doc["preAllocatedVus"] == 500  # half a second of arrivals
+    assert bench.step_config(load("dev"), 5000, 12, 8).loadtest.profiles[bench.BENCH_PROFILE].pre_allocated_vus == 1000
+    unramped = bench.step_config(load("dev"), 300, 12, 0).loadtest.profiles[bench.BENCH_PROFILE]
+    assert unramped.start_rate == 300 and [s.target for s in unramped.stages] == [300]
