@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
@@ -170,9 +171,87 @@ def render(
     return text.replace("\n## Every number", "\n### Every number").rstrip() + "\n"
 
 
+MEDIAN_LINE = re.compile(r"^- `([^`]+)`, latest \d+ runs, ")
+FULL_HEADING = re.compile(r"^## Latest \S+ run in full$", re.MULTILINE)
+
+
+def median_of(line: str) -> str | None:
+    """The profile a median line of :func:`medians` is about; None for any other line."""
+    match = MEDIAN_LINE.match(line)
+    return match.group(1) if match else None
+
+
+def sections(text: str) -> tuple[list[str], dict[str, list[str]], list[str]]:
+    """The lines before the first ``## `` heading, each ``## `` section's lines by heading, and the
+    latest run's full report (its heading and everything after it: its own sections included)."""
+    match = FULL_HEADING.search(text)
+    full = text[match.start() :].splitlines() if match else []
+    head: list[str] = []
+    body: dict[str, list[str]] = {}
+    current = head
+    for line in (text[: match.start()] if match else text).splitlines():
+        if line.startswith("## "):
+            current = body.setdefault(line, [])
+        else:
+            current.append(line)
+    return head, body, full
+
+
+def extend(
+    doc: str,
+    runs: Sequence[Mapping[str, Any]],
+    benches: Sequence[Mapping[str, Any]] = (),
+    notes: Sequence[str] = (),
+    profiles: Sequence[Mapping[str, Any]] = (),
+) -> str:
+    """An earlier PERFORMANCE.md with more runs, bench runs, profiles and notes added.
+
+    Why: a run's directory is not committed (reports/ is a working area), so a checkout without the
+    directories of earlier runs cannot regenerate the page from them. What the page lists is kept as
+    it was generated (rows, medians, notes, bench and profile tables) and what is given is added after
+    it. A profile's median line is recomputed when the runs given hold three of it; the latest demo
+    run (verdict and full report) is replaced only by a demo run given.
+    """
+    head, body, full = sections(doc)
+    if any(not r.get("_baseline") and r.get("profile") == "demo" for r in runs):
+        head, _, full = sections(render(runs))  # the new latest demo's verdict and full report
+    every = body.get("## Every run", [])
+    new_medians = {median_of(line): line for line in medians(runs)}
+    lines = [
+        *head,
+        "## Every run",
+        "",
+        *(line for line in every if line and not line.startswith(("|", "- "))),  # the section's own sentence
+        "",
+        *(line for line in every if line.startswith("|")),
+        *runs_table(runs)[2:],
+        "",
+        *(line for line in every if median_of(line) not in (None, *new_medians)),
+        *new_medians.values(),
+        *(line for line in every if line.startswith("- ") and median_of(line) is None),
+        *(f"- {note}" for note in notes),
+        "",
+    ]
+    if "## make bench" in body or benches:
+        lines += ["## make bench", *body.get("## make bench", [])]
+        for bench in benches:
+            lines += [*bench_lines(bench), ""]
+    if "## Profile of the API process" in body or profiles:
+        lines += ["## Profile of the API process", *body.get("## Profile of the API process", [])]
+        lines += profile_lines(profiles) if profiles else []
+    text = "\n".join([*lines, *full])
+    return re.sub(r"\n{3,}", "\n\n", text).rstrip() + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories (reports/<run-id>)")
+    parser.add_argument("runs", nargs="*", type=Path, help="run directories (reports/<run-id>)")
+    parser.add_argument(
+        "--extend",
+        type=Path,
+        default=None,
+        help="an earlier PERFORMANCE.md to keep and add to (the directories of its runs need not exist)",
+    )
     parser.add_argument(
         "--baseline",
         type=Path,
@@ -189,7 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     runs = sorted([*(load_run(d) for d in args.runs), *baselines], key=lambda r: str(r.get("started_at")))
     benches = [json.loads(path.read_text()) for path in args.bench]
     profiles = [json.loads(path.read_text()) for path in args.profile]
-    args.out.write_text(render(runs, benches, args.note, profiles))
+    if args.extend is not None:
+        args.out.write_text(extend(args.extend.read_text(), runs, benches, args.note, profiles))
+    elif not runs:
+        parser.error("give run directories, or --extend an earlier PERFORMANCE.md")
+    else:
+        args.out.write_text(render(runs, benches, args.note, profiles))
     print(f"wrote {args.out} ({len(runs)} runs)")
     return 0
 
