@@ -16,7 +16,16 @@ from typing import Any
 import pytest
 
 from loadtest import chaos
-from loadtest.chaos_load import Record, Tolerance, inflight_at, parse_records, percentile, recovery_s, window
+from loadtest.chaos_load import (
+    LoadResult,
+    Record,
+    Tolerance,
+    inflight_at,
+    parse_records,
+    percentile,
+    recovery_s,
+    window,
+)
 from service.config import Settings
 from tests.conftest import run_async
 
@@ -195,3 +204,36 @@ def test_a_deeply_nested_invalid_body_is_a_422_not_a_500() -> None:
     response = run_async(_invalid_request(None, exc))  # type: ignore[arg-type]
     assert response.status_code == 422
     assert json.loads(bytes(response.body))["detail"][0]["loc"] == ["body", "persona_id"]
+
+
+def test_the_sustainable_rate_search_ramps_and_judges_only_the_held_rate(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each trial ramps from a tenth of its rate before the judged window, as make bench's steps do; a
+    slow request during the ramp does not fail the trial, one in the held window does."""
+    made: list[tuple[list[chaos.Stage], float | None]] = []
+
+    class FakeLoad:
+        def __init__(self, url: str, stages: list[chaos.Stage], *_: Any, start_rate: float | None = None) -> None:
+            made.append((stages, start_rate))
+            self.rate = stages[-1].target
+
+        def wait(self, timeout_s: float) -> LoadResult:
+            t0 = 1000.0
+            slow_at = 2.0 if self.rate <= 300 else 7.0  # in the ramp up to 300/s, then in the held window
+            recs = [Record(t0 + i / 10, 9000.0 if slow_at <= i / 10 < slow_at + 1 else 5.0, 202, "new", None, None)
+                    for i in range(130)]  # fmt: skip
+            return LoadResult(recs, len(recs), 0, 0, t0, t0 + 13)
+
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr(chaos, "LoadRun", FakeLoad)
+    monkeypatch.setattr(chaos.time, "sleep", lambda _s: None)
+    camp = chaos.Campaign.__new__(chaos.Campaign)
+    camp.p, camp.run_dir, camp.console = chaos.FULL, tmp_path, None
+    monkeypatch.setattr(chaos.Campaign, "url", "http://x")
+    monkeypatch.setattr(chaos.Campaign, "ready", lambda self, timeout_s=60: True)
+    best, _ = camp.find_sustainable()
+    assert best == 300  # 150 and 300 pass (their slow second is in the ramp), 600 and 450 fail
+    assert [(s.duration_s, s.target) for s in made[0][0]] == [(5, 150), (8, 150)] and made[0][1] == 15
