@@ -171,9 +171,10 @@ def step_config(cfg: StackConfig, rate: int, step_s: int, warmup_s: int, new_top
     VU opened its connection and ran its first iteration within about a second. That cost k6 over a
     core for a second, it sent ~150 requests in that second and the rest in a burst the next (1600
     in one second, 470-880 shed at once, 533-990 iterations dropped). Measured at 1000 new tasks/s
-    on this box: from a full-rate start the step failed 3 times in 4 (7.8-11.5 % errors); ramped over
-    8 s with half a second of arrivals pre-allocated it had 0 errors, 0 dropped, no burst. The
-    reference is stepped the same way, and a step holds its rate for the whole judged window.
+    on this box (scratch driver, single runs): from a full-rate start the step failed 3 times in 4
+    (7.8-11.5 % errors); a 5 s ramp with 1000 VUs still burst once the ramp reached ~600/s (0.55 % and
+    1.09 %); an 8 s ramp with half a second of arrivals pre-allocated had 0 errors, 0 dropped and no
+    burst. The reference is stepped the same way; a step holds its rate for the whole judged window.
 
     VUs: half a second of arrivals is pre-allocated (up to ``STEP_VUS``); k6 initialises them before
     the step starts (paused). A rate that holds p95 < 400 ms rarely has that many in flight.
