@@ -173,14 +173,41 @@ def render(
     return text.replace("\n## Every number", "\n### Every number").rstrip() + "\n"
 
 
-MEDIAN_LINE = re.compile(r"^- `([^`]+)`, latest \d+ runs, ")
 FULL_HEADING = re.compile(r"^## Latest \S+ run in full$", re.MULTILINE)
 
 
-def median_of(line: str) -> str | None:
-    """The profile a median line of :func:`medians` is about; None for any other line."""
-    match = MEDIAN_LINE.match(line)
-    return match.group(1) if match else None
+RUN_ID = re.compile(r"^(\d{4})(\d\d)(\d\d)-(\d\d)(\d\d)(\d\d)-")
+
+
+def parse_cell(text: str) -> float | None:
+    """A value as :func:`loadtest.report.fmt` wrote it back into a number ("12.3 ms", "0.40 %", "1000.0/s")."""
+    if text == "n/a":
+        return None
+    if text.endswith(" %"):
+        return float(text[:-2]) / 100
+    return float(text.removesuffix(" ms").removesuffix("/s"))
+
+
+def parse_row(line: str) -> dict[str, Any] | None:
+    """A row of :func:`runs_table` as the run it lists (what :func:`medians` needs); None for other lines.
+    A run's start is read from its id (UTC), so rows and loaded runs sort together."""
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) != 4 + len(COLUMNS) or not cells[0].startswith("`"):
+        return None
+    run_id = cells[0].strip("`")
+    when = RUN_ID.match(run_id)
+    y, mo, d, h, mi, sec = when.groups() if when else ("",) * 6
+    profile, _, baseline = cells[2].partition(" (baseline)")
+    run: dict[str, Any] = {
+        "test_id": run_id,
+        "started_at": f"{y}-{mo}-{d}T{h}:{mi}:{sec}+00:00" if when else "",
+        "profile": profile,
+        "thresholds_passed": cells[3] == "PASS",
+        "_baseline": bool(baseline) or cells[2].endswith("(baseline)"),
+    }
+    for (key, _), text in zip(COLUMNS, cells[4:], strict=True):
+        run[key] = parse_cell(text)
+    return run
 
 
 def sections(text: str) -> tuple[list[str], dict[str, list[str]], list[str]]:
@@ -211,14 +238,15 @@ def extend(
     Why: a run's directory is not committed (reports/ is a working area), so a checkout without the
     directories of earlier runs cannot regenerate the page from them. What the page lists is kept as
     it was generated (rows, medians, notes, bench and profile tables) and what is given is added after
-    it. A profile's median line is recomputed when the runs given hold three of it; the latest demo
-    run (verdict and full report) is replaced only by a demo run given.
+    it. The medians are recomputed over the rows listed and the runs given (the rows read back, see
+    :func:`parse_row`); the latest demo run (verdict and full report) is replaced only by a demo run given.
     """
     head, body, full = sections(doc)
     if any(not r.get("_baseline") and r.get("profile") == "demo" for r in runs):
         head, _, full = sections(render(runs))  # the new latest demo's verdict and full report
     every = body.get("## Every run", [])
-    new_medians = {median_of(line): line for line in medians(runs)}
+    listed = [run for run in map(parse_row, every) if run is not None]
+    is_median = re.compile(r"^- `[^`]+`, latest \d+ runs, ").match
     lines = [
         *head,
         "## Every run",
@@ -228,9 +256,8 @@ def extend(
         *(line for line in every if line.startswith("|")),
         *runs_table(runs)[2:],
         "",
-        *(line for line in every if median_of(line) not in (None, *new_medians)),
-        *new_medians.values(),
-        *(line for line in every if line.startswith("- ") and median_of(line) is None),
+        *medians(sorted([*listed, *runs], key=lambda r: str(r.get("started_at")))),
+        *(line for line in every if line.startswith("- ") and not is_median(line)),
         *(f"- {note}" for note in notes),
         "",
     ]

@@ -60,9 +60,13 @@ def test_a_baseline_run_is_listed_but_never_the_latest_or_in_a_median(tmp_path: 
 
 def test_extending_keeps_what_the_page_listed_when_its_run_directories_are_gone(tmp_path: Path) -> None:
     """reports/ is not committed: a fresh checkout adds its runs to the page instead of regenerating it."""
-    first = [
-        make_run(tmp_path, f"r{i}-demo", "demo", f"2026-01-01T00:0{i}:00", p95_latency_ms=10.0 * i) for i in (1, 2, 3)
-    ]
+
+    def run(root: Path, minute: int, profile: str, p95: float) -> Path:
+        return make_run(root, f"20260101-00{minute:02}00-{profile}", profile, f"2026-01-01T00:{minute:02}:00+00:00",
+                        p95_latency_ms=p95)  # fmt: skip
+
+    first = [run(tmp_path, i, "demo", 10.0 * i) for i in (1, 2, 3)] + [run(tmp_path, 4, "cold", 100.0)]
+    first.append(run(tmp_path, 5, "cold", 300.0))
     bench = {"git_commit": "b1", "criteria": {"p95_latency_ms": "< 400", "error_rate": "< 0.01", "step_s": 12},
              "cold": {"service_max_rate": 900, "reference_max_rate": 700, "ratio_service_to_reference": 1.286,
                       "service_cache_hit_ratio_at_max": 0.0, "reference": "INSERT + XADD"}}  # fmt: skip
@@ -70,28 +74,27 @@ def test_extending_keeps_what_the_page_listed_when_its_run_directories_are_gone(
     page = tmp_path / "P.md"
     assert performance.main([*map(str, first), "--bench", str(tmp_path / "b1.json"), "--out", str(page)]) == 0
     old = page.read_text()
+    assert "`cold`, latest" not in old  # two cold runs: no median yet
     assert performance.extend(old, []) == old  # nothing given: the page as it was, byte for byte
 
     (tmp_path / "b2.json").write_text(json.dumps({**bench, "git_commit": "b2"}))
     later = tmp_path / "later"
     later.mkdir()
-    cold = make_run(later, "r4-cold", "cold", "2026-01-01T00:04:00", cache_hit_ratio=0.0)
+    cold = run(later, 6, "cold", 200.0)
     args = [str(cold), "--extend", str(page), "--bench", str(tmp_path / "b2.json"), "--note", "n2", "--out", str(page)]
     assert performance.main(args) == 0
     text = page.read_text()
-    for run_id in ("r1-demo", "r2-demo", "r3-demo", "r4-cold"):
-        assert f"`{run_id}` | `abc123`" in text
-    assert frontpage.run_id(text) == "r3-demo"  # a cold run does not replace the latest demo
+    for minute, profile in ((1, "demo"), (2, "demo"), (3, "demo"), (4, "cold"), (5, "cold"), (6, "cold")):
+        assert f"`20260101-00{minute:02}00-{profile}` | `abc123`" in text
+    assert frontpage.run_id(text) == "20260101-000300-demo"  # a cold run does not replace the latest demo
     assert "`demo`, latest 3 runs, 3 passed — median: p95 20.0 ms" in text
-    assert text.count("| cold | 900 | 0.00 % | INSERT + XADD | 700 | 1.286 |") == 2 and text.index("- n2") < text.index(
-        "## make bench"
-    )
+    assert "`cold`, latest 3 runs, 3 passed — median: p95 200.0 ms" in text  # listed rows and the run given
+    assert text.count("| cold | 900 | 0.00 % | INSERT + XADD | 700 | 1.286 |") == 2
+    assert text.index("- n2") < text.index("## make bench")
 
-    newer = [
-        make_run(later, f"r{i}-demo", "demo", f"2026-01-01T00:0{i}:00", p95_latency_ms=100.0 * i) for i in (5, 6, 7)
-    ]
+    newer = [run(later, i, "demo", 100.0 * i) for i in (7, 8, 9)]
     performance.main([*map(str, newer), "--extend", str(page), "--out", str(page)])
     text = page.read_text()
-    assert frontpage.run_id(text) == "r7-demo" and "`r1-demo` | `abc123`" in text and "- n2" in text
-    assert "median: p95 600.0 ms" in text and "median: p95 20.0 ms" not in text  # recomputed from the three given
+    assert frontpage.run_id(text) == "20260101-000900-demo" and "`20260101-000100-demo`" in text and "- n2" in text
+    assert "`demo`, latest 3 runs, 3 passed — median: p95 800.0 ms" in text and "median: p95 20.0 ms" not in text
     assert text.count("## make bench") == 1 and text.count("| cold | 900 |") == 2
