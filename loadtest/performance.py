@@ -80,7 +80,7 @@ def medians(runs: Sequence[Mapping[str, Any]]) -> list[str]:
 
 def bench_lines(bench: Mapping[str, Any]) -> list[str]:
     warmup_s = bench["criteria"].get("warmup_s")
-    warmup = f", each after a {warmup_s} s warm-up that is not judged" if warmup_s else ""
+    warmup = f", each after a warm-up of {warmup_s} s that is not judged" if warmup_s else ""
     lines = [
         f"`make bench` at commit `{bench.get('git_commit') or 'unknown'}`: highest constant arrival rate with p95 "
         f"{bench['criteria']['p95_latency_ms']} ms, errors {bench['criteria']['error_rate']}, no dropped "
