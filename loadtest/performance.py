@@ -174,8 +174,6 @@ def render(
 
 
 FULL_HEADING = re.compile(r"^## Latest \S+ run in full$", re.MULTILINE)
-
-
 RUN_ID = re.compile(r"^(\d{4})(\d\d)(\d\d)-(\d\d)(\d\d)(\d\d)-")
 
 
@@ -197,13 +195,13 @@ def parse_row(line: str) -> dict[str, Any] | None:
     run_id = cells[0].strip("`")
     when = RUN_ID.match(run_id)
     y, mo, d, h, mi, sec = when.groups() if when else ("",) * 6
-    profile, _, baseline = cells[2].partition(" (baseline)")
+    profile, baseline, _ = cells[2].partition(" (baseline)")
     run: dict[str, Any] = {
         "test_id": run_id,
         "started_at": f"{y}-{mo}-{d}T{h}:{mi}:{sec}+00:00" if when else "",
         "profile": profile,
         "thresholds_passed": cells[3] == "PASS",
-        "_baseline": bool(baseline) or cells[2].endswith("(baseline)"),
+        "_baseline": bool(baseline),
     }
     for (key, _), text in zip(COLUMNS, cells[4:], strict=True):
         run[key] = parse_cell(text)
