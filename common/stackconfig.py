@@ -264,7 +264,7 @@ class OrchestratorConfig(Section):
         default=256, description="In-flight requests per process before 503 (sheds load before queueing seconds)."
     )
     overload_lag_ms: float = Field(
-        default=0.0,
+        default=10.0,
         description="Event-loop lag target per process before a growing share of requests gets 503 (0 = off).",
     )
     overload_queue_ms: float = Field(

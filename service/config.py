@@ -29,7 +29,7 @@ class Settings(BaseSettings):
         default=256, ge=1, description="Requests in flight per API process before new ones get 503 + Retry-After."
     )
     overload_lag_ms: float = Field(
-        default=0.0,
+        default=10.0,
         ge=0,
         description="Event-loop lag target: while the smallest lag seen over `overload_interval_ms` stays above "
         "it, a growing share of new requests gets 503 + Retry-After (0 turns lag shedding off; `max_inflight` "

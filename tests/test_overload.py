@@ -43,6 +43,22 @@ def test_one_stall_alone_never_sheds_and_a_lagging_loop_does() -> None:
     assert s.share == 0.0  # and it comes back down once the loop keeps up
 
 
+def test_the_share_rises_fast_and_falls_slowly() -> None:
+    """Falling as fast as it rose, the share let each surge back in and oscillated (see the docstring)."""
+    s = shedder()
+    s.window(0.060, 100)
+    risen = s.share
+    s.window(0.001, 100)  # one window that keeps up undoes a quarter of one step, not the whole rise
+    assert s.share == pytest.approx(risen - OverloadShedder.STEP / 4)
+    assert OverloadShedder.STEP_DOWN < OverloadShedder.STEP
+    windows = 0
+    s.share = OverloadShedder.MAX_SHARE
+    while s.share > 0:
+        s.window(0.001, 100)
+        windows += 1
+    assert 5.0 <= windows * 0.1 <= 10.0  # from its cap, seconds (of 100 ms windows) to nothing
+
+
 def test_lag_without_work_in_flight_is_not_shed_against() -> None:
     """A loop that lags with almost nothing admitted (throttled, crowded out) is not cured by shedding."""
     s = shedder()
@@ -162,8 +178,8 @@ def api_env(
 def api(
     postgres: PostgresServer, redis_server: RedisServer, simulator: SimulatorServer
 ) -> Iterator[OrchestratorServer]:
-    """One API process with lag shedding on (off by default: see docs/service.md) and a worker, so hot keys
-    become cache hits."""
+    """One API process with lag shedding on (the default; set here so the test does not depend on it) and
+    a worker, so hot keys become cache hits."""
     truncate_tasks(postgres)
     flush_redis(redis_server)
     simulator.reset()
