@@ -20,7 +20,7 @@ import time
 import types
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -29,6 +29,17 @@ from localstack.reaper import reaper
 ROOT = Path(__file__).resolve().parent.parent
 Progress = Callable[[str, float], None]  # (component name, seconds until ready)
 ReadyCheck = Callable[[], bool]
+
+
+class Keeper(Protocol):
+    """What supervises a process from its first second (:class:`localstack.supervisor.Supervisor`)."""
+
+    def adopt(self, process: ManagedProcess) -> None:
+        """Watch ``process`` from now on: restart it whenever it dies on its own, start-up included."""
+
+    def gave_up(self) -> BaseException | None:
+        """Why supervision ended (a crash loop), or None while it goes on."""
+
 
 _LIVE: set[ManagedProcess] = set()
 _LIVE_LOCK = threading.Lock()
@@ -108,7 +119,10 @@ class ManagedProcess:
         ready: ReadyCheck | None = None,
         user: str | None = None,
         stop_signal: int = signal.SIGTERM,
+        keeper: Keeper | None = None,
     ) -> None:
+        """``keeper``: supervises the process from the start, so one that dies before it is ready is
+        restarted under the keeper's rule (backoff, crash loop) instead of failing the start."""
         self.name = name
         self.argv = list(argv)
         self.env = dict(env) if env is not None else dict(os.environ)
@@ -124,6 +138,9 @@ class ManagedProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         # Set by stop(), cleared by start(): the supervisor restarts only processes that died on their own.
         self.stopped_on_purpose = False
+        self.keeper = keeper
+        if keeper is not None:
+            keeper.adopt(self)
 
     @property
     def pid(self) -> int | None:
@@ -167,12 +184,20 @@ class ManagedProcess:
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> float:
-        """Block until the readiness check passes; returns seconds waited. Raises with the log tail."""
+        """Block until the readiness check passes; returns seconds waited. Raises with the log tail.
+
+        Unsupervised, a process that exits first fails at once; with a keeper, its restarts count
+        towards ``timeout`` and only the keeper giving up (a crash loop) fails early.
+        """
         started = time.monotonic()
         while True:
             if not self.running:
-                raise RuntimeError(f"{self.name} exited with {self.returncode}:\n{self.log_tail(40)}")
-            if self.ready is None or self.ready():
+                if self.keeper is None:
+                    raise RuntimeError(f"{self.name} exited with {self.returncode}:\n{self.log_tail(40)}")
+                failure = self.keeper.gave_up()
+                if failure is not None:
+                    raise failure
+            elif self.ready is None or self.ready():
                 return time.monotonic() - started
             if time.monotonic() - started > timeout:
                 raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s:\n{self.log_tail(40)}")

@@ -3,7 +3,8 @@
     python -m localstack.serve [--stack dev] [--port 8080] [--status-file PATH]
 
 A crashed API or worker process (or Postgres, Redis, the simulator) is restarted with backoff and the
-restart is printed with its exit status; ``status.json`` in the stack's work dir (or
+restart is printed with its exit status, from its first second: one that dies while the stack starts
+is restarted the same way and the start waits for it; ``status.json`` in the stack's work dir (or
 ``--status-file``) holds every process's pid, state and restart count, rewritten every second. A
 crash loop stops the stack with exit code 1 and the failing process's log tail.
 """

@@ -12,11 +12,14 @@ import time
 from pathlib import Path
 
 from common.tools import tool
-from localstack.process import ManagedProcess, command_check, free_port
+from localstack.process import Keeper, ManagedProcess, command_check, free_port
 
 
 class PostgresServer:
     """A throw-away Postgres cluster on a free port (``initdb`` + ``postgres``, as user ``postgres`` when root)."""
+
+    # Set before start() to supervise the server from its launch (a death during start-up is restarted).
+    keeper: Keeper | None = None
 
     def __init__(
         self,
@@ -112,6 +115,7 @@ class PostgresServer:
             ready=command_check([pg_isready, "-q", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"]),
             user=self.user,
             stop_signal=signal.SIGINT,  # "fast" shutdown; SIGTERM would wait for every client to leave
+            keeper=self.keeper,
         )
         self.process.start()
         self.process.wait_ready(timeout)

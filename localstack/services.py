@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from localstack.process import ROOT, ManagedProcess, ReadyCheck, free_port, http_check
+from localstack.process import ROOT, Keeper, ManagedProcess, ReadyCheck, free_port, http_check
 
 
 def _child_env(extra: Mapping[str, str] | None) -> dict[str, str]:
@@ -32,6 +32,8 @@ class _PythonService:
     # CPU priority (nice increment) of the process. On one machine everything shares the same cores; a
     # stand-in for what runs elsewhere in production yields them to the service being measured.
     nice = 0
+    # Set before start() to supervise the process from its launch (a death during start-up is restarted).
+    keeper: Keeper | None = None
 
     def __init__(self, env: Mapping[str, str] | None = None, *, logdir: str | os.PathLike[str] | None = None) -> None:
         self._own_logdir = logdir is None
@@ -56,6 +58,7 @@ class _PythonService:
             cwd=ROOT,
             log_path=self.logdir / f"{self.name}.log",
             ready=self._ready(),
+            keeper=self.keeper,
         )
         self.process.start()
         return self.process.wait_ready(timeout)

@@ -72,6 +72,9 @@ class LocalStack:
             if supervise
             else None
         )
+        # Supervised from their launch on; Redis only once ready, since a port another process took
+        # between picking and binding it is picked again, which a restart on the same port cannot do.
+        self.postgres.keeper = self.simulator.keeper = self.supervisor
 
     # --- URLs ---------------------------------------------------------------------------------
     @property
@@ -121,14 +124,20 @@ class LocalStack:
 
     def _step(self, name: str, start: Callable[[], float | None], component: Any) -> None:
         t0 = time.monotonic()
-        start()
-        self._started.append(component)
-        if self.supervisor is not None and component.process is not None:
+        try:
+            start()
+        finally:  # a part that failed to start is stopped with the rest
+            self._started.append(component)
+        if self.supervisor is not None and component.process is not None and component.process.keeper is None:
             self.supervisor.watch(component.process.name, component.process)
         if self._progress is not None:
             self._progress(name, time.monotonic() - t0)
 
     def start(self) -> LocalStack:
+        """Start every part in order; supervised, from the first one's launch (a part that dies while
+        starting is restarted like any crash, and the start waits for it unless it crash-loops)."""
+        if self.supervisor is not None:
+            self.supervisor.start()
         try:
             self._step("postgres", self.postgres.start, self.postgres)
             self._step("redis", self.redis.start, self.redis)
@@ -136,18 +145,18 @@ class LocalStack:
             env = self.service_env()
             logs = self.workdir / "logs"
             self.orchestrator = OrchestratorServer(env, port=self._orchestrator_port, logdir=logs)
+            self.orchestrator.keeper = self.supervisor
             self._step(
                 "orchestrator", lambda: self.orchestrator.start(60) if self.orchestrator else None, self.orchestrator
             )
             for i in range(self.n_workers):
                 worker = WorkerProcess(env, index=i, logdir=logs, nice=self.worker_nice)
+                worker.keeper = self.supervisor
                 self.workers.append(worker)
                 self._step(worker.name, lambda w=worker: w.start(60), worker)
         except BaseException:
             self.stop()
             raise
-        if self.supervisor is not None:
-            self.supervisor.start()
         return self
 
     def stop(self) -> None:

@@ -4,7 +4,9 @@ A process that dies on its own (not through :meth:`ManagedProcess.stop`) is rest
 port and data after an exponential backoff (1 s, 2 s, 4 s ... capped at 30 s; back to 1 s once it
 has run for a minute, as the kubelet does). Every restart is logged with the exit status and
 counted. Five restarts within 60 s is a crash loop: the supervisor stops restarting that process and
-records why, and the launcher (``make serve``, ``make demo``) fails with that message.
+records why, and the launcher (``make serve``, ``make demo``) fails with that message. The rule holds
+from a process's first second: one adopted when it is launched (:meth:`Supervisor.adopt`) that dies
+before it is ready is restarted the same way, and its start waits for the restart.
 """
 
 from __future__ import annotations
@@ -65,6 +67,14 @@ class Supervisor:
     def watch(self, name: str, process: ManagedProcess) -> None:
         with self._lock:
             self._watched[name] = _Watched(name, process, started_at=time.monotonic())
+
+    def adopt(self, process: ManagedProcess) -> None:
+        """Watch ``process`` under its own name from its launch on (the :class:`~localstack.process.Keeper` side)."""
+        self.watch(process.name, process)
+
+    def gave_up(self) -> CrashLoop | None:
+        """The crash loop that ended supervision, if any: a start waiting for a restart fails with it."""
+        return self.failure
 
     def start(self) -> Supervisor:
         if self._thread is None:

@@ -24,7 +24,7 @@ import pytest
 from common.stackconfig import REPO_ROOT
 from localstack.process import ManagedProcess, free_port
 from localstack.servers import RedisServer
-from localstack.supervisor import RestartPolicy, Supervisor
+from localstack.supervisor import CrashLoop, RestartPolicy, Supervisor
 
 FAST = RestartPolicy(initial_backoff_s=0.05, max_backoff_s=0.2, crash_loop_restarts=5, crash_loop_window_s=30)
 
@@ -93,13 +93,46 @@ def test_a_killed_process_is_restarted_and_a_stopped_one_is_not(tmp_path: Path) 
         proc.stop(timeout=2)
 
 
+def test_a_start_waits_for_the_restart_of_a_process_that_died_before_it_was_ready(tmp_path: Path) -> None:
+    """Adopted at launch, a process that exits during start-up is restarted with backoff; its start
+    waits for the restart and returns once it is ready."""
+    script = "if [ -f first ]; then touch ready; exec sleep 60; else touch first; exit 3; fi"
+    sup = Supervisor(FAST, poll_s=0.02).start()
+    proc = ManagedProcess(
+        "starter",
+        ["sh", "-c", script],
+        cwd=tmp_path,
+        log_path=tmp_path / "s.log",
+        ready=lambda: (tmp_path / "ready").exists(),
+        keeper=sup,
+    )
+    try:
+        proc.start().wait_ready(10)
+        assert sup.restarts() == {"starter": 1}
+        assert sup.status()["starter"]["last_exit"] == "exit code 3"
+    finally:
+        sup.stop()
+        proc.stop(timeout=2)
+
+
+def test_a_start_fails_with_the_crash_loop_of_a_process_that_never_comes_up(tmp_path: Path) -> None:
+    sup = Supervisor(FAST, poll_s=0.02).start()
+    proc = ManagedProcess("never", ["sh", "-c", "exit 3"], log_path=tmp_path / "n.log", ready=lambda: False, keeper=sup)
+    try:
+        with pytest.raises(CrashLoop, match="never is crash-looping"):
+            proc.start().wait_ready(20)
+    finally:
+        sup.stop()
+        proc.stop(timeout=2)
+
+
 # --- make serve -----------------------------------------------------------------------------------
 
 
 class Serve:
     """``python -m localstack.serve`` on free ports, with its status file."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, wait: bool = True) -> None:
         self.port = free_port()
         self.sim_port = free_port()
         self.status_file = tmp / "status.json"
@@ -116,8 +149,22 @@ class Serve:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        if wait:
+            self.wait_started()
+
+    def wait_started(self) -> None:
         wait_for(lambda: self.status().get("parts") or self.proc.poll() is not None, 120, "make serve to start", 0.5)
         assert self.proc.poll() is None, self.log.read_text()[-3000:]
+
+    def launched(self, module: str) -> int | None:
+        """The pid of a live ``python -m <module>`` in this launcher's session, if there is one yet."""
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                argv = (stat.parent / "cmdline").read_bytes().split(b"\0")
+                if int(fields[3]) == self.proc.pid and fields[0] != "Z" and module.encode() in argv:
+                    return int(stat.parent.name)
+        return None
 
     @property
     def url(self) -> str:
@@ -220,6 +267,27 @@ def test_serve_restarts_a_killed_worker_and_api_and_no_task_is_lost(serve: Serve
     assert parts["orchestrator"]["restarts"] == 1
     assert serve.proc.poll() is None, "the stack went down with the worker"
     assert "worker-0 exited (killed by SIGKILL); restart #1" in serve.log.read_text()
+
+
+@pytest.mark.e2e
+def test_serve_restarts_a_worker_killed_during_its_start_up_and_comes_up(tmp_path: Path) -> None:
+    """Supervision from the first second: a worker that dies before it is ready is restarted under the
+    same backoff as any crash, the start waits for it, and the stack serves."""
+    serve = Serve(tmp_path, wait=False)
+    try:
+        pid = wait_for(lambda: serve.launched("service.worker") or serve.proc.poll() is not None, 120, "a worker")
+        assert serve.proc.poll() is None, serve.log.read_text()[-3000:]
+        os.kill(pid, signal.SIGKILL)
+        serve.wait_started()
+        log = serve.log.read_text()
+        assert "worker-0 exited (killed by SIGKILL); restart #1" in log
+        assert log.index("restart #1") < log.index("worker-0       ready in"), "killed after it was ready"
+        part = serve.status()["parts"]["worker-0"]
+        assert part["state"] == "running" and part["restarts"] == 1 and part["pid"] != pid
+        ids = post_tasks(serve.url, 3, "start-up")
+        wait_for(lambda: all_done(serve.url, ids), 60, "the tasks to reach done", 1.0)
+    finally:
+        serve.stop()
 
 
 def _ready(url: str) -> bool:
