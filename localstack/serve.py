@@ -6,7 +6,8 @@ A crashed API or worker process (or Postgres, Redis, the simulator) is restarted
 restart is printed with its exit status, from its first second: one that dies while the stack starts
 is restarted the same way and the start waits for it; ``status.json`` in the stack's work dir (or
 ``--status-file``) holds every process's pid, state and restart count, rewritten every second. A
-crash loop stops the stack with exit code 1 and the failing process's log tail.
+crash loop stops the stack with exit code 1 and the failing process's log tail; a part that never
+comes up ends it with exit code 3.
 """
 
 from __future__ import annotations
@@ -77,30 +78,38 @@ def main(argv: list[str] | None = None) -> int:
     )
     reaper().remove_on_death(str(stack.workdir))  # killed outright: the watchdog removes the data too
     status_file = args.status_file or stack.workdir / "status.json"
-    code = 0
-    with stack:
-        print(f"\n  API            {stack.orchestrator_url}  (docs: {stack.orchestrator_url}/docs)")
-        print(f"  metrics        {stack.orchestrator_url}/metrics")
-        print(f"  LLM simulator  {stack.simulator_url}  (stats: {stack.simulator_url}/stats)")
-        for w in stack.workers:
-            print(f"  {w.name:<14} {w.metrics_url}")
-        print(f"  postgres       {stack.postgres.url}")
-        print(f"  redis          {stack.redis.url}")
-        print(f"  status         {status_file}  (pids, restarts)")
-        print(f"  logs           {stack.workdir / 'logs'}\n\nCtrl-C to stop.", flush=True)
-        try:
-            while True:
-                write_status(stack, status_file)
-                stack.check_alive()
-                time.sleep(1.0)
-        except CrashLoop as exc:
-            print(f"\n{exc}\n{exc.log_tail}", file=sys.stderr, flush=True)
-            code = 1
-        except KeyboardInterrupt:
-            print("\nstopping...", flush=True)
-        finally:
-            restarts = {k: v for k, v in stack.restarts().items() if v}
-            stack.cleanup()  # stops in reverse order, then removes the temp data
+    code, started = 0, False
+    try:
+        with stack:
+            started = True
+            print(f"\n  API            {stack.orchestrator_url}  (docs: {stack.orchestrator_url}/docs)")
+            print(f"  metrics        {stack.orchestrator_url}/metrics")
+            print(f"  LLM simulator  {stack.simulator_url}  (stats: {stack.simulator_url}/stats)")
+            for w in stack.workers:
+                print(f"  {w.name:<14} {w.metrics_url}")
+            print(f"  postgres       {stack.postgres.url}")
+            print(f"  redis          {stack.redis.url}")
+            print(f"  status         {status_file}  (pids, restarts)")
+            print(f"  logs           {stack.workdir / 'logs'}\n\nCtrl-C to stop.", flush=True)
+            try:
+                while True:
+                    write_status(stack, status_file)
+                    stack.check_alive()
+                    time.sleep(1.0)
+            except CrashLoop as exc:
+                print(f"\n{exc}\n{exc.log_tail}", file=sys.stderr, flush=True)
+                code = 1
+            except KeyboardInterrupt:
+                print("\nstopping...", flush=True)
+            finally:
+                restarts = {k: v for k, v in stack.restarts().items() if v}
+                stack.cleanup()  # stops in reverse order, then removes the temp data
+    except (RuntimeError, TimeoutError) as exc:  # a part never came up (a crash loop while starting included)
+        if started:
+            raise
+        print(f"\nthe local stack did not start: {exc}", file=sys.stderr, flush=True)
+        stack.cleanup()
+        return 3
     print(f"stopped. restarts: {restarts or 'none'}")
     return code
 
