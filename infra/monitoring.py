@@ -28,6 +28,7 @@ DASHBOARD_DIR = "/etc/grafana/dashboards"  # not under the data emptyDir: no nes
 
 
 def grafana_root_url(cfg: StackConfig) -> str:
+    """The public URL (stack output ``grafana_url``): ``https://`` exactly when ``tls`` is on."""
     g = cfg.monitoring.grafana
     return f"{'https' if g.tls else 'http'}://{g.host}/"
 
@@ -300,9 +301,12 @@ class Monitoring(pulumi.ComponentResource):
         return pulumi.Output.secret(password.result)
 
 
+DEFAULT_TLS_SECRET = "grafana-tls"
+
+
 def tls_secret_name(cfg: StackConfig) -> str:
-    """cert-manager writes the certificate here; without an issuer, bring your own Secret of this name."""
-    return "grafana-tls"
+    """The Ingress's TLS Secret: ``tlsSecret``, else :data:`DEFAULT_TLS_SECRET` (where cert-manager writes)."""
+    return cfg.monitoring.grafana.tls_secret or DEFAULT_TLS_SECRET
 
 
 def grafana_files(cfg: StackConfig, prometheus_url: str) -> dict[str, dict[str, str]]:
