@@ -190,7 +190,12 @@ class Monitoring(pulumi.ComponentResource):
         for key, data in files.items():
             maps[key] = k8s.core.v1.ConfigMap(
                 f"{name}-grafana-{key}",
-                metadata=c.metadata(f"grafana-{key}", namespace, "grafana"),
+                metadata=c.metadata(
+                    f"grafana-{key}",
+                    namespace,
+                    "grafana",
+                    annotations={ANONYMOUS_ACCESS_ANNOTATION: "true"} if key == "ini" and g.anonymous_viewing else None,
+                ),
                 data=data,
                 opts=opts,
             )
@@ -302,6 +307,9 @@ class Monitoring(pulumi.ComponentResource):
 
 
 DEFAULT_TLS_SECRET = "grafana-tls"
+# The policy pack's opt-in for Grafana's anonymous access (policy/rules.py GRAFANA_ANONYMOUS_ANNOTATION),
+# set on the grafana.ini ConfigMap exactly when ``anonymousViewing`` is on.
+ANONYMOUS_ACCESS_ANNOTATION = "policy.loadproof.dev/grafana-anonymous-access"
 
 
 def tls_secret_name(cfg: StackConfig) -> str:
