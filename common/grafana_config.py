@@ -70,6 +70,16 @@ def dashboard_provider(path: str) -> dict[str, Any]:
     }
 
 
+def loopback_config(cfg: GrafanaConfig) -> GrafanaConfig:
+    """The local demo's Grafana (bound to 127.0.0.1): plain http, anonymous Viewer on, whatever the stack says.
+
+    Only processes on the machine reach it, and they reach the unauthenticated Prometheus on
+    127.0.0.1 as well, so anonymous queries expose nothing new; its admin password is random and never
+    shown, so anonymous viewing is how the demo's dashboards are read.
+    """
+    return cfg.model_copy(update={"tls": False, "anonymous_viewing": True})
+
+
 def _bool(value: bool) -> str:
     return "true" if value else "false"
 
@@ -77,8 +87,8 @@ def _bool(value: bool) -> str:
 def grafana_settings(cfg: GrafanaConfig, root_url: str) -> dict[str, dict[str, str]]:
     """The ini as sections -> keys, so tests and callers can inspect it without parsing text.
 
-    Public read-only viewing is the anonymous Viewer role; administrators still log in with the form
-    (``disable_login_form`` stays unset). Sign-up, org creation, external snapshots, public
+    Anonymous access (Viewer, never more) follows ``anonymous_viewing``; administrators log in with the
+    form (``disable_login_form`` stays unset). Sign-up, org creation, external snapshots, public
     dashboards, gravatar, telemetry and update checks are off; secure cookies and HSTS follow TLS.
     """
     parsed = urlparse(root_url)

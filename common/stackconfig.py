@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -417,16 +418,54 @@ class WorkersConfig(Section):
         return self.autoscaling.max_replicas if self.autoscaling.enabled else self.replicas
 
 
+# A Kubernetes object name (RFC 1123 subdomain).
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
 class GrafanaConfig(Section):
-    """Grafana, its Ingress and hardening."""
+    """Grafana, its Ingress and hardening.
+
+    ``tls`` needs a certificate: ``certIssuer`` (cert-manager issues it into ``tlsSecret``, default
+    ``grafana-tls``) or ``tlsSecret`` alone (a ``kubernetes.io/tls`` Secret you create in the namespace).
+    Both are ignored while ``tls`` is off.
+    """
 
     image: str = Field(default="grafana/grafana:11.6.0", description="Grafana image.")
     host: str = Field(default="grafana.loadproof.local", description="Ingress host of the public URL.")
     ingress_class: str = Field(default="nginx", description="IngressClass name.")
-    tls: bool = Field(default=False, description="Serve TLS (secure cookies on).")
-    cert_issuer: str = Field(default="", description="cert-manager ClusterIssuer; empty = bring your own secret.")
-    anonymous_viewing: bool = Field(default=True, description="Public read-only (Viewer) dashboards.")
+    tls: bool = Field(
+        default=False,
+        description="Serve the public URL over https (secure cookies and HSTS on); needs certIssuer or tlsSecret.",
+    )
+    cert_issuer: str = Field(
+        default="", description="cert-manager ClusterIssuer that issues the certificate; empty = none."
+    )
+    tls_secret: str = Field(
+        default="",
+        description="TLS Secret of the Ingress: yours (kubernetes.io/tls, in the namespace), or where certIssuer "
+        "writes; empty = `grafana-tls`.",
+    )
+    anonymous_viewing: bool = Field(
+        default=False,
+        description="Anonymous Viewer on the public URL: anyone reaching it reads the dashboards and can run "
+        "any PromQL (/api/ds/query); off = admin login only (docs/observability.md).",
+    )
     resources: Resources = Field(default_factory=Resources, description="Container resources.")
+
+    @field_validator("tls_secret")
+    @classmethod
+    def _secret_name(cls, value: str) -> str:
+        if value and (len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value)):
+            raise ValueError(f"tlsSecret {value!r} is not a Kubernetes object name (lowercase RFC 1123 subdomain)")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_has_a_certificate(self) -> GrafanaConfig:
+        if self.tls and not (self.cert_issuer or self.tls_secret):
+            raise ValueError(
+                "tls is true but neither certIssuer nor tlsSecret is set: the Ingress would have no certificate"
+            )
+        return self
 
 
 class PrometheusConfig(Section):

@@ -28,6 +28,7 @@ DASHBOARD_DIR = "/etc/grafana/dashboards"  # not under the data emptyDir: no nes
 
 
 def grafana_root_url(cfg: StackConfig) -> str:
+    """The public URL (stack output ``grafana_url``): ``https://`` exactly when ``tls`` is on."""
     g = cfg.monitoring.grafana
     return f"{'https' if g.tls else 'http'}://{g.host}/"
 
@@ -189,7 +190,12 @@ class Monitoring(pulumi.ComponentResource):
         for key, data in files.items():
             maps[key] = k8s.core.v1.ConfigMap(
                 f"{name}-grafana-{key}",
-                metadata=c.metadata(f"grafana-{key}", namespace, "grafana"),
+                metadata=c.metadata(
+                    f"grafana-{key}",
+                    namespace,
+                    "grafana",
+                    annotations={ANONYMOUS_ACCESS_ANNOTATION: "true"} if key == "ini" and g.anonymous_viewing else None,
+                ),
                 data=data,
                 opts=opts,
             )
@@ -300,9 +306,15 @@ class Monitoring(pulumi.ComponentResource):
         return pulumi.Output.secret(password.result)
 
 
+DEFAULT_TLS_SECRET = "grafana-tls"
+# The policy pack's opt-in for Grafana's anonymous access (policy/rules.py GRAFANA_ANONYMOUS_ANNOTATION),
+# set on the grafana.ini ConfigMap exactly when ``anonymousViewing`` is on.
+ANONYMOUS_ACCESS_ANNOTATION = "policy.loadproof.dev/grafana-anonymous-access"
+
+
 def tls_secret_name(cfg: StackConfig) -> str:
-    """cert-manager writes the certificate here; without an issuer, bring your own Secret of this name."""
-    return "grafana-tls"
+    """The Ingress's TLS Secret: ``tlsSecret``, else :data:`DEFAULT_TLS_SECRET` (where cert-manager writes)."""
+    return cfg.monitoring.grafana.tls_secret or DEFAULT_TLS_SECRET
 
 
 def grafana_files(cfg: StackConfig, prometheus_url: str) -> dict[str, dict[str, str]]:

@@ -175,6 +175,7 @@ class Evaluation:
     outputs: dict[str, Any]
     mocks: RecordingMocks
     monitor: RecordingMonitor
+    secret_outputs: set[str] = field(default_factory=set)  # stack outputs Pulumi stores encrypted
 
     def waits_for(self, name: str, other: str) -> bool:
         """Whether resource ``name`` was registered with a dependency on resource ``other`` (logical names)."""
@@ -225,15 +226,23 @@ def evaluate(
     pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
     pulumi.runtime.set_all_config(values, secret_keys=[f"{PROJECT}:{k}" for k in secret_values])
     holder: dict[str, Any] = {}
+    secret: set[str] = set()
 
     @pulumi.runtime.test
     def run() -> pulumi.Output[None]:
         parsed, secret_outputs = read_config()
         outputs = deploy(parsed, secret_outputs)
-        return pulumi.Output.all(**outputs).apply(holder.update)
+
+        async def secret_names() -> list[str]:
+            return [k for k, v in outputs.items() if isinstance(v, pulumi.Output) and await v.is_secret()]
+
+        return pulumi.Output.all(
+            pulumi.Output.all(**outputs).apply(holder.update),
+            pulumi.Output.from_input(secret_names()).apply(secret.update),
+        ).apply(lambda _: None)
 
     run()
-    return Evaluation(cfg=cfg, outputs=holder, mocks=mocks, monitor=monitor)
+    return Evaluation(cfg=cfg, outputs=holder, mocks=mocks, monitor=monitor, secret_outputs=secret)
 
 
 # ---------------------------------------------------------------------------- manifests

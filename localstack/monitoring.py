@@ -72,7 +72,10 @@ class PrometheusServer:
 
 
 class GrafanaServer:
-    """``grafana-server`` with the project's provisioning and dashboards, if the binary exists."""
+    """``grafana-server`` with the project's provisioning and dashboards, if the binary exists.
+
+    Loopback only, anonymous Viewer on (see :func:`common.grafana_config.loopback_config`).
+    """
 
     def __init__(self, cfg: StackConfig, prometheus_url: str, *, workdir: Path) -> None:
         self.cfg = cfg
@@ -89,8 +92,14 @@ class GrafanaServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def ini_text(self) -> str:
+        """This Grafana's ``grafana.ini``: the stack's hardening with :func:`loopback_config` applied."""
+        from common.grafana_config import grafana_ini, loopback_config
+
+        return grafana_ini(loopback_config(self.cfg.monitoring.grafana), self.url + "/")
+
     def start(self, timeout: float = 90.0) -> float:
-        from common.grafana_config import dashboard_provider, datasource_provisioning, grafana_ini
+        from common.grafana_config import dashboard_provider, datasource_provisioning
         from dashboards.build import all_dashboards
 
         t0 = time.monotonic()
@@ -107,7 +116,7 @@ class GrafanaServer:
         for name, doc in all_dashboards(self.cfg.loadtest.thresholds).items():
             (dash_dir / name).write_text(json.dumps(doc))
         ini = self.workdir / "grafana.ini"
-        ini.write_text(grafana_ini(self.cfg.monitoring.grafana, self.url + "/"))
+        ini.write_text(self.ini_text())
         server = optional_tool("grafana-server")
         argv = [server] if server else [tool("grafana"), "server"]
         home = next((p for p in ("/usr/share/grafana", "/opt/grafana") if Path(p).is_dir()), None)

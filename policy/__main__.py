@@ -13,5 +13,5 @@ PolicyPack(
     enforcement_level=MANDATORY,
     policies=policies(),
     description="loadproof cluster security: non-root, read-only root fs, limits, no plaintext secrets, "
-    "Prometheus unexposed, Grafana anonymous Viewer-only, NetworkPolicies for every workload.",
+    "Prometheus unexposed, Grafana anonymous access opt-in and Viewer-only, NetworkPolicies for every workload.",
 )

@@ -36,11 +36,13 @@ from pulumi_policy import (
 PACK_NAME = "loadproof-security"
 MANDATORY = EnforcementLevel.MANDATORY
 
-# The one exemption mechanism: a workload lists, in this annotation on its own metadata, the
-# containers that need a writable root filesystem (comma-separated names), so every exemption is
-# explicit and reviewed with the workload. None of ours needs it (Postgres included: its socket dir,
-# /tmp and /dev/shm are emptyDir volumes).
+# Exemptions are annotations on the object's own metadata, so each is explicit and reviewed with it.
+# A workload lists the containers that need a writable root filesystem (comma-separated names). None of
+# ours needs it (Postgres included: its socket dir, /tmp and /dev/shm are emptyDir volumes).
 WRITABLE_ROOT_FS_ANNOTATION = "policy.loadproof.dev/writable-root-filesystem"
+# "true" on the object (grafana.ini ConfigMap, or workload) that turns Grafana's anonymous access on: an
+# anonymous Viewer may send any query to every datasource, so that is a stated decision, never a default.
+GRAFANA_ANONYMOUS_ANNOTATION = "policy.loadproof.dev/grafana-anonymous-access"
 
 # Kinds whose objects carry a pod template (or are a pod), and where that pod spec is.
 _POD_TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
@@ -258,8 +260,8 @@ def _truthy(value: Any) -> bool:
     return str(value).strip().lower() in _TRUE
 
 
-def grafana_ini_violation(text: str) -> str | None:
-    """What is wrong with a grafana.ini's ``[auth.anonymous]``; None if anonymous access is off or Viewer."""
+def _anonymous_section(text: str) -> configparser.SectionProxy | str | None:
+    """A grafana.ini's ``[auth.anonymous]`` if it enables anonymous access; None if not; why if unreadable."""
     parser = configparser.ConfigParser(interpolation=None, strict=False, comment_prefixes=(";", "#"))
     try:
         parser.read_string(text)
@@ -268,8 +270,14 @@ def grafana_ini_violation(text: str) -> str | None:
     if not parser.has_section("auth.anonymous"):
         return None
     section = parser["auth.anonymous"]
-    if not _truthy(section.get("enabled", "false")):
-        return None
+    return section if _truthy(section.get("enabled", "false")) else None
+
+
+def grafana_ini_violation(text: str) -> str | None:
+    """What is wrong with a grafana.ini's ``[auth.anonymous]``; None if anonymous access is off or Viewer."""
+    section = _anonymous_section(text)
+    if not isinstance(section, configparser.SectionProxy):
+        return section
     role = section.get("org_role", GRAFANA_ANONYMOUS_ROLE).strip()
     if role != GRAFANA_ANONYMOUS_ROLE:
         return f"enables anonymous access with org_role = {role}; anonymous users must be {GRAFANA_ANONYMOUS_ROLE}"
@@ -313,7 +321,41 @@ def check_grafana_anonymous(args: ResourceValidationArgs, report: ReportViolatio
         check_grafana_env(kind, args.props, report)
 
 
-# --- 7. NetworkPolicies for every workload (stack) ------------------------------------------------
+# --- 7. Grafana anonymous access is an explicit opt-in -------------------------------------------------
+def _opted_in(props: Mapping[str, Any]) -> bool:
+    return _truthy(_map(_dig(props, "metadata", "annotations")).get(GRAFANA_ANONYMOUS_ANNOTATION, "false"))
+
+
+def check_grafana_anonymous_opt_in(args: ResourceValidationArgs, report: ReportViolation) -> None:
+    """Anonymous access on (a grafana.ini ConfigMap key, or ``GF_AUTH_ANONYMOUS_ENABLED`` set to true or
+    from elsewhere) needs :data:`GRAFANA_ANONYMOUS_ANNOTATION` ``"true"`` on the same object."""
+    kind = kind_of(args.resource_type)
+    props = args.props
+    if kind is None or _opted_in(props):
+        return
+    where: list[str] = []
+    if kind == "ConfigMap":
+        for key, text in _map(props.get("data")).items():
+            ini = str(key).endswith(".ini") and isinstance(text, str)
+            if ini and isinstance(_anonymous_section(text), configparser.SectionProxy):
+                where.append(f"{key} [auth.anonymous] enabled")
+    elif kind in WORKLOAD_KINDS:
+        for c in containers(kind, props):
+            for env in _seq(c.spec.get("env")):
+                env = _map(env)
+                if env.get("name") == "GF_AUTH_ANONYMOUS_ENABLED" and ("value" not in env or _truthy(env["value"])):
+                    where.append(f"container {c.name} env GF_AUTH_ANONYMOUS_ENABLED")
+    for what in where:
+        report(
+            f"{_describe(kind, props)}: {what} turns on Grafana's anonymous access, and an anonymous Viewer can "
+            f"run any query against every datasource (/api/ds/query); make it a stated decision with the "
+            f'annotation {GRAFANA_ANONYMOUS_ANNOTATION}: "true" (the program sets it from '
+            "monitoring.grafana.anonymousViewing).",
+            None,
+        )
+
+
+# --- 8. NetworkPolicies for every workload (stack) ------------------------------------------------
 def selector_matches(selector: Mapping[str, Any], labels: Mapping[str, Any]) -> bool:
     """A Kubernetes LabelSelector (matchLabels + matchExpressions) against a label set."""
     for key, value in _map(selector.get("matchLabels")).items():
@@ -425,6 +467,15 @@ def policies() -> list[Policy]:
             name="grafana-anonymous-viewer-only",
             description="Grafana anonymous access, where enabled, has the Viewer role (grafana.ini and GF_* env).",
             validate=check_grafana_anonymous,
+            enforcement_level=MANDATORY,
+        ),
+        ResourceValidationPolicy(
+            name="grafana-anonymous-opt-in",
+            description=(
+                "Grafana anonymous access (grafana.ini or GF_AUTH_ANONYMOUS_ENABLED) is on only in an object "
+                f'annotated {GRAFANA_ANONYMOUS_ANNOTATION}: "true".'
+            ),
+            validate=check_grafana_anonymous_opt_in,
             enforcement_level=MANDATORY,
         ),
         StackValidationPolicy(

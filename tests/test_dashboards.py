@@ -23,8 +23,9 @@ from common.grafana_config import (
     datasource_provisioning,
     grafana_ini,
     grafana_settings,
+    loopback_config,
 )
-from common.stackconfig import GrafanaConfig, ThresholdsConfig, load
+from common.stackconfig import GrafanaConfig, StackConfig, ThresholdsConfig, load
 from dashboards.build import INTERNALS_UID, OVERVIEW_UID, all_dashboards, main
 
 CUSTOM = ThresholdsConfig.model_validate({"p95Ms": 250, "errorRate": 0.02, "costPer1kTokensUsd": 0.005})
@@ -212,7 +213,9 @@ def _ini(cfg: GrafanaConfig, root_url: str) -> configparser.ConfigParser:
 @pytest.mark.parametrize("tls", [False, True])
 @pytest.mark.parametrize("anonymous", [False, True])
 def test_grafana_ini_hardened(tls: bool, anonymous: bool) -> None:
-    cfg = GrafanaConfig.model_validate({"tls": tls, "anonymousViewing": anonymous, "host": "g.example"})
+    cfg = GrafanaConfig.model_validate(
+        {"tls": tls, "tlsSecret": "g-tls", "anonymousViewing": anonymous, "host": "g.example"}
+    )
     root = f"{'https' if tls else 'http'}://g.example/"
     ini = _ini(cfg, root)
     expect = {
@@ -220,6 +223,7 @@ def test_grafana_ini_hardened(tls: bool, anonymous: bool) -> None:
         ("users", "allow_org_create"): "false",
         ("snapshots", "external_enabled"): "false",
         ("security", "cookie_secure"): "true" if tls else "false",
+        ("security", "strict_transport_security"): "true" if tls else "false",
         ("security", "disable_gravatar"): "true",
         ("security", "disable_initial_admin_creation"): "false",
         ("security", "content_security_policy"): "true",
@@ -249,6 +253,27 @@ def test_grafana_ini_has_no_secret() -> None:
 
 def test_grafana_ini_rejects_scheme_that_contradicts_tls() -> None:
     with pytest.raises(ValueError, match="tls"):
-        grafana_ini(GrafanaConfig.model_validate({"tls": True}), "http://g.example/")
+        grafana_ini(GrafanaConfig.model_validate({"tls": True, "certIssuer": "le"}), "http://g.example/")
     with pytest.raises(ValueError):
         grafana_ini(GrafanaConfig.model_validate({}), "g.example")
+
+
+def test_local_grafana_is_anonymous_plain_http_whatever_the_stack() -> None:
+    """The demo's Grafana (127.0.0.1) keeps anonymous Viewer on and plain http, even for a stack that
+    turns anonymous viewing off and TLS on for the cluster."""
+    from localstack.monitoring import GrafanaServer
+
+    doc = load("dev").model_dump(mode="json", by_alias=True)
+    doc["monitoring"]["grafana"].update({"tls": True, "certIssuer": "le", "anonymousViewing": False})
+    stack = StackConfig.model_validate(doc)
+    cluster = stack.monitoring.grafana
+    local = loopback_config(cluster)
+    assert (local.tls, local.anonymous_viewing) == (False, True)
+    assert (cluster.tls, cluster.anonymous_viewing) == (True, False)  # the stack's own config is untouched
+    server = GrafanaServer(stack, "http://127.0.0.1:9090", workdir=Path("/nonexistent"))
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read_string(server.ini_text())
+    assert ini.get("auth.anonymous", "enabled") == "true"
+    assert ini.get("auth.anonymous", "org_role") == "Viewer"
+    assert ini.get("security", "cookie_secure") == "false"
+    assert ini.get("server", "root_url") == f"{server.url}/"

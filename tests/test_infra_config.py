@@ -27,7 +27,10 @@ LOCAL_ONLY = {
 KEDA_ON: dict[str, Any] = {"workers.autoscaling.enabled": True, "postgres.maxConnections": 5000}
 # A key that only matters together with another: set the other first.
 CONTEXT: dict[str, dict[str, Any]] = {
-    "monitoring.grafana.certIssuer": {"monitoring.grafana.tls": True},
+    # TLS needs a certificate (an issuer or a Secret); the other of the two is the varied key.
+    "monitoring.grafana.tls": {"monitoring.grafana.tlsSecret": "grafana-cert"},
+    "monitoring.grafana.certIssuer": {"monitoring.grafana.tls": True, "monitoring.grafana.tlsSecret": "grafana-cert"},
+    "monitoring.grafana.tlsSecret": {"monitoring.grafana.tls": True, "monitoring.grafana.certIssuer": "letsencrypt"},
     "llm.baseUrl": {"llm.mode": "external", "llm.baseUrl": "https://a.example.com/v1"},
     "llm.mode": {"llm.baseUrl": "https://a.example.com/v1"},
     # More pods or processes need more Postgres connections (infra/postgres.py:check_connections).
@@ -59,6 +62,7 @@ SPECIAL: dict[str, Any] = {
     "loadtest.profile": "smoke",
     "llm.prices": {"gpt-4o-mini": "0.1/0.2"},
     "monitoring.grafana.certIssuer": "letsencrypt",
+    "monitoring.grafana.tlsSecret": "grafana-cert",
     "baseline.ingressPodSelector": {"app.kubernetes.io/name": "traefik"},
     "baseline.ingressNodeSelector": {"kubernetes.io/hostname": "edge-1"},
     "baseline.apiServerCidrs": ["203.0.113.0/28"],
@@ -259,6 +263,28 @@ def test_api_replicas_and_hpa_bounds_are_consistent(changes: dict[str, Any], mes
 def test_network_keys_are_checked(baseline: dict[str, Any], message: str) -> None:
     with pytest.raises(StackConfigError, match=message):
         parse({"baseline": baseline})
+
+
+@pytest.mark.parametrize(
+    ("grafana", "message"),
+    [
+        ({"tls": True}, r"grafana: .*neither certIssuer nor tlsSecret"),
+        ({"tls": True, "tlsSecret": "Grafana_TLS"}, r"grafana\.tlsSecret: .*not a Kubernetes object name"),
+        ({"tlsSecret": "-tls"}, r"grafana\.tlsSecret"),
+    ],
+)
+def test_grafana_tls_needs_a_certificate(grafana: dict[str, Any], message: str) -> None:
+    with pytest.raises(StackConfigError, match=message):
+        parse({"monitoring": {"grafana": grafana}})
+    ok = parse({"monitoring": {"grafana": {"tls": True, "tlsSecret": "dash-example-org"}}}).monitoring.grafana
+    assert ok.tls and ok.tls_secret == "dash-example-org"
+
+
+def test_anonymous_viewing_is_off_by_default_in_every_stack() -> None:
+    """An anonymous Viewer may run any PromQL through /api/ds/query: it is an explicit opt-in."""
+    assert StackConfig().monitoring.grafana.anonymous_viewing is False
+    for stack in ("dev", "kind", "k3d"):
+        assert load(stack).monitoring.grafana.anonymous_viewing is False, stack
 
 
 def test_a_map_key_can_be_cleared_with_pulumi_config_set_path() -> None:

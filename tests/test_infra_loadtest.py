@@ -160,7 +160,8 @@ def test_jobs_change_only_with_the_run_id() -> None:
     """Job templates are immutable: a setting outside the run id's keepers must not touch any Job
     (that would replace it and measure twice under one run id)."""
     doc = load("dev").model_dump(mode="json", by_alias=True)
-    doc["monitoring"]["grafana"].update({"host": "elsewhere.example.org", "tls": True, "anonymousViewing": False})
+    grafana = {"host": "elsewhere.example.org", "tls": True, "certIssuer": "le", "anonymousViewing": True}
+    doc["monitoring"]["grafana"].update(grafana)
     jobs = [
         [o for o in render.evaluate(cfg).manifests() if o["kind"] == "Job"]
         for cfg in (load("dev"), StackConfig.model_validate(doc))

@@ -6,6 +6,7 @@ inspects the recorded inputs as manifests (``infra/render.py``); nothing is appl
 
 from __future__ import annotations
 
+import configparser
 from typing import Any
 
 import pytest
@@ -262,7 +263,48 @@ def test_grafana_ingress_host_class_and_tls() -> None:
     assert ing["metadata"]["annotations"] == {"cert-manager.io/cluster-issuer": "letsencrypt-prod"}
     assert evaluation.outputs["grafana_url"] == "https://dash.example.org/"
     ini = render.find(evaluation.manifests(), "ConfigMap", "grafana-ini")["data"]["grafana.ini"]
-    assert "cookie_secure = true" in ini
+    assert "cookie_secure = true" in ini and "strict_transport_security = true" in ini
+
+
+def _grafana_ini(objects: list[dict[str, Any]]) -> configparser.ConfigParser:
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read_string(render.find(objects, "ConfigMap", "grafana-ini")["data"]["grafana.ini"])
+    return ini
+
+
+def test_grafana_tls_from_a_provided_secret() -> None:
+    """``tlsSecret`` alone: the Ingress serves that Secret, no cert-manager annotation, https everywhere."""
+    cfg = with_changes(
+        load("dev"),
+        {
+            "monitoring.grafana.host": "dash.example.org",
+            "monitoring.grafana.tls": True,
+            "monitoring.grafana.tlsSecret": "dash-example-org",
+        },
+    )
+    evaluation = render.evaluate(cfg)
+    objects = evaluation.manifests()
+    ing = render.find(objects, "Ingress", "grafana")
+    assert ing["spec"]["tls"] == [{"hosts": ["dash.example.org"], "secretName": "dash-example-org"}]
+    assert "cert-manager.io/cluster-issuer" not in (ing["metadata"].get("annotations") or {})
+    assert evaluation.outputs["grafana_url"] == "https://dash.example.org/"
+    ini = _grafana_ini(objects)
+    assert ini.get("server", "root_url") == "https://dash.example.org/"
+    assert ini.get("security", "cookie_secure") == "true"
+    assert ini.get("security", "strict_transport_security") == "true"
+
+
+@pytest.mark.parametrize("stack", ["dev", "kind", "k3d"])
+def test_public_grafana_needs_a_login_by_default(stack: str) -> None:
+    """No anonymous session on the public URL unless ``anonymousViewing`` opts in; the admin password is
+    a secret output."""
+    evaluation = render.evaluate(load(stack), stack=stack)
+    ini = _grafana_ini(evaluation.manifests())
+    assert ini.get("auth.anonymous", "enabled") == "false"
+    assert ini.get("auth", "disable_login_form", fallback="false") == "false"
+    assert evaluation.outputs["grafana_url"].startswith("http://")
+    assert "grafana_admin_password" in evaluation.secret_outputs
+    assert "grafana_url" not in evaluation.secret_outputs
 
 
 def test_grafana_is_provisioned_with_datasource_and_dashboards(objects: list[dict[str, Any]]) -> None:

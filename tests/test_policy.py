@@ -38,7 +38,13 @@ from pulumi_policy.proxy import unknown_checking_proxy
 
 from common.stackconfig import REPO_ROOT, load
 from infra.render import evaluate, to_plain
-from policy.rules import PACK_NAME, WRITABLE_ROOT_FS_ANNOTATION, policies, selector_matches
+from policy.rules import (
+    GRAFANA_ANONYMOUS_ANNOTATION,
+    PACK_NAME,
+    WRITABLE_ROOT_FS_ANNOTATION,
+    policies,
+    selector_matches,
+)
 
 STACKS = ("kind", "dev")
 POLICY_DIR = REPO_ROOT / "policy"
@@ -49,6 +55,7 @@ EXPECTED = {
     "no-plaintext-secrets-in-env",
     "prometheus-not-exposed",
     "grafana-anonymous-viewer-only",
+    "grafana-anonymous-opt-in",
     "network-policy-for-every-workload",
 }
 
@@ -252,17 +259,19 @@ def test_ingress_to_prometheus_is_refused(stack: list[Resource]) -> None:
     assert violations("prometheus-not-exposed", typ, grafana) == []
 
 
+ANONYMOUS_OFF, ANONYMOUS_ON = "[auth.anonymous]\nenabled = false", "[auth.anonymous]\nenabled = true"
+
+
 def test_grafana_anonymous_admin_is_refused(stack: list[Resource]) -> None:
     typ, config = obj(stack, "ConfigMap", "grafana-ini")
-    ini = config["data"]["grafana.ini"]
+    assert ANONYMOUS_OFF in config["data"]["grafana.ini"]  # the stacks' default
+    ini = config["data"]["grafana.ini"].replace(ANONYMOUS_OFF, ANONYMOUS_ON)
     assert "org_role = Viewer" in ini
     config["data"]["grafana.ini"] = ini.replace("org_role = Viewer", "org_role = Admin")
     (message,) = violations("grafana-anonymous-viewer-only", typ, config)
     assert "org_role = Admin" in message
     # Disabled, the role does not matter; enabled without a role, Grafana's default is Viewer.
-    disabled = ini.replace("org_role = Viewer", "org_role = Admin").replace(
-        "[auth.anonymous]\nenabled = true", "[auth.anonymous]\nenabled = false"
-    )
+    disabled = ini.replace("org_role = Viewer", "org_role = Admin").replace(ANONYMOUS_ON, ANONYMOUS_OFF)
     config["data"]["grafana.ini"] = disabled
     assert violations("grafana-anonymous-viewer-only", typ, config) == []
     config["data"]["grafana.ini"] = ini.replace("org_role = Viewer\n", "")
@@ -279,6 +288,46 @@ def test_grafana_anonymous_admin_is_refused(stack: list[Resource]) -> None:
     assert "GF_AUTH_ANONYMOUS_ORG_ROLE=Viewer" in message
     env.append({"name": "GF_AUTH_ANONYMOUS_ORG_ROLE", "value": "Viewer"})
     assert violations("grafana-anonymous-viewer-only", typ, grafana) == []
+
+
+def test_grafana_anonymous_access_needs_the_opt_in(stack: list[Resource]) -> None:
+    typ, config = obj(stack, "ConfigMap", "grafana-ini")
+    assert violations("grafana-anonymous-opt-in", typ, config) == []  # off: nothing to opt into
+    config["data"]["grafana.ini"] = config["data"]["grafana.ini"].replace(ANONYMOUS_OFF, ANONYMOUS_ON)
+    (message,) = violations("grafana-anonymous-opt-in", typ, config)
+    assert "ConfigMap loadproof/grafana-ini: grafana.ini [auth.anonymous] enabled" in message
+    assert GRAFANA_ANONYMOUS_ANNOTATION in message and "/api/ds/query" in message
+    config["metadata"]["annotations"] = {GRAFANA_ANONYMOUS_ANNOTATION: "false"}
+    assert len(violations("grafana-anonymous-opt-in", typ, config)) == 1
+    config["metadata"]["annotations"] = {GRAFANA_ANONYMOUS_ANNOTATION: "true"}
+    assert violations("grafana-anonymous-opt-in", typ, config) == []
+
+    # Through Grafana's env override: a literal true, or a value from elsewhere, needs the opt-in too.
+    typ, grafana = obj(stack, "Deployment", "grafana")
+    env = pod_spec(grafana)["containers"][0]["env"]
+    env.append({"name": "GF_AUTH_ANONYMOUS_ENABLED", "value": "false"})
+    assert violations("grafana-anonymous-opt-in", typ, grafana) == []
+    env[-1] = {"name": "GF_AUTH_ANONYMOUS_ENABLED", "value": "true"}
+    (message,) = violations("grafana-anonymous-opt-in", typ, grafana)
+    assert "container grafana env GF_AUTH_ANONYMOUS_ENABLED" in message
+    env[-1] = {"name": "GF_AUTH_ANONYMOUS_ENABLED", "valueFrom": {"configMapKeyRef": {"name": "x", "key": "y"}}}
+    assert len(violations("grafana-anonymous-opt-in", typ, grafana)) == 1
+    grafana["metadata"]["annotations"] = {GRAFANA_ANONYMOUS_ANNOTATION: "true"}
+    assert violations("grafana-anonymous-opt-in", typ, grafana) == []
+
+
+def test_anonymous_viewing_key_is_the_opt_in() -> None:
+    """``anonymousViewing: true`` renders the annotation next to the enabled ini, and the pack passes."""
+    cfg = load("kind")
+    doc = cfg.model_dump(mode="json", by_alias=True)
+    doc["monitoring"]["grafana"]["anonymousViewing"] = True
+    evaluation = evaluate(type(cfg).model_validate(doc), stack="kind")
+    resources = [(r.typ, r.name, to_plain(r.inputs)) for r in evaluation.mocks.resources]
+    _, config = obj(resources, "ConfigMap", "grafana-ini")
+    assert ANONYMOUS_ON in config["data"]["grafana.ini"]
+    assert config["metadata"]["annotations"] == {GRAFANA_ANONYMOUS_ANNOTATION: "true"}
+    for name, found in pack_violations(resources).items():
+        assert found == [], f"{name}: {found}"
 
 
 def test_workload_without_network_policy_is_refused(stack: list[Resource]) -> None:
