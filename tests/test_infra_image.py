@@ -13,8 +13,9 @@ Dockerfile's ``COPY`` lines are the one list of the image's files, and two tests
   Jobs' Kubernetes calls go to the file sink (``LOADPROOF_CONFIGMAP_DIR``, see
   ``loadtest/report_job.py``).
 
-Also: the installed requirements are pinned as in requirements.txt, the image runs as the pods' uid,
-and infra/ type-checks.
+Also: every library that code imports is installed by requirements-service.txt (transitively, with
+the extras it asks for), whose pins are requirements.txt's; the image runs as the pods' uid; infra/
+type-checks.
 """
 
 from __future__ import annotations
@@ -213,6 +214,74 @@ def test_image_ships_the_import_closure_of_its_entrypoints(tmp_path: Path) -> No
     dirs = {str(where.relative_to(APP_DIR)).split("/")[0] for _, where, whole in plan if whole}
     for d in sorted(dirs):
         assert any(f.startswith(d + "/") for f in needed), f"COPY {d}/: no entry point imports any of it"
+
+
+def third_party_imports(modules: set[str]) -> set[str]:
+    """Top-level modules outside this repository and the standard library that ``modules`` import, transitively."""
+    finder = modulefinder.ModuleFinder(path=[str(REPO_ROOT)])
+    for module in sorted(modules):
+        finder.import_hook(module)
+    ours = {name.split(".")[0] for name in finder.modules}
+    return {name.split(".")[0] for name in finder.badmodules} - ours - set(sys.stdlib_module_names)
+
+
+def installed_distributions(requirements: Path) -> set[str]:
+    """Every distribution ``pip install -r requirements`` installs: the listed ones and, transitively, what they
+    require for the extras asked for (markers evaluated for this interpreter, the image's Python and OS)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lines = [ln.split("#")[0].strip() for ln in requirements.read_text().splitlines()]
+    todo = [Requirement(ln) for ln in lines if ln]
+    seen: set[tuple[str, str]] = set()
+    while todo:
+        req = todo.pop()
+        for extra in sorted(req.extras) or [""]:
+            key = (canonicalize_name(req.name), extra)
+            if key in seen:
+                continue
+            seen.add(key)
+            for line in metadata.requires(req.name) or []:
+                dep = Requirement(line)
+                if dep.marker is None or dep.marker.evaluate({"extra": extra}):
+                    todo.append(dep)
+    return {name for name, _ in seen}
+
+
+def test_image_installs_every_library_its_code_imports() -> None:
+    """Each third-party import of an entry point comes from a distribution requirements-service.txt installs."""
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    installed = installed_distributions(REPO_ROOT / "requirements-service.txt")
+    providers = metadata.packages_distributions()
+    imports = third_party_imports(entrypoints())
+    assert {"fastapi", "psycopg", "redis", "httpx"} <= imports
+    missing = {m for m in imports if not {canonicalize_name(d) for d in providers.get(m, [])} & installed}
+    assert not missing, f"imported by the image's code, not installed by requirements-service.txt: {sorted(missing)}"
+
+
+def test_file_configmaps_merge_like_the_api_and_are_chosen_only_by_their_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The seam's local side: data and labels merge into what is there (a merge patch), missing reads None."""
+    from loadtest.report_job import CONFIGMAP_DIR_ENV, FileConfigMaps, KubeError, configmaps
+
+    sink = FileConfigMaps(tmp_path)
+    assert sink.get_configmap("ns", "cm") is None
+    sink.put_configmap("ns", "cm", {"a": "1"}, {"x": "1"})
+    sink.put_configmap("ns", "cm", {"b": "2"}, {"y": "2"})
+    assert sink.get_configmap("ns", "cm") == {"a": "1", "b": "2"}
+    assert json.loads((tmp_path / "ns" / "cm.json").read_text())["metadata"]["labels"] == {"x": "1", "y": "2"}
+    monkeypatch.setenv(CONFIGMAP_DIR_ENV, str(tmp_path))
+    assert configmaps() == sink
+    monkeypatch.delenv(CONFIGMAP_DIR_ENV)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(KubeError, match="not running in a pod"):
+        configmaps()  # without the variable: the in-cluster API client, nothing else
 
 
 # ------------------------------------------------------------------ every container command, from the tree alone
