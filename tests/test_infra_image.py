@@ -104,7 +104,11 @@ def ignore_rules() -> list[tuple[bool, re.Pattern[str]]]:
 
 
 def context_files() -> set[str]:
-    """Every file of the build context: the repository's tracked and untracked files, minus .dockerignore."""
+    """The build context's files: the repository's tracked and untracked files, minus .dockerignore.
+
+    Git-ignored files (caches, venvs, build output) are left out; a real context would hold them
+    until .dockerignore drops them, which it does for the ones in the directories the image copies.
+    """
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=REPO_ROOT,
