@@ -3,7 +3,8 @@
 Every runner pod starts ``k6 run --paused`` and turns Ready once k6 has initialised; the headless
 Service of the run resolves to exactly the Ready runner pods. This waits until it resolves to
 ``--count`` addresses whose k6 reports ``paused``, then resumes all of them concurrently (within
-milliseconds) via k6's REST API and records the start time in a ConfigMap for the report Job.
+milliseconds) via k6's REST API and records the start time in a ConfigMap for the report Job
+(through :func:`loadtest.report_job.configmaps`: the API in a cluster, a file locally).
 Without it, runners whose image pull or VU allocation took longer would start late and the
 combined arrival schedule would not be the profile's.
 """
@@ -19,7 +20,7 @@ from collections.abc import Callable
 
 import httpx
 
-from loadtest.report_job import START_KEY, Kube, result_labels
+from loadtest.report_job import START_KEY, configmaps, result_labels
 
 RESUME_BODY = {"data": {"type": "status", "id": "default", "attributes": {"paused": False}}}
 # k6's ExecutionStatus "PausedBeforeRun": VUs initialised, executors ready, waiting to be resumed.
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = asyncio.run(wait_until_paused(lambda: resolve(args.service, args.port), args.count, args.timeout_s))
     started_at = asyncio.run(resume(targets))
     print(f"resumed {len(targets)} runners at {started_at:.3f}: {', '.join(targets)}", flush=True)
-    Kube.in_cluster().put_configmap(
+    configmaps().put_configmap(
         args.namespace, args.configmap, {START_KEY: f"{started_at:.3f}"}, result_labels("k6-start")
     )
     return 0

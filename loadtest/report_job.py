@@ -6,6 +6,11 @@ for the run's queued tasks to drain, computes every number with the shared
 :func:`loadtest.measure.measure` against the in-cluster Prometheus and Postgres, and writes the JSON
 to the ConfigMap the Pulumi program reads back into stack outputs. Configuration comes from
 ``LOADPROOF_REPORT_CONFIG`` (JSON, no secrets) and ``LOADPROOF_DATABASE_URL`` (from a Secret).
+
+Both Jobs reach the Kubernetes API only through :class:`ConfigMaps`, chosen by :func:`configmaps`:
+:class:`Kube` (the pod's ServiceAccount) in a cluster, :class:`FileConfigMaps` when
+``LOADPROOF_CONFIGMAP_DIR`` is set (local runs and the image test, ``tests/test_infra_image.py``).
+The Pulumi program never sets that variable; everything else is the same code either way.
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
 from common.stackconfig import ProfileConfig, ThresholdsConfig
 
 CONFIG_ENV = "LOADPROOF_REPORT_CONFIG"
+CONFIGMAP_DIR_ENV = "LOADPROOF_CONFIGMAP_DIR"  # set: ConfigMaps are files there (see FileConfigMaps)
 REPORT_KEY = "report.json"
 START_KEY = "started_at"
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -42,6 +48,54 @@ def result_labels(component: str) -> dict[str, str]:
 
 class KubeError(RuntimeError):
     """The Kubernetes API refused a request; the message carries its status and body."""
+
+
+class ConfigMaps(Protocol):
+    """The one seam between the Jobs and Kubernetes: write (merge) and read one ConfigMap's data."""
+
+    def put_configmap(
+        self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str] | None = None
+    ) -> None: ...
+
+    def get_configmap(self, namespace: str, name: str) -> dict[str, str] | None: ...
+
+
+@dataclass(frozen=True)
+class FileConfigMaps:
+    """ConfigMaps as JSON files ``<root>/<namespace>/<name>.json`` (``{"metadata": ..., "data": ...}``).
+
+    Same semantics as :meth:`Kube.put_configmap`'s merge patch: ``data`` keys and ``labels`` are
+    merged into what the file holds (created when missing); :meth:`get_configmap` gives ``None`` for
+    a missing file. For running the Jobs' code outside a cluster, never selected in one.
+    """
+
+    root: Path
+
+    def _path(self, namespace: str, name: str) -> Path:
+        return self.root / namespace / f"{name}.json"
+
+    def put_configmap(
+        self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str] | None = None
+    ) -> None:
+        path = self._path(namespace, name)
+        doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"metadata": {"name": name}}
+        meta = doc.setdefault("metadata", {})
+        meta["labels"] = {**(meta.get("labels") or {}), **(labels or {})}
+        doc["data"] = {**(doc.get("data") or {}), **data}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, sort_keys=True))
+        tmp.replace(path)  # readers never see half a file
+
+    def get_configmap(self, namespace: str, name: str) -> dict[str, str] | None:
+        path = self._path(namespace, name)
+        return (json.loads(path.read_text()).get("data") or {}) if path.exists() else None
+
+
+def configmaps() -> ConfigMaps:
+    """:class:`FileConfigMaps` under ``$LOADPROOF_CONFIGMAP_DIR`` when it is set, else the in-cluster :class:`Kube`."""
+    root = os.environ.get(CONFIGMAP_DIR_ENV)
+    return FileConfigMaps(Path(root)) if root else Kube.in_cluster()
 
 
 @dataclass(frozen=True)
@@ -101,7 +155,7 @@ class Kube:
         return resp.json().get("data") or {}
 
 
-def run(doc: dict[str, Any], kube: Kube, database_url: str | None) -> dict[str, Any]:
+def run(doc: dict[str, Any], kube: ConfigMaps, database_url: str | None) -> dict[str, Any]:
     """Measure the run described by ``doc`` (see ``infra/report.py:report_job_config``) and store the report."""
     from common.k6config import GRACEFUL_STOP_S, graceful_stop_s, profile_duration_s
     from loadtest.measure import RunWindow, backlog_lag_s, measure
@@ -157,7 +211,7 @@ def main() -> int:
     doc = json.loads(raw)
     # Don't start measuring before the last k6 push and scrape can have landed.
     time.sleep(SETTLE_S)
-    report = run(doc, Kube.in_cluster(), os.environ.get("LOADPROOF_DATABASE_URL") or None)
+    report = run(doc, configmaps(), os.environ.get("LOADPROOF_DATABASE_URL") or None)
     print(json.dumps({k: report.get(k) for k in ("test_id", "p95_latency_ms", "achieved_qps", "thresholds_passed")}))
     return 0
 
