@@ -1,4 +1,4 @@
-"""The policy pack (``policy/``): it passes on what the program renders for the kind and dev stacks, and
+"""The policy pack (``policy/``): it passes on what the program renders for the kind, dev and eks stacks, and
 each policy fails on a deliberately broken object.
 
 The objects are the program's own, evaluated offline with Pulumi mocks (``infra.render.evaluate``), and
@@ -40,7 +40,7 @@ from common.stackconfig import REPO_ROOT, load
 from infra.render import evaluate, to_plain
 from policy.rules import PACK_NAME, WRITABLE_ROOT_FS_ANNOTATION, policies, selector_matches
 
-STACKS = ("kind", "dev")
+STACKS = ("kind", "dev", "eks")
 POLICY_DIR = REPO_ROOT / "policy"
 EXPECTED = {
     "pods-run-as-non-root",
