@@ -2,7 +2,8 @@
 
 ``python -m infra.render --stack dev`` (``make manifests STACK=dev``) runs ``infra/program.py`` under
 ``pulumi.runtime.set_mocks`` (no Pulumi CLI, no cluster), records the inputs of every resource the
-program registers, and writes each Kubernetes object to ``build/manifests/<stack>/NN-<kind>-<name>.yaml``.
+program registers, and writes each Kubernetes object to ``build/manifests/<stack>/NN-<kind>-<name>.yaml``
+and the Kubernetes provider every one of them uses to ``provider.json`` there.
 Then it checks them the way a cluster would, as far as that is possible offline:
 
 * every object against the Kubernetes OpenAPI schema (``kubernetes-validate``, strict: unknown
@@ -51,6 +52,7 @@ MOCK_SECRETS = {
 }
 MOCK_RUN_HEX = "1a2b3c4d"
 K8S_PROVIDER_TYPE = "pulumi:providers:kubernetes"
+PROVIDER_FILE = "provider.json"  # next to the manifests: the stack's provider, its inputs, what it manages
 # What the mock cluster answers for the API server's EndpointSlice (kind's node address and port).
 MOCK_API_SERVER = {"address": "172.18.0.2", "port": 6443}
 KIND_ORDER = (
@@ -438,8 +440,12 @@ def render_stack(stack: str, out_root: Path) -> tuple[list[Path], list[str], lis
         for r in evaluation.mocks.resources
         if _api_version_kind(r.typ) is None and not r.typ.startswith(("loadproof:", K8S_PROVIDER_TYPE))
     )
-    context = evaluation.provider_inputs().get("context") or "(the kubeconfig's current context)"
-    others.append(f"Provider {PROVIDER_NAME} with context {context}, used by every Kubernetes resource")
+    provider = evaluation.provider_inputs()
+    bound = sorted(n for n, t in evaluation.monitor.types.items() if t.startswith("kubernetes:"))
+    doc = {"type": K8S_PROVIDER_TYPE, "name": PROVIDER_NAME, "inputs": provider, "resources": bound}
+    (out_root / stack / PROVIDER_FILE).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    context = provider.get("context") or "(the kubeconfig's current context)"
+    others.append(f"Provider {PROVIDER_NAME} with context {context}, used by every Kubernetes object ({PROVIDER_FILE})")
     return paths, check_all(objects) + check_provider(evaluation), others
 
 

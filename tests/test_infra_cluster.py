@@ -7,6 +7,8 @@ All offline: the real program under Pulumi's mocks (``infra/render.py``).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -83,6 +85,15 @@ def test_the_provider_check_catches_a_resource_on_the_default_provider() -> None
     ev = render.evaluate(load("kind"), stack="kind")
     ev.monitor.providers["monitoring-prometheus-data"] = ""  # as if registered without the provider
     assert render.check_provider(ev) == [f"monitoring-prometheus-data: not bound to provider {program.PROVIDER_NAME!r}"]
+
+
+def test_render_cli_writes_the_provider_next_to_the_manifests(tmp_path: Path) -> None:
+    assert render.main(["--stack", "eks", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "eks" / render.PROVIDER_FILE).read_text())
+    assert doc["type"] == "pulumi:providers:kubernetes" and doc["inputs"]["context"] == "loadproof-eks"
+    assert {"postgres-statefulset", "monitoring-grafana-ingress", "baseline-api-server-endpoints"} <= set(
+        doc["resources"]
+    )
 
 
 def test_laptop_and_eks_stacks_pin_their_context() -> None:
@@ -182,7 +193,8 @@ def peak_cpu_requests(stack: str) -> float:
         else:
             n = cfg.orchestrator.autoscale.max_replicas if name == "orchestrator" else spec["replicas"]
             n += 0 if spec.get("strategy", {}).get("type") == "Recreate" else 1
-        total += n * sum(kube.cpu_cores(c["resources"]["requests"]["cpu"]) for c in spec["template"]["spec"]["containers"])
+        containers = spec["template"]["spec"]["containers"]
+        total += n * sum(kube.cpu_cores(c["resources"]["requests"]["cpu"]) for c in containers)
     if cfg.baseline.ingress_controller:
         total += INGRESS_NGINX_CPU
     return total
