@@ -122,7 +122,7 @@ def test_keda_owns_the_worker_count_when_on(keda: render.Evaluation, keda_object
     assert keda.waits_for(SCALED_OBJECT, TRIGGER_AUTH)
 
 
-@pytest.mark.parametrize("stack", ["dev", "kind", "k3d"])
+@pytest.mark.parametrize("stack", ["dev", "eks", "kind", "k3d"])
 def test_off_the_workers_have_a_fixed_count_and_no_keda(stack: str) -> None:
     cfg = load(stack)
     assert cfg.workers.autoscaling.enabled is False and cfg.baseline.keda_install is False
