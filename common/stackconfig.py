@@ -72,7 +72,12 @@ class BaselineConfig(Section):
     keda_install: bool = Field(
         default=False,
         description="Install KEDA (helm, its CRDs included) for `workers.autoscaling`; false = the cluster already "
-        "runs KEDA >= 2.11 (or autoscaling is off).",
+        "runs KEDA >= 2.11 (say so with `kedaPreinstalled`) or autoscaling is off.",
+    )
+    keda_preinstalled: bool = Field(
+        default=False,
+        description="The cluster already runs KEDA >= 2.11 (its CRDs installed by someone else): with "
+        "`workers.autoscaling` on, one of this and `kedaInstall` must be true.",
     )
     keda_namespace: str = Field(
         default="keda", description="Namespace of the KEDA operator, allowed to reach Redis (installed there)."
@@ -136,6 +141,9 @@ class PostgresConfig(Section):
     )
     image: str = Field(default="postgres:15-alpine", description="Postgres image (internal mode).")
     storage: str = Field(default="2Gi", description="PVC size (internal mode).")
+    storage_class: str = Field(
+        default="", description="StorageClass of the PVC (internal mode); empty = the cluster's default class."
+    )
     max_connections: int = Field(
         default=640,
         description="Server max_connections; must cover every pool at full scale (checked by the program).",
@@ -162,6 +170,9 @@ class RedisConfig(Section):
     )
     appendonly: bool = Field(default=True, description="AOF persistence so queued tasks survive a restart.")
     storage: str = Field(default="1Gi", description="PVC size for the AOF (internal mode).")
+    storage_class: str = Field(
+        default="", description="StorageClass of the AOF PVC (internal mode); empty = the cluster's default class."
+    )
     resources: Resources = Field(default_factory=Resources, description="Container resources.")
 
 
@@ -474,6 +485,7 @@ class PrometheusConfig(Section):
     image: str = Field(default="prom/prometheus:v2.53.0", description="Prometheus image.")
     retention: str = Field(default="7d", description="TSDB retention.")
     storage: str = Field(default="5Gi", description="PVC size.")
+    storage_class: str = Field(default="", description="StorageClass of the PVC; empty = the cluster's default class.")
     scrape_interval_s: int = Field(default=5, description="Scrape interval, seconds.")
     port: int = Field(default=9090, description="Port (local demo binds it on 127.0.0.1).")
     resources: Resources = Field(
@@ -672,6 +684,11 @@ class StackConfig(Section):
     """Everything under the `loadproof:` namespace of one stack file."""
 
     namespace: str = Field(default="loadproof", description="Kubernetes namespace for everything.")
+    kube_context: str = Field(
+        default="",
+        description="kubeconfig context of the one Kubernetes provider every resource uses (`pulumi up` and "
+        "`destroy` go there whatever context is current); empty = the kubeconfig's current context.",
+    )
     image: str = Field(default="loadproof:dev", description="Service image (orchestrator, workers, simulator, report).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         default="IfNotPresent", description="Pull policy; `IfNotPresent` suits images loaded into kind/k3d."
@@ -692,6 +709,19 @@ class StackConfig(Section):
                 "workers.autoscaling needs redis.mode internal: KEDA's Redis scaler takes an address and a "
                 "password, which only the internal Redis publishes (an external one is a single URL secret)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _autoscaling_has_keda(self) -> StackConfig:
+        """KEDA's CRDs must come from somewhere: otherwise the ScaledObject fails at update ("no matches for kind")."""
+        b = self.baseline
+        if self.workers.autoscaling.enabled and not (b.keda_install or b.keda_preinstalled):
+            raise ValueError(
+                "workers.autoscaling.enabled needs KEDA: set baseline.kedaInstall true (this stack installs it) "
+                "or baseline.kedaPreinstalled true (the cluster already runs KEDA >= 2.11)"
+            )
+        if b.keda_install and b.keda_preinstalled:
+            raise ValueError("baseline.kedaInstall and baseline.kedaPreinstalled are both true: choose one")
         return self
 
     def service_env(self) -> dict[str, str]:

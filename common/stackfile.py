@@ -2,8 +2,9 @@
 
 The stack files are the documentation of every knob (like Ansible's group_vars), so they are
 generated from the schema rather than written by hand: ``python -m common.stackfile`` rewrites
-``Pulumi.dev.yaml`` (all defaults), ``Pulumi.kind.yaml`` (:data:`KIND_OVERRIDES`) and ``Pulumi.k3d.yaml``
-(:data:`K3D_OVERRIDES`), and a test fails when any drifts from the schema.
+``Pulumi.dev.yaml`` (all defaults), ``Pulumi.kind.yaml`` (:data:`KIND_OVERRIDES`), ``Pulumi.k3d.yaml``
+(:data:`K3D_OVERRIDES`) and ``Pulumi.eks.yaml`` (:data:`EKS_OVERRIDES`), and a test fails when any drifts
+from the schema.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ SECRETS_NOTE = (
 HEADERS = {
     "dev": [
         "# Stack `dev`: every knob of loadproof with its default and what it does (like Ansible group_vars).",
-        "# `make demo` reads this same file (STACK=dev); `pulumi up` on stack `dev` too.",
+        "# `make demo` reads this same file (STACK=dev); `pulumi up` on stack `dev` too, on a cluster of real",
+        "# nodes (its requests do not fit kind on a 4-CPU Docker VM: use stack `kind` there, docs/cluster.md).",
         SECRETS_NOTE,
     ],
     "kind": [
@@ -39,6 +41,21 @@ HEADERS = {
         "# Traefik's pods in kube-system (k3s enforces NetworkPolicies). Steps: docs/cluster-kind-k3d.md.",
         SECRETS_NOTE,
     ],
+    "eks": [
+        "# Stack `eks`: an example for Amazon EKS. Sizes are the defaults (real nodes); what differs:",
+        "# * PVCs use StorageClass `gp3`. EKS provisions no EBS volume without the EBS CSI driver, and a new",
+        "#   cluster need not have a default class: install the `aws-ebs-csi-driver` add-on with an IAM role",
+        "#   holding AmazonEBSCSIDriverPolicy (IRSA or EKS Pod Identity), then create the class: provisioner",
+        "#   ebs.csi.aws.com, parameters.type gp3, volumeBindingMode WaitForFirstConsumer (docs/cluster.md).",
+        "#   Without them the PVCs stay Pending and `pulumi up` waits on Postgres until it times out.",
+        "# * kubeContext `loadproof-eks`: `aws eks update-kubeconfig --name <cluster> --alias loadproof-eks`.",
+        "# * image: push the service image to a registry the nodes can pull from (ECR) and put its name here",
+        "#   (the account and region below are placeholders).",
+        "# * No ingress controller is installed (the bundled ingress-nginx is the kind flavour, hostPorts): install",
+        "#   one for class `nginx` in `ingressNamespace`; `pulumi up` does not wait for its address",
+        "#   (output `grafana_ingress`).",
+        SECRETS_NOTE,
+    ],
 }
 
 
@@ -51,6 +68,7 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 KIND_OVERRIDES: dict[str, Any] = {
+    "kubeContext": "kind-loadproof",  # `kind create cluster --name loadproof` names the context so
     "baseline": {
         "quotaCpu": "8",
         "quotaMemory": "12Gi",
@@ -103,9 +121,21 @@ K3D_OVERRIDES: dict[str, Any] = _merge(
             "ingressNodeSelector": {},
         },
         "monitoring": {"grafana": {"ingressClass": "traefik"}},
+        "kubeContext": "k3d-loadproof",  # `k3d cluster create loadproof`
     },
 )
-OVERRIDES: dict[str, dict[str, Any]] = {"dev": {}, "kind": KIND_OVERRIDES, "k3d": K3D_OVERRIDES}
+
+# EKS: the default sizes; gp3 volumes through the EBS CSI driver, an image from a registry, a pinned context.
+EKS_STORAGE_CLASS = "gp3"
+EKS_OVERRIDES: dict[str, Any] = {
+    "kubeContext": "loadproof-eks",
+    "image": "123456789012.dkr.ecr.eu-west-1.amazonaws.com/loadproof:dev",
+    "baseline": {"ingressController": False, "ingressNodeSelector": {}},
+    "postgres": {"storageClass": EKS_STORAGE_CLASS},
+    "redis": {"storageClass": EKS_STORAGE_CLASS},
+    "monitoring": {"prometheus": {"storageClass": EKS_STORAGE_CLASS}},
+}
+OVERRIDES: dict[str, dict[str, Any]] = {"dev": {}, "kind": KIND_OVERRIDES, "k3d": K3D_OVERRIDES, "eks": EKS_OVERRIDES}
 
 
 def config_for(stack: str) -> StackConfig:

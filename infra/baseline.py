@@ -27,6 +27,7 @@ INGRESS_NGINX_CHART_VERSION = "4.12.1"
 # scaled on consumer-group lag since 2.11. Chart and app versions are the same number.
 KEDA_CHART_VERSION = "2.18.3"
 KEDA_CHART_REPO = "https://kedacore.github.io/charts"
+KEDA_SCALED_OBJECT_CRD = "scaledobjects.keda.sh"  # read when the cluster is said to run KEDA already
 # The API server's endpoints as the API server itself publishes them (EndpointSlice, not the v1
 # Endpoints that 1.33 deprecates): the addresses pods reach after the Service's DNAT.
 API_SERVER_ENDPOINTS = "default/kubernetes"
@@ -184,7 +185,7 @@ class Baseline(pulumi.ComponentResource):
     # webhook (registered before the controller is Ready) refuses them.
     ingress_controller: k8s.helm.v3.Release | None = None
     # The KEDA release when installed: ScaledObjects need its CRDs and its admission webhook first.
-    keda: k8s.helm.v3.Release | None = None
+    keda: pulumi.Resource | None = None
 
     def __init__(self, name: str, cfg: StackConfig, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("loadproof:infra:Baseline", name, None, opts)
@@ -258,6 +259,12 @@ class Baseline(pulumi.ComponentResource):
                     create_namespace=True,
                 ),
                 opts=pulumi.ResourceOptions(parent=self),
+            )
+        elif b.keda_preinstalled and cfg.workers.autoscaling.enabled:
+            # Read at preview: a cluster without KEDA fails here, naming the missing CRD, instead of at the
+            # update with "no matches for kind ScaledObject".
+            self.keda = k8s.apiextensions.v1.CustomResourceDefinition.get(
+                f"{name}-keda-crd", KEDA_SCALED_OBJECT_CRD, opts=pulumi.ResourceOptions(parent=self)
             )
         self.register_outputs({"namespace": self.namespace})
 

@@ -38,6 +38,14 @@ _BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
 _DECIMAL = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
 
+def storage_class(name: str) -> str | None:
+    """``storageClassName`` of a PVC from a stack key: empty = omitted, i.e. the cluster's default class.
+
+    (Kubernetes reads an explicit ``""`` as "no class, bind a pre-made PV only", never what a stack means.)
+    """
+    return name or None
+
+
 def memory_bytes(quantity: str) -> int:
     """A Kubernetes memory quantity (``512Mi``, ``1G``, ``1048576``) in bytes."""
     for units in (_BINARY, _DECIMAL):

@@ -33,6 +33,32 @@ def grafana_root_url(cfg: StackConfig) -> str:
     return f"{'https' if g.tls else 'http'}://{g.host}/"
 
 
+SKIP_AWAIT = "pulumi.com/skipAwait"
+
+
+def ingress_awaited(cfg: StackConfig) -> bool:
+    """Whether ``pulumi up`` waits for the Grafana Ingress to get an address.
+
+    Only when this stack installs the controller (``baseline.ingressController``), which is then known
+    to publish one. Otherwise nothing the program knows of will: Pulumi would wait for the status until
+    its 10-minute timeout, although nothing of the run needs the Ingress. The Ingress then gets
+    ``pulumi.com/skipAwait`` and the ``grafana_ingress`` output says the URL is not verified.
+    """
+    return cfg.baseline.ingress_controller
+
+
+def ingress_note(cfg: StackConfig) -> str:
+    """The ``grafana_ingress`` stack output: whether the public URL was seen published, and what to check."""
+    g = cfg.monitoring.grafana
+    if ingress_awaited(cfg):
+        return "awaited: the ingress-nginx this stack installs published an address for the Grafana Ingress"
+    return (
+        "not awaited: baseline.ingressController is false, so no controller this stack knows of publishes an "
+        f"address; the URL works once the cluster's controller for class {g.ingress_class!r} serves it "
+        f"(kubectl -n {cfg.namespace} get ingress grafana)"
+    )
+
+
 class Monitoring(pulumi.ComponentResource):
     """Prometheus (SA + Role for namespace-scoped discovery, ConfigMap, PVC, Deployment, Service) and Grafana.
 
@@ -98,6 +124,7 @@ class Monitoring(pulumi.ComponentResource):
             ),
             spec=k8s.core.v1.PersistentVolumeClaimSpecArgs(
                 access_modes=["ReadWriteOnce"],
+                storage_class_name=c.storage_class(p.storage_class),
                 resources=k8s.core.v1.VolumeResourceRequirementsArgs(requests={"storage": p.storage}),
             ),
             opts=opts,
@@ -273,6 +300,8 @@ class Monitoring(pulumi.ComponentResource):
         annotations: dict[str, str] = {}
         if g.tls and g.cert_issuer:
             annotations["cert-manager.io/cluster-issuer"] = g.cert_issuer
+        if not ingress_awaited(cfg):
+            annotations[SKIP_AWAIT] = "true"
         k8s.networking.v1.Ingress(
             f"{name}-grafana-ingress",
             metadata=c.metadata("grafana", namespace, "grafana", annotations=annotations or None),

@@ -171,6 +171,7 @@ class Postgres(pulumi.ComponentResource):
                         metadata=k8s.meta.v1.ObjectMetaArgs(name="data", labels=c.labels("postgres")),
                         spec=k8s.core.v1.PersistentVolumeClaimSpecArgs(
                             access_modes=["ReadWriteOnce"],
+                            storage_class_name=c.storage_class(p.storage_class),
                             resources=k8s.core.v1.VolumeResourceRequirementsArgs(requests={"storage": p.storage}),
                         ),
                     )

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pulumi
+import pulumi_kubernetes as k8s
 
 from common.outputs import STACK_OUTPUTS
 from common.stackconfig import PROJECT, StackConfig, parse
@@ -15,7 +16,7 @@ from infra.autoscaling import WorkerAutoscaling
 from infra.baseline import Baseline
 from infra.llm import Llm
 from infra.loadtest import LoadTest
-from infra.monitoring import Monitoring
+from infra.monitoring import Monitoring, ingress_note
 from infra.orchestrator import Orchestrator
 from infra.postgres import Postgres
 from infra.redis import Redis
@@ -52,15 +53,35 @@ def read_config() -> tuple[StackConfig, Secrets]:
     return parse(values), secrets
 
 
+PROVIDER_NAME = "kubernetes"
+
+
+def kubernetes_provider(cfg: StackConfig) -> k8s.Provider:
+    """The one Kubernetes provider of the stack: the kubeconfig context ``kubeContext`` names.
+
+    Every component gets it through ``providers``, and each child inherits it from its parent, so no
+    resource falls back to Pulumi's default provider (whatever context is current when someone runs
+    ``up`` or ``destroy``). Empty ``kubeContext``: the kubeconfig's current context (``$KUBECONFIG`` or
+    ``~/.kube/config``), with a warning.
+    """
+    if not cfg.kube_context:
+        pulumi.log.warn(
+            "loadproof:kubeContext is empty: this stack deploys to the kubeconfig's current context, "
+            "whatever it is when `pulumi up` or `destroy` runs"
+        )
+    return k8s.Provider(PROVIDER_NAME, context=cfg.kube_context or None)
+
+
 def deploy(cfg: StackConfig, secrets: Secrets) -> dict[str, Any]:
-    """Build every component; returns the stack outputs."""
-    baseline = Baseline("baseline", cfg)
+    """Build every component with the stack's own Kubernetes provider; returns the stack outputs."""
+    k8s_opts = pulumi.ResourceOptions(providers=[kubernetes_provider(cfg)])
+    baseline = Baseline("baseline", cfg, opts=k8s_opts)
     ns = baseline.namespace
-    postgres = Postgres("postgres", cfg, ns, external_url=secrets.database_url)
-    redis = Redis("redis", cfg, ns, external_url=secrets.redis_url)
-    llm = Llm("simulator", cfg, ns, external_api_key=secrets.llm_api_key)
+    postgres = Postgres("postgres", cfg, ns, external_url=secrets.database_url, opts=k8s_opts)
+    redis = Redis("redis", cfg, ns, external_url=secrets.redis_url, opts=k8s_opts)
+    llm = Llm("simulator", cfg, ns, external_api_key=secrets.llm_api_key, opts=k8s_opts)
     controller = [baseline.ingress_controller] if baseline.ingress_controller else []
-    monitoring = Monitoring("monitoring", cfg, ns, ingress_after=controller)
+    monitoring = Monitoring("monitoring", cfg, ns, ingress_after=controller, opts=k8s_opts)
     service = Orchestrator(
         "orchestrator",
         cfg,
@@ -76,6 +97,7 @@ def deploy(cfg: StackConfig, secrets: Secrets) -> dict[str, Any]:
         # Pulumi awaits the stores' readiness first, so the API does not crash-loop on start.
         after=[postgres, redis],
         workers_after=[llm],
+        opts=k8s_opts,
     )
     if cfg.workers.autoscaling.enabled:
         if redis.address is None or redis.password_key is None:
@@ -91,6 +113,7 @@ def deploy(cfg: StackConfig, secrets: Secrets) -> dict[str, Any]:
             redis_secret=redis.secret_name,
             redis_password_key=redis.password_key,
             after=[baseline.keda] if baseline.keda else [],
+            opts=k8s_opts,
         )
     loadtest = LoadTest(
         "loadtest",
@@ -101,6 +124,7 @@ def deploy(cfg: StackConfig, secrets: Secrets) -> dict[str, Any]:
         # The run starts only once the service and Prometheus are Ready (Pulumi awaits Deployments);
         # Grafana and its Ingress are not needed for it.
         depends_on=[service, monitoring.prometheus, monitoring.prometheus_service],
+        opts=k8s_opts,
     )
     report = Report(
         "report",
@@ -114,10 +138,13 @@ def deploy(cfg: StackConfig, secrets: Secrets) -> dict[str, Any]:
         database_secret=postgres.secret_name,
         database_key=postgres.url_key,
         after=[loadtest.runner_job, loadtest.start_job],
+        opts=k8s_opts,
     )
     outputs: dict[str, Any] = {
         "grafana_url": monitoring.grafana_url,
         "grafana_admin_password": monitoring.grafana_admin_password,
+        "grafana_ingress": ingress_note(cfg),
+        "kube_context": cfg.kube_context,
         "report": report.report,
     }
     for key in STACK_OUTPUTS:

@@ -129,6 +129,7 @@ class Redis(pulumi.ComponentResource):
             metadata=c.metadata(f"{name}-data", namespace, "redis", annotations={"pulumi.com/skipAwait": "true"}),
             spec=k8s.core.v1.PersistentVolumeClaimSpecArgs(
                 access_modes=["ReadWriteOnce"],
+                storage_class_name=c.storage_class(r.storage_class),
                 resources=k8s.core.v1.VolumeResourceRequirementsArgs(requests={"storage": r.storage}),
             ),
             opts=pulumi.ResourceOptions(parent=self),

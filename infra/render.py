@@ -2,14 +2,17 @@
 
 ``python -m infra.render --stack dev`` (``make manifests STACK=dev``) runs ``infra/program.py`` under
 ``pulumi.runtime.set_mocks`` (no Pulumi CLI, no cluster), records the inputs of every resource the
-program registers, and writes each Kubernetes object to ``build/manifests/<stack>/NN-<kind>-<name>.yaml``.
+program registers, and writes each Kubernetes object to ``build/manifests/<stack>/NN-<kind>-<name>.yaml``
+and the Kubernetes provider every one of them uses to ``provider.json`` there.
 Then it checks them the way a cluster would, as far as that is possible offline:
 
 * every object against the Kubernetes OpenAPI schema (``kubernetes-validate``, strict: unknown
   fields are errors) for each version in :data:`K8S_VERSIONS`; custom resources (KEDA's), which it
   does not know, against the schema of their CRD in ``infra/crds.py``, just as strictly;
 * the Prometheus ConfigMap with ``promtool check config`` / ``check rules``;
-* the k6 script from its ConfigMap with ``k6 inspect``, using the runner Job's own environment.
+* the k6 script from its ConfigMap with ``k6 inspect``, using the runner Job's own environment;
+* every Kubernetes resource (Helm releases and reads included) goes through the stack's one explicit
+  Kubernetes provider (``infra.program.kubernetes_provider``), never Pulumi's default one.
 
 Exit status is non-zero, with every problem listed, if anything fails.
 """
@@ -38,7 +41,7 @@ from common import prometheus_config as pc
 from common.stackconfig import PROJECT, REPO_ROOT, SECRET_KEYS, StackConfig, load, stack_file
 from common.tools import tool
 from infra import crds
-from infra.program import deploy, read_config
+from infra.program import PROVIDER_NAME, deploy, read_config
 
 K8S_VERSIONS = ("1.29.0", "1.33.0")
 # Stand-ins for secret config and generated passwords: tests scan every non-Secret object for them.
@@ -48,6 +51,8 @@ MOCK_SECRETS = {
     "llmApiKey": "sk-mock-secret-llm-api-key",
 }
 MOCK_RUN_HEX = "1a2b3c4d"
+K8S_PROVIDER_TYPE = "pulumi:providers:kubernetes"
+PROVIDER_FILE = "provider.json"  # next to the manifests: the stack's provider, its inputs, what it manages
 # What the mock cluster answers for the API server's EndpointSlice (kind's node address and port).
 MOCK_API_SERVER = {"address": "172.18.0.2", "port": 6443}
 KIND_ORDER = (
@@ -151,6 +156,8 @@ class RecordingMonitor(MockMonitor):
         self.create_timeouts: dict[str, str] = {}  # logical name -> customTimeouts.create ("" = provider default)
         self.ignore_changes: dict[str, list[str]] = {}  # logical name -> ignoreChanges
         self.retained: set[str] = set()  # logical names registered with retainOnDelete
+        self.providers: dict[str, str] = {}  # logical name -> provider reference ("<urn>::<id>"; "" = default)
+        self.types: dict[str, str] = {}  # logical name -> resource type (registered or read)
 
     def RegisterResource(self, request: Any) -> Any:
         response = super().RegisterResource(request)
@@ -158,6 +165,8 @@ class RecordingMonitor(MockMonitor):
         self.urns[request.name] = response.urn
         self.create_timeouts[request.name] = request.customTimeouts.create
         self.ignore_changes[request.name] = list(request.ignoreChanges)
+        self.providers[request.name] = request.provider
+        self.types[request.name] = request.type
         if request.retainOnDelete:
             self.retained.add(request.name)
         return response
@@ -166,6 +175,8 @@ class RecordingMonitor(MockMonitor):
         response = super().ReadResource(request)
         self.dependencies[request.name] = set(request.dependencies)
         self.urns[request.name] = response.urn
+        self.providers[request.name] = request.provider
+        self.types[request.name] = request.type
         return response
 
 
@@ -191,6 +202,20 @@ class Evaluation:
 
     def manifests(self) -> list[dict[str, Any]]:
         return manifests(self.mocks.resources)
+
+    def provider_inputs(self) -> dict[str, Any]:
+        """The inputs of the stack's Kubernetes provider (e.g. ``context``)."""
+        (found,) = [r for r in self.mocks.resources if r.typ == K8S_PROVIDER_TYPE and r.name == PROVIDER_NAME]
+        return to_plain(found.inputs)
+
+    def default_provider_users(self) -> list[str]:
+        """Kubernetes resources (registered or read) not bound to the stack's explicit provider; [] = none."""
+        own = self.monitor.urns[PROVIDER_NAME]
+        return sorted(
+            name
+            for name, ref in self.monitor.providers.items()
+            if self.monitor.types[name].startswith("kubernetes:") and not ref.startswith(f"{own}::")
+        )
 
 
 def config_values(cfg: StackConfig) -> dict[str, str]:
@@ -404,6 +429,11 @@ def check_k6(objects: list[dict[str, Any]]) -> list[str]:
     return []
 
 
+def check_provider(evaluation: Evaluation) -> list[str]:
+    """Every Kubernetes resource uses the stack's explicit provider (none falls back to the default one)."""
+    return [f"{name}: not bound to provider {PROVIDER_NAME!r}" for name in evaluation.default_provider_users()]
+
+
 def check_all(objects: list[dict[str, Any]]) -> list[str]:
     return validate(objects) + check_prometheus(objects) + check_k6(objects)
 
@@ -417,9 +447,15 @@ def render_stack(stack: str, out_root: Path) -> tuple[list[Path], list[str], lis
     others = sorted(
         f"{r.typ.rsplit(':', 1)[-1]} {r.name}"
         for r in evaluation.mocks.resources
-        if _api_version_kind(r.typ) is None and not r.typ.startswith("loadproof:")
+        if _api_version_kind(r.typ) is None and not r.typ.startswith(("loadproof:", K8S_PROVIDER_TYPE))
     )
-    return paths, check_all(objects), others
+    provider = evaluation.provider_inputs()
+    bound = sorted(n for n, t in evaluation.monitor.types.items() if t.startswith("kubernetes:"))
+    doc = {"type": K8S_PROVIDER_TYPE, "name": PROVIDER_NAME, "inputs": provider, "resources": bound}
+    (out_root / stack / PROVIDER_FILE).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    context = provider.get("context") or "(the kubeconfig's current context)"
+    others.append(f"Provider {PROVIDER_NAME} with context {context}, used by every Kubernetes object ({PROVIDER_FILE})")
+    return paths, check_all(objects) + check_provider(evaluation), others
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,7 +122,7 @@ def test_keda_owns_the_worker_count_when_on(keda: render.Evaluation, keda_object
     assert keda.waits_for(SCALED_OBJECT, TRIGGER_AUTH)
 
 
-@pytest.mark.parametrize("stack", ["dev", "kind", "k3d"])
+@pytest.mark.parametrize("stack", ["dev", "eks", "kind", "k3d"])
 def test_off_the_workers_have_a_fixed_count_and_no_keda(stack: str) -> None:
     cfg = load(stack)
     assert cfg.workers.autoscaling.enabled is False and cfg.baseline.keda_install is False
@@ -144,7 +144,9 @@ def test_keda_is_installed_from_its_chart_only_when_asked(keda: render.Evaluatio
     major, minor, _ = (int(x) for x in baseline.KEDA_CHART_VERSION.split("."))
     assert (major, minor) >= (2, 11)  # lag mode of the redis-streams trigger
     # A cluster that already runs KEDA: the same objects, no release, nothing to wait for.
-    existing = render.evaluate(with_changes(keda.cfg, {"baseline.kedaInstall": False}))
+    existing = render.evaluate(
+        with_changes(keda.cfg, {"baseline.kedaInstall": False, "baseline.kedaPreinstalled": True})
+    )
     assert KEDA_RELEASE not in releases(existing)
     assert [o["kind"] for o in existing.manifests() if o["apiVersion"].startswith("keda.sh/")] == [
         "TriggerAuthentication",
@@ -197,12 +199,13 @@ def test_postgres_connections_are_checked_at_keda_max_replicas() -> None:
     # The dev stack's own maxConnections covers its fixed workers but not KEDA's ceiling: turning KEDA on
     # there fails loudly, naming the key, instead of exhausting Postgres under load.
     with pytest.raises(ValueError, match=r"postgres\.maxConnections"):
-        render.evaluate(with_changes(load("dev"), {"workers.autoscaling.enabled": True}))
+        render.evaluate(with_changes(load("dev"), {"workers.autoscaling.enabled": True, "baseline.kedaInstall": True}))
 
 
 @pytest.mark.parametrize("stack", ["kind", "k3d"])
 def test_small_stacks_can_turn_keda_on_as_they_are(stack: str) -> None:
-    objects = render.evaluate(with_changes(load(stack), {"workers.autoscaling.enabled": True}), stack=stack).manifests()
+    on = {"workers.autoscaling.enabled": True, "baseline.kedaInstall": True}
+    objects = render.evaluate(with_changes(load(stack), on), stack=stack).manifests()
     assert render.validate(objects) == []
     assert render.find(objects, "ScaledObject", autoscaling.SCALED_OBJECT_NAME)
 

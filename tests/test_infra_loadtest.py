@@ -127,7 +127,7 @@ def test_a_profile_may_bound_its_own_drain_and_the_report_job_waits_for_it() -> 
     assert report_timeout_s(cold) > lt.drain_for("cold") > report_timeout_s(cfg) - 300
 
 
-@pytest.mark.parametrize("stack", ["dev", "kind"])
+@pytest.mark.parametrize("stack", ["dev", "eks", "kind"])
 def test_pulumi_waits_longer_than_every_job_may_run(stack: str) -> None:
     """customTimeouts exceed each Job's activeDeadlineSeconds, which exceeds what the Job has to do."""
     cfg = load(stack)
@@ -146,7 +146,7 @@ def test_pulumi_waits_longer_than_every_job_may_run(stack: str) -> None:
     assert runner_deadline > START_TIMEOUT_S + run_duration_s(cfg)
 
 
-@pytest.mark.parametrize("stack", ["dev", "kind", "k3d"])
+@pytest.mark.parametrize("stack", ["dev", "eks", "kind", "k3d"])
 def test_a_failed_job_does_not_block_the_next_up(stack: str) -> None:
     """backoffLimit 0 leaves a failed Job unready for good: every Job asks Pulumi to replace it then."""
     jobs = [o for o in render.evaluate(load(stack), stack=stack).manifests() if o["kind"] == "Job"]

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from common import k6config
+from common import k6config, stackfile
 from common.outputs import STACK_OUTPUTS
 from common.stackconfig import REPO_ROOT, StackConfig, load
 from infra import kube, postgres, redis, render
@@ -62,7 +62,7 @@ def env_of(c: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
 
 
-STACKS = ["dev", "kind", "k3d"]
+STACKS = sorted(stackfile.HEADERS)  # every Pulumi.<stack>.yaml (tests/test_infra_config.py checks the set)
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -245,7 +245,7 @@ def test_grafana_ingress_host_class_and_tls() -> None:
     ing = render.find(plain, "Ingress", "grafana")
     assert ing["spec"]["rules"][0]["host"] == "grafana.loadproof.local"
     assert ing["spec"]["ingressClassName"] == "nginx"
-    assert "tls" not in ing["spec"] and "annotations" not in ing["metadata"]
+    assert "tls" not in ing["spec"] and "cert-manager.io/cluster-issuer" not in ing["metadata"].get("annotations", {})
     cfg = with_changes(
         load("dev"),
         {
@@ -260,7 +260,7 @@ def test_grafana_ingress_host_class_and_tls() -> None:
     assert ing["spec"]["rules"][0]["host"] == "dash.example.org"
     assert ing["spec"]["ingressClassName"] == "traefik"
     assert ing["spec"]["tls"] == [{"hosts": ["dash.example.org"], "secretName": "grafana-tls"}]
-    assert ing["metadata"]["annotations"] == {"cert-manager.io/cluster-issuer": "letsencrypt-prod"}
+    assert ing["metadata"]["annotations"]["cert-manager.io/cluster-issuer"] == "letsencrypt-prod"
     assert evaluation.outputs["grafana_url"] == "https://dash.example.org/"
     ini = render.find(evaluation.manifests(), "ConfigMap", "grafana-ini")["data"]["grafana.ini"]
     assert "cookie_secure = true" in ini and "strict_transport_security = true" in ini
@@ -479,7 +479,12 @@ def test_namespace_guard_rails(objects: list[dict[str, Any]]) -> None:
 
 # KEDA on and installed. The kind and k3d stacks are sized for it; dev needs more Postgres connections.
 KEDA_ON = {"workers.autoscaling.enabled": True, "baseline.kedaInstall": True}
-KEDA_CHANGES = {"dev": {**KEDA_ON, "postgres.maxConnections": 5000}, "kind": KEDA_ON, "k3d": KEDA_ON}
+KEDA_CHANGES = {
+    "dev": {**KEDA_ON, "postgres.maxConnections": 5000},
+    "eks": {**KEDA_ON, "postgres.maxConnections": 5000},
+    "kind": KEDA_ON,
+    "k3d": KEDA_ON,
+}
 
 
 @pytest.mark.parametrize("keda", [False, True], ids=["fixed-workers", "keda"])

@@ -1,4 +1,4 @@
-"""The policy pack (``policy/``): it passes on what the program renders for the kind and dev stacks, and
+"""The policy pack (``policy/``): it passes on what the program renders for the kind, dev and eks stacks, and
 each policy fails on a deliberately broken object.
 
 The objects are the program's own, evaluated offline with Pulumi mocks (``infra.render.evaluate``), and
@@ -46,7 +46,7 @@ from policy.rules import (
     selector_matches,
 )
 
-STACKS = ("kind", "dev")
+STACKS = ("kind", "dev", "eks")
 POLICY_DIR = REPO_ROOT / "policy"
 EXPECTED = {
     "pods-run-as-non-root",
