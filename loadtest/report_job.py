@@ -100,6 +100,16 @@ class Kube:
             raise KubeError(f"reading ConfigMap {namespace}/{name}: HTTP {resp.status_code}: {resp.text[:500]}")
         return resp.json().get("data") or {}
 
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Job's ``status`` (``{}`` before the controller wrote one); None when there is no such Job."""
+        with self._client() as client:
+            resp = client.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}")
+        if resp.status_code == 404:
+            return None
+        if resp.status_code >= 300:
+            raise KubeError(f"reading Job {namespace}/{name}: HTTP {resp.status_code}: {resp.text[:500]}")
+        return resp.json().get("status") or {}
+
 
 def run(doc: dict[str, Any], kube: Kube, database_url: str | None) -> dict[str, Any]:
     """Measure the run described by ``doc`` (see ``infra/report.py:report_job_config``) and store the report."""
