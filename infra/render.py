@@ -151,6 +151,7 @@ class RecordingMonitor(MockMonitor):
         self.create_timeouts: dict[str, str] = {}  # logical name -> customTimeouts.create ("" = provider default)
         self.ignore_changes: dict[str, list[str]] = {}  # logical name -> ignoreChanges
         self.retained: set[str] = set()  # logical names registered with retainOnDelete
+        self.replace_with: dict[str, set[str]] = {}  # logical name -> URNs whose replacement replaces it
 
     def RegisterResource(self, request: Any) -> Any:
         response = super().RegisterResource(request)
@@ -158,6 +159,7 @@ class RecordingMonitor(MockMonitor):
         self.urns[request.name] = response.urn
         self.create_timeouts[request.name] = request.customTimeouts.create
         self.ignore_changes[request.name] = list(request.ignoreChanges)
+        self.replace_with[request.name] = set(request.replace_with)
         if request.retainOnDelete:
             self.retained.add(request.name)
         return response
@@ -179,6 +181,10 @@ class Evaluation:
     def waits_for(self, name: str, other: str) -> bool:
         """Whether resource ``name`` was registered with a dependency on resource ``other`` (logical names)."""
         return self.monitor.urns[other] in self.monitor.dependencies[name]
+
+    def replaced_with(self, name: str, other: str) -> bool:
+        """Whether resource ``name`` was registered with ``replaceWith`` resource ``other`` (logical names)."""
+        return self.monitor.urns[other] in self.monitor.replace_with.get(name, set())
 
     def create_timeout_s(self, name: str) -> float | None:
         """The ``customTimeouts.create`` of resource ``name`` in seconds; None when unset."""
