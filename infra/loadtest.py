@@ -275,7 +275,6 @@ class LoadTest(pulumi.ComponentResource):
     runner_job: k8s.batch.v1.Job
     start_job: k8s.batch.v1.Job
     start_configmap: pulumi.Output[str]
-    report_configmap: pulumi.Output[str]
 
     def __init__(
         self,
@@ -306,7 +305,6 @@ class LoadTest(pulumi.ComponentResource):
         self.run_hex = run.hex
         self.test_id = names.apply(lambda n: n.test_id)
         self.start_configmap = names.apply(lambda n: n.start)
-        self.report_configmap = names.apply(lambda n: n.report)
         start_result = c.result_configmap(
             f"{name}-start-result", self.start_configmap, namespace, "k6-start", parent=self
         )
