@@ -7,7 +7,11 @@ test can check that bar once for all of them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import pulumi
 import pulumi_kubernetes as k8s
@@ -32,6 +36,60 @@ K6_API_PORT = 6565
 # On a Job: a failed (unready) Job from an earlier `pulumi up` is replaced by the next one instead of
 # failing it. Our Jobs never retry (backoffLimit 0), so without this one failed run blocks every later up.
 JOB_ANNOTATIONS = {"pulumi.com/replaceUnready": "true"}
+
+
+@dataclass(frozen=True)
+class RunNames:
+    """The names of one run's objects, all derived from its run id (``hex``), so a new id renames all."""
+
+    hex: str
+
+    @property
+    def test_id(self) -> str:
+        """The ``testid`` tag on every k6 sample of the run."""
+        return f"lp-{self.hex}"
+
+    @property
+    def runners(self) -> str:
+        """The runner Job and its headless Service."""
+        return f"k6-{self.hex}"
+
+    @property
+    def start(self) -> str:
+        """The start barrier Job and the ConfigMap it records the start time in."""
+        return f"k6-start-{self.hex}"
+
+    @property
+    def report(self) -> str:
+        """The report Job and the ConfigMap it writes the report into."""
+        return f"report-{self.hex}"
+
+
+# Stands in for the run id when a Job spec is hashed into the run id's own keepers.
+PLACEHOLDER_RUN = RunNames("<run>")
+
+
+def plain(value: Any) -> Any:
+    """A resource's Args (``*Args`` input types, lists, dicts, scalars) as JSON-able data, keys sorted.
+
+    Refuses an ``Output``: a spec hashed into the run id's keepers must be fully known at plan time.
+    """
+    if isinstance(value, pulumi.Output):
+        raise TypeError("an Output cannot be hashed at plan time: build the spec from plain values")
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in sorted(value.items()) if v is not None}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if type(value).__module__.startswith("pulumi_kubernetes."):
+        return plain({k: v for k, v in vars(value).items() if not k.startswith("__")})
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    raise TypeError(f"cannot hash a {type(value).__name__} in a Job spec")
+
+
+def digest(doc: Any) -> str:
+    """A short stable hash of plain data or Args (see :func:`plain`)."""
+    return hashlib.sha256(json.dumps(plain(doc), sort_keys=True).encode()).hexdigest()[:16]
 
 
 _BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}

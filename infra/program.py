@@ -20,7 +20,7 @@ from infra.monitoring import Monitoring, ingress_note
 from infra.orchestrator import Orchestrator
 from infra.postgres import Postgres
 from infra.redis import Redis
-from infra.report import Report
+from infra.report import Report, report_spec_digest
 
 # The measured numbers exported one by one (and all of them under `report`).
 
@@ -121,6 +121,12 @@ def deploy(cfg: StackConfig, secrets: Secrets) -> dict[str, Any]:
         ns,
         target_base_url=service.base_url,
         remote_write_url=monitoring.remote_write_url,
+        report_spec=report_spec_digest(
+            cfg,
+            prometheus_url=monitoring.prometheus_url,
+            database_secret=postgres.secret_name,
+            database_key=postgres.url_key,
+        ),
         # The run starts only once the service and Prometheus are Ready (Pulumi awaits Deployments);
         # Grafana and its Ingress are not needed for it.
         depends_on=[service, monitoring.prometheus, monitoring.prometheus_service],
@@ -130,14 +136,15 @@ def deploy(cfg: StackConfig, secrets: Secrets) -> dict[str, Any]:
         "report",
         cfg,
         ns,
-        test_id=loadtest.test_id,
+        run_hex=loadtest.run_hex,
         prometheus_url=monitoring.prometheus_url,
         grafana_url=monitoring.grafana_url,
-        start_configmap=loadtest.start_configmap,
-        report_configmap=loadtest.report_configmap,
         database_secret=postgres.secret_name,
         database_key=postgres.url_key,
-        after=[loadtest.runner_job, loadtest.start_job],
+        # Runners, barrier and report are one unit (infra/loadtest.py): measured after the runners,
+        # replaced whenever the barrier is.
+        after=[loadtest.runner_job],
+        unit=loadtest.start_job,
         opts=k8s_opts,
     )
     outputs: dict[str, Any] = {

@@ -158,6 +158,7 @@ class RecordingMonitor(MockMonitor):
         self.retained: set[str] = set()  # logical names registered with retainOnDelete
         self.providers: dict[str, str] = {}  # logical name -> provider reference ("<urn>::<id>"; "" = default)
         self.types: dict[str, str] = {}  # logical name -> resource type (registered or read)
+        self.replace_with: dict[str, set[str]] = {}  # logical name -> URNs whose replacement replaces it
 
     def RegisterResource(self, request: Any) -> Any:
         response = super().RegisterResource(request)
@@ -167,6 +168,7 @@ class RecordingMonitor(MockMonitor):
         self.ignore_changes[request.name] = list(request.ignoreChanges)
         self.providers[request.name] = request.provider
         self.types[request.name] = request.type
+        self.replace_with[request.name] = set(request.replace_with)
         if request.retainOnDelete:
             self.retained.add(request.name)
         return response
@@ -191,6 +193,10 @@ class Evaluation:
     def waits_for(self, name: str, other: str) -> bool:
         """Whether resource ``name`` was registered with a dependency on resource ``other`` (logical names)."""
         return self.monitor.urns[other] in self.monitor.dependencies[name]
+
+    def replaced_with(self, name: str, other: str) -> bool:
+        """Whether resource ``name`` was registered with ``replaceWith`` resource ``other`` (logical names)."""
+        return self.monitor.urns[other] in self.monitor.replace_with.get(name, set())
 
     def create_timeout_s(self, name: str) -> float | None:
         """The ``customTimeouts.create`` of resource ``name`` in seconds; None when unset."""

@@ -5,6 +5,10 @@ against the in-cluster Prometheus (and Postgres, to reconcile tasks), then write
 a ConfigMap through the Kubernetes API. Pulumi waits for the Job to complete (no
 ``pulumi.com/skipAwait``), and the ConfigMap read's id is built from the *Job's outputs*, so the
 read cannot happen before the report exists. The program parses it and exports every number.
+
+The report is one of the run's three Jobs (``infra/loadtest.py``, "One run, one unit"): its spec comes
+from :func:`report_job_spec`, whose digest with a placeholder run id (:func:`report_spec_digest`) is
+one of the run id's keepers, and the Job is replaced whenever the start barrier, the unit's root, is.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from common.stackconfig import Resources, StackConfig
 from infra import kube as c
 
 APP_UID = 10001
+REPORT_ACCOUNT = "report"
 REPORT_KEY = "report.json"
 REPORT_RESOURCES = Resources(cpu_request="100m", cpu_limit="1", memory_request="128Mi", memory_limit="512Mi")
 MEASURE_MARGIN_S = 300  # querying Prometheus and Postgres after the drain
@@ -28,6 +33,65 @@ MEASURE_MARGIN_S = 300  # querying Prometheus and Postgres after the drain
 
 def report_timeout_s(cfg: StackConfig) -> int:
     return math.ceil(cfg.loadtest.drain_for(cfg.loadtest.profile) + MEASURE_MARGIN_S)
+
+
+def report_job_spec(
+    cfg: StackConfig,
+    run: c.RunNames,
+    *,
+    prometheus_url: str,
+    database_secret: str,
+    database_key: str,
+) -> k8s.batch.v1.JobSpecArgs:
+    """The report Job's spec for run ``run`` (plain values only, so it can be hashed into the run id)."""
+    doc = report_job_config(
+        cfg, test_id=run.test_id, prometheus_url=prometheus_url, start_configmap=run.start, report_configmap=run.report
+    )
+    container = k8s.core.v1.ContainerArgs(
+        name="report",
+        image=cfg.image,
+        image_pull_policy=cfg.image_pull_policy,
+        command=["python", "-m", "loadtest.report_job"],
+        env=[
+            k8s.core.v1.EnvVarArgs(name="LOADPROOF_REPORT_CONFIG", value=json.dumps(doc, sort_keys=True)),
+            c.secret_env("LOADPROOF_DATABASE_URL", database_secret, database_key),
+        ],
+        resources=c.resources(REPORT_RESOURCES),
+        security_context=c.container_security(),
+        volume_mounts=[k8s.core.v1.VolumeMountArgs(name="tmp", mount_path="/tmp")],
+    )
+    return k8s.batch.v1.JobSpecArgs(
+        backoff_limit=0,
+        active_deadline_seconds=report_timeout_s(cfg),
+        template=k8s.core.v1.PodTemplateSpecArgs(
+            metadata=k8s.meta.v1.ObjectMetaArgs(labels=c.labels("report")),
+            spec=k8s.core.v1.PodSpecArgs(
+                restart_policy="Never",
+                service_account_name=REPORT_ACCOUNT,
+                automount_service_account_token=True,
+                security_context=c.pod_security(APP_UID),
+                containers=[container],
+                volumes=[c.empty_dir("tmp", "64Mi")],
+            ),
+        ),
+    )
+
+
+def report_spec_digest(
+    cfg: StackConfig, *, prometheus_url: str, database_secret: pulumi.Input[str], database_key: str
+) -> pulumi.Output[str]:
+    """The digest of :func:`report_job_spec` with a placeholder run id: a keeper of the run id."""
+    return pulumi.Output.from_input(database_secret).apply(
+        lambda secret: c.digest(
+            report_job_spec(
+                cfg,
+                c.PLACEHOLDER_RUN,
+                prometheus_url=prometheus_url,
+                database_secret=secret,
+                database_key=database_key,
+            )
+        )
+    )
 
 
 def report_job_config(
@@ -64,9 +128,10 @@ def report_job_config(
 class Report(pulumi.ComponentResource):
     """The report Job and the ConfigMap read that turns its JSON into stack outputs.
 
-    Args: ``name``, ``cfg`` (section ``loadtest``), ``namespace``, the run's ``test_id`` and
-    ConfigMap names, ``prometheus_url``, ``grafana_url`` (added to the report, not measured), the
-    database Secret name/key, ``after`` (the runner and start Jobs), ``opts``. The Job runs as its own
+    Args: ``name``, ``cfg`` (section ``loadtest``), ``namespace``, the run's ``run_hex``,
+    ``prometheus_url``, ``grafana_url`` (added to the report, not measured), the database Secret
+    name/key, ``after`` (the runner Job: measure once it completed), ``unit`` (the start barrier Job,
+    root of the run's unit: replacing it replaces this Job), ``opts``. The Job runs as its own
     ServiceAccount, which may read the run's start ConfigMap and patch its report ConfigMap, nothing else.
     """
 
@@ -79,33 +144,23 @@ class Report(pulumi.ComponentResource):
         cfg: StackConfig,
         namespace: pulumi.Input[str],
         *,
-        test_id: pulumi.Output[str],
+        run_hex: pulumi.Output[str],
         prometheus_url: str,
         grafana_url: str,
-        start_configmap: pulumi.Output[str],
-        report_configmap: pulumi.Output[str],
         database_secret: pulumi.Input[str],
         database_key: str,
         after: list[pulumi.Resource],
+        unit: pulumi.Resource,
         opts: pulumi.ResourceOptions | None = None,
     ) -> None:
         super().__init__("loadproof:infra:Report", name, None, opts)
-        doc = pulumi.Output.all(test_id, start_configmap, report_configmap).apply(
-            lambda a: json.dumps(
-                report_job_config(
-                    cfg,
-                    test_id=a[0],
-                    prometheus_url=prometheus_url,
-                    start_configmap=a[1],
-                    report_configmap=a[2],
-                ),
-                sort_keys=True,
-            )
-        )
+        names = run_hex.apply(c.RunNames)
+        start_configmap = names.apply(lambda n: n.start)
+        report_configmap = names.apply(lambda n: n.report)
         report_result = c.result_configmap(f"{name}-configmap", report_configmap, namespace, "report", parent=self)
         account, binding = c.job_identity(
             name,
-            "report",
+            REPORT_ACCOUNT,
             namespace,
             "report",
             [
@@ -114,19 +169,6 @@ class Report(pulumi.ComponentResource):
             ],
             parent=self,
         )
-        container = k8s.core.v1.ContainerArgs(
-            name="report",
-            image=cfg.image,
-            image_pull_policy=cfg.image_pull_policy,
-            command=["python", "-m", "loadtest.report_job"],
-            env=[
-                k8s.core.v1.EnvVarArgs(name="LOADPROOF_REPORT_CONFIG", value=doc),
-                c.secret_env("LOADPROOF_DATABASE_URL", database_secret, database_key),
-            ],
-            resources=c.resources(REPORT_RESOURCES),
-            security_context=c.container_security(),
-            volume_mounts=[k8s.core.v1.VolumeMountArgs(name="tmp", mount_path="/tmp")],
-        )
         timeout = report_timeout_s(cfg)
         self.job = k8s.batch.v1.Job(
             f"{name}-job",
@@ -134,25 +176,22 @@ class Report(pulumi.ComponentResource):
             metadata=k8s.meta.v1.ObjectMetaArgs(
                 name=report_configmap, namespace=namespace, labels=c.labels("report"), annotations=c.JOB_ANNOTATIONS
             ),
-            spec=k8s.batch.v1.JobSpecArgs(
-                backoff_limit=0,
-                active_deadline_seconds=timeout,
-                template=k8s.core.v1.PodTemplateSpecArgs(
-                    metadata=k8s.meta.v1.ObjectMetaArgs(labels=c.labels("report")),
-                    spec=k8s.core.v1.PodSpecArgs(
-                        restart_policy="Never",
-                        service_account_name=account,
-                        automount_service_account_token=True,
-                        security_context=c.pod_security(APP_UID),
-                        containers=[container],
-                        volumes=[c.empty_dir("tmp", "64Mi")],
-                    ),
-                ),
+            # The account's name joins the spec so the Job also waits for the account.
+            spec=pulumi.Output.all(names, database_secret, account).apply(
+                lambda a: report_job_spec(
+                    cfg,
+                    a[0],
+                    prometheus_url=prometheus_url,
+                    database_secret=a[1],
+                    database_key=database_key,
+                )
             ),
             opts=pulumi.ResourceOptions(
                 parent=self,
+                # Not after the barrier: it finishes only once this Job has (infra/loadtest.py).
                 depends_on=[*after, binding, report_result],
                 delete_before_replace=True,  # explicit name: create-before-delete cannot work
+                replace_with=[unit],  # one run, one unit
                 custom_timeouts=pulumi.CustomTimeouts(create=f"{timeout + 60}s", update=f"{timeout + 60}s"),
             ),
         )

@@ -7,9 +7,10 @@ for the run's queued tasks to drain, computes every number with the shared
 to the ConfigMap the Pulumi program reads back into stack outputs. Configuration comes from
 ``LOADPROOF_REPORT_CONFIG`` (JSON, no secrets) and ``LOADPROOF_DATABASE_URL`` (from a Secret).
 
-Both Jobs reach the Kubernetes API only through :class:`ConfigMaps`, chosen by :func:`configmaps`:
-:class:`Kube` (the pod's ServiceAccount) in a cluster, :class:`FileConfigMaps` when
-``LOADPROOF_CONFIGMAP_DIR`` is set (local runs and the image test, ``tests/test_infra_image.py``).
+Both Jobs reach the Kubernetes API only through :class:`KubeApi` (ConfigMaps, and the Job status
+the start barrier follows), chosen by :func:`kube_api`: :class:`Kube` (the pod's ServiceAccount) in a
+cluster, :class:`FileKube` when ``LOADPROOF_KUBE_DIR`` is set (local runs and the image test,
+``tests/test_infra_image.py``).
 The Pulumi program never sets that variable; everything else is the same code either way.
 """
 
@@ -28,7 +29,7 @@ import httpx
 from common.stackconfig import ProfileConfig, ThresholdsConfig
 
 CONFIG_ENV = "LOADPROOF_REPORT_CONFIG"
-CONFIGMAP_DIR_ENV = "LOADPROOF_CONFIGMAP_DIR"  # set: ConfigMaps are files there (see FileConfigMaps)
+KUBE_DIR_ENV = "LOADPROOF_KUBE_DIR"  # set: ConfigMaps and Job status are files there (see FileKube)
 REPORT_KEY = "report.json"
 START_KEY = "started_at"
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
@@ -50,8 +51,9 @@ class KubeError(RuntimeError):
     """The Kubernetes API refused a request; the message carries its status and body."""
 
 
-class ConfigMaps(Protocol):
-    """The one seam between the Jobs and Kubernetes: write (merge) and read one ConfigMap's data."""
+class KubeApi(Protocol):
+    """The one seam between the Jobs and Kubernetes: write (merge) and read one ConfigMap's data, read
+    one Job's status."""
 
     def put_configmap(
         self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str] | None = None
@@ -59,26 +61,34 @@ class ConfigMaps(Protocol):
 
     def get_configmap(self, namespace: str, name: str) -> dict[str, str] | None: ...
 
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+
 
 @dataclass(frozen=True)
-class FileConfigMaps:
-    """ConfigMaps as JSON files ``<root>/<namespace>/<name>.json`` (``{"metadata": ..., "data": ...}``).
+class FileKube:
+    """Kubernetes objects as JSON files ``<root>/<namespace>/<kind>/<name>.json``, kind ``configmaps``
+    (``{"metadata": ..., "data": ...}``) or ``jobs`` (``{"status": ...}``, written by whoever plays
+    the Job controller).
 
-    Same semantics as :meth:`Kube.put_configmap`'s merge patch: ``data`` keys and ``labels`` are
-    merged into what the file holds (created when missing); :meth:`get_configmap` gives ``None`` for
-    a missing file. For running the Jobs' code outside a cluster, never selected in one.
+    Same semantics as :class:`Kube`: :meth:`put_configmap` merges ``data`` keys and ``labels`` into
+    what the file holds (created when missing); a missing file reads as ``None``. For running the
+    Jobs' code outside a cluster, never selected in one.
     """
 
     root: Path
 
-    def _path(self, namespace: str, name: str) -> Path:
-        return self.root / namespace / f"{name}.json"
+    def path(self, namespace: str, kind: str, name: str) -> Path:
+        return self.root / namespace / kind / f"{name}.json"
+
+    def _read(self, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+        path = self.path(namespace, kind, name)
+        return json.loads(path.read_text()) if path.exists() else None
 
     def put_configmap(
         self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str] | None = None
     ) -> None:
-        path = self._path(namespace, name)
-        doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"metadata": {"name": name}}
+        path = self.path(namespace, "configmaps", name)
+        doc = self._read(namespace, "configmaps", name) or {"metadata": {"name": name}}
         meta = doc.setdefault("metadata", {})
         meta["labels"] = {**(meta.get("labels") or {}), **(labels or {})}
         doc["data"] = {**(doc.get("data") or {}), **data}
@@ -88,19 +98,23 @@ class FileConfigMaps:
         tmp.replace(path)  # readers never see half a file
 
     def get_configmap(self, namespace: str, name: str) -> dict[str, str] | None:
-        path = self._path(namespace, name)
-        return (json.loads(path.read_text()).get("data") or {}) if path.exists() else None
+        doc = self._read(namespace, "configmaps", name)
+        return (doc.get("data") or {}) if doc is not None else None
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        doc = self._read(namespace, "jobs", name)
+        return (doc.get("status") or {}) if doc is not None else None
 
 
-def configmaps() -> ConfigMaps:
-    """:class:`FileConfigMaps` under ``$LOADPROOF_CONFIGMAP_DIR`` when it is set, else the in-cluster :class:`Kube`."""
-    root = os.environ.get(CONFIGMAP_DIR_ENV)
-    return FileConfigMaps(Path(root)) if root else Kube.in_cluster()
+def kube_api() -> KubeApi:
+    """:class:`FileKube` under ``$LOADPROOF_KUBE_DIR`` when it is set, else the in-cluster :class:`Kube`."""
+    root = os.environ.get(KUBE_DIR_ENV)
+    return FileKube(Path(root)) if root else Kube.in_cluster()
 
 
 @dataclass(frozen=True)
 class Kube:
-    """Just enough of the Kubernetes API for one ConfigMap, authenticated as the pod's ServiceAccount."""
+    """Just enough of the Kubernetes API for the Jobs (:class:`KubeApi`), as the pod's ServiceAccount."""
 
     base_url: str
     token: str
@@ -154,8 +168,18 @@ class Kube:
             raise KubeError(f"reading ConfigMap {namespace}/{name}: HTTP {resp.status_code}: {resp.text[:500]}")
         return resp.json().get("data") or {}
 
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Job's ``status`` (``{}`` before the controller wrote one); None when there is no such Job."""
+        with self._client() as client:
+            resp = client.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}")
+        if resp.status_code == 404:
+            return None
+        if resp.status_code >= 300:
+            raise KubeError(f"reading Job {namespace}/{name}: HTTP {resp.status_code}: {resp.text[:500]}")
+        return resp.json().get("status") or {}
 
-def run(doc: dict[str, Any], kube: ConfigMaps, database_url: str | None) -> dict[str, Any]:
+
+def run(doc: dict[str, Any], kube: KubeApi, database_url: str | None) -> dict[str, Any]:
     """Measure the run described by ``doc`` (see ``infra/report.py:report_job_config``) and store the report."""
     from common.k6config import GRACEFUL_STOP_S, graceful_stop_s, profile_duration_s
     from loadtest.measure import RunWindow, backlog_lag_s, measure
@@ -211,7 +235,7 @@ def main() -> int:
     doc = json.loads(raw)
     # Don't start measuring before the last k6 push and scrape can have landed.
     time.sleep(SETTLE_S)
-    report = run(doc, configmaps(), os.environ.get("LOADPROOF_DATABASE_URL") or None)
+    report = run(doc, kube_api(), os.environ.get("LOADPROOF_DATABASE_URL") or None)
     print(json.dumps({k: report.get(k) for k in ("test_id", "p95_latency_ms", "achieved_qps", "thresholds_passed")}))
     return 0
 

@@ -10,8 +10,8 @@ Dockerfile's ``COPY`` lines are the one list of the image's files, and two tests
 - every container command the Pulumi program sets (API, worker, simulator, start barrier, report
   Job) runs from that tree alone, with the command, arguments and environment of the rendered
   manifests, against real Postgres, Redis, Prometheus and k6; only addresses are made local, and the
-  Jobs' Kubernetes calls go to the file sink (``LOADPROOF_CONFIGMAP_DIR``, see
-  ``loadtest/report_job.py``).
+  Jobs' Kubernetes calls go to the file side of the seam (``LOADPROOF_KUBE_DIR``, see
+  ``loadtest/report_job.py``), where the test plays the Job controller.
 
 Also: every library that code imports is installed by requirements-service.txt (transitively, with
 the extras it asks for), whose pins are requirements.txt's; the image runs as the pods' uid; infra/
@@ -41,6 +41,7 @@ from common.stackconfig import REPO_ROOT, ProfileConfig, StackConfig, load
 from common.tools import tool
 from infra import render
 from infra.report import parse_report
+from loadtest.report_job import KUBE_DIR_ENV, FileKube, KubeError, kube_api
 from localstack.monitoring import PrometheusServer
 from localstack.process import ManagedProcess, free_port, http_check
 from localstack.servers import PostgresServer, RedisServer
@@ -268,24 +269,34 @@ def test_image_installs_every_library_its_code_imports() -> None:
     assert not missing, f"imported by the image's code, not installed by requirements-service.txt: {sorted(missing)}"
 
 
-def test_file_configmaps_merge_like_the_api_and_are_chosen_only_by_their_variable(
+def test_file_kube_merges_like_the_api_and_is_chosen_only_by_its_variable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The seam's local side: data and labels merge into what is there (a merge patch), missing reads None."""
-    from loadtest.report_job import CONFIGMAP_DIR_ENV, FileConfigMaps, KubeError, configmaps
-
-    sink = FileConfigMaps(tmp_path)
-    assert sink.get_configmap("ns", "cm") is None
+    """The seam's local side: data and labels merge into what is there (a merge patch), missing reads
+    None, a Job's status is what the file says."""
+    sink = FileKube(tmp_path)
+    assert sink.get_configmap("ns", "cm") is None and sink.get_job("ns", "job") is None
     sink.put_configmap("ns", "cm", {"a": "1"}, {"x": "1"})
     sink.put_configmap("ns", "cm", {"b": "2"}, {"y": "2"})
     assert sink.get_configmap("ns", "cm") == {"a": "1", "b": "2"}
-    assert json.loads((tmp_path / "ns" / "cm.json").read_text())["metadata"]["labels"] == {"x": "1", "y": "2"}
-    monkeypatch.setenv(CONFIGMAP_DIR_ENV, str(tmp_path))
-    assert configmaps() == sink
-    monkeypatch.delenv(CONFIGMAP_DIR_ENV)
+    assert json.loads(sink.path("ns", "configmaps", "cm").read_text())["metadata"]["labels"] == {"x": "1", "y": "2"}
+    sink.path("ns", "jobs", "job").parent.mkdir(parents=True)
+    sink.path("ns", "jobs", "job").write_text(json.dumps({"status": {"active": 1}}))
+    assert sink.get_job("ns", "job") == {"active": 1}
+    monkeypatch.setenv(KUBE_DIR_ENV, str(tmp_path))
+    assert kube_api() == sink
+    monkeypatch.delenv(KUBE_DIR_ENV)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(KubeError, match="not running in a pod"):
-        configmaps()  # without the variable: the in-cluster API client, nothing else
+        kube_api()  # without the variable: the in-cluster API client, nothing else
+
+
+def _job_done(sink: FileKube, namespace: str, name: str, completed: bool) -> None:
+    """What the Job controller would write once the Job's pods ended."""
+    path = sink.path(namespace, "jobs", name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    condition = {"type": "Complete" if completed else "Failed", "status": "True"}
+    path.write_text(json.dumps({"status": {"conditions": [condition]}}))
 
 
 # ------------------------------------------------------------------ every container command, from the tree alone
@@ -470,11 +481,11 @@ def test_every_container_command_does_its_job_from_the_image_tree(
     processes.append(prom.process)
 
     # --- the runner: the rendered entrypoint with real k6, paused until the barrier resumes it
-    sink = tmp_path / "configmaps"
+    sink = FileKube(tmp_path / "kube")
     for name in (f"k6-start-{hex_}", f"report-{hex_}"):  # Pulumi creates both, empty, before the Jobs run
         cm = render.find(objects, "ConfigMap", name)
-        (sink / cfg.namespace).mkdir(parents=True, exist_ok=True)
-        (sink / cfg.namespace / f"{name}.json").write_text(json.dumps(cm))
+        sink.path(cfg.namespace, "configmaps", name).parent.mkdir(parents=True, exist_ok=True)
+        sink.path(cfg.namespace, "configmaps", name).write_text(json.dumps(cm))
     script = tmp_path / "scripts" / "task.js"
     script.parent.mkdir()
     script.write_text(render.find(objects, "ConfigMap", "k6-script")["data"]["task.js"])
@@ -503,16 +514,24 @@ def test_every_container_command_does_its_job_from_the_image_tree(
     argv = python_argv(start)
     for flag, value in (("--service", "127.0.0.1"), ("--port", str(k6_port)), ("--count", "1")):
         argv[argv.index(flag) + 1] = value
-    sink_env = {"LOADPROOF_CONFIGMAP_DIR": str(sink)}
-    rc, tail = run_job("k6-start", argv, image_env(sink_env), image_tree, logs, 120)
-    assert rc == 0, tail
-    start_cm = json.loads((sink / cfg.namespace / f"k6-start-{hex_}.json").read_text())
-    assert abs(float(start_cm["data"]["started_at"]) - time.time()) < 60
-    assert start_cm["metadata"]["labels"]["app.kubernetes.io/component"] == "k6-start"
+    sink_env = {KUBE_DIR_ENV: str(sink.root)}
+    barrier = ManagedProcess("k6-start", argv, env=image_env(sink_env), cwd=image_tree, log_path=logs / "k6-start.log")
+    barrier.start()
+    processes.append(barrier)
+    start_cm: dict[str, Any] = {}
+    deadline = time.monotonic() + 120
+    while not start_cm.get("started_at") and barrier.running and time.monotonic() < deadline:
+        time.sleep(0.2)
+        start_cm = sink.get_configmap(cfg.namespace, f"k6-start-{hex_}") or {}
+    assert abs(float(start_cm["started_at"]) - time.time()) < 60, barrier.log_tail()
+    stored_start = json.loads(sink.path(cfg.namespace, "configmaps", f"k6-start-{hex_}").read_text())
+    assert stored_start["metadata"]["labels"]["app.kubernetes.io/component"] == "k6-start"
     deadline = time.monotonic() + 120
     while k6.running and time.monotonic() < deadline:
         time.sleep(0.5)
     assert k6.returncode == 0, k6.log_tail()
+    assert barrier.running, barrier.log_tail()  # it follows the run's Jobs to their end
+    _job_done(sink, cfg.namespace, f"k6-{hex_}", completed=True)
 
     # --- the report Job: measures the finished run, writes the report ConfigMap
     report = _container(objects, "Job", f"report-{hex_}")
@@ -525,7 +544,12 @@ def test_every_container_command_does_its_job_from_the_image_tree(
     )
     rc, tail = run_job("report", python_argv(report), image_env(report_env), image_tree, logs, 200)
     assert rc == 0, tail
-    stored = json.loads((sink / cfg.namespace / f"report-{hex_}.json").read_text())
+    _job_done(sink, cfg.namespace, f"report-{hex_}", completed=True)
+    deadline = time.monotonic() + 30
+    while barrier.running and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert barrier.returncode == 0, barrier.log_tail()  # the whole run completed: the barrier too
+    stored = json.loads(sink.path(cfg.namespace, "configmaps", f"report-{hex_}").read_text())
     assert stored["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "pulumi"  # merged into Pulumi's
     result = parse_report(stored["data"])
     missing = [k for k in OUTPUT_KEYS if k not in result]

@@ -4,6 +4,7 @@ processes, the report Job's Kubernetes writes against a real HTTP server, run id
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import os
@@ -253,9 +254,10 @@ def _merge_patch(target: Any, patch: Any) -> Any:
 
 
 class FakeApiServer(BaseHTTPRequestHandler):
-    """A minimal Kubernetes API for ConfigMaps (real HTTP), with a bearer-token check and, when ``rules``
-    is set, RBAC as the API server applies it: a verb on a name is allowed only by a rule listing both
-    (``create`` never matches a rule with resourceNames: the name does not exist yet)."""
+    """A minimal Kubernetes API for ConfigMaps and reading Jobs (real HTTP; one store keyed by name), with a
+    bearer-token check and, when ``rules`` is set, RBAC as the API server applies it: a verb on a name is
+    allowed only by a rule listing both (``create`` never matches a rule with resourceNames: the name does
+    not exist yet)."""
 
     store: dict[str, dict[str, Any]] = {}
     token = "t0ken"
@@ -267,15 +269,19 @@ class FakeApiServer(BaseHTTPRequestHandler):
             self.end_headers()
             return False
         if self.rules is not None and verb:
-            name = "" if verb == "create" else self.path.rsplit("/", 1)[1]
+            parts = self.path.split("/")  # /api/v1/namespaces/ns/configmaps[/name], /apis/batch/v1/.../jobs/name
+            group = parts[2] if parts[1] == "apis" else ""
+            resource = parts[-1] if verb == "create" else parts[-2]
+            name = "" if verb == "create" else parts[-1]
             allowed = any(
-                "configmaps" in r["resources"]
+                group in r["apiGroups"]
+                and resource in r["resources"]
                 and verb in r["verbs"]
                 and ("resourceNames" not in r or (verb != "create" and name in r["resourceNames"]))
                 for r in self.rules
             )
             if not allowed:
-                self._json(403, {"reason": "Forbidden", "message": f"cannot {verb} configmaps {name!r}"})
+                self._json(403, {"reason": "Forbidden", "message": f"cannot {verb} {resource} {name!r}"})
                 return False
         return True
 
@@ -549,3 +555,188 @@ def test_runners_started_by_the_barrier_offer_exactly_the_profiles_arrivals(tmp_
     assert all(n > 0 for n in per_runner)
     assert sum(per_runner) == reference
     assert TaskSink.count == 2 * reference
+
+
+# ---------------------------------------------------------------------------- one run, one unit
+
+
+class KeeperMocks(render.RecordingMocks):
+    """A RandomId whose hex follows its keepers, as the provider's does: a new id whenever any keeper changes."""
+
+    def output_state(self, args: Any, state: dict[str, Any]) -> dict[str, Any]:
+        if args.typ == "random:index/randomId:RandomId":
+            keepers = json.dumps(render.to_plain(args.inputs)["keepers"], sort_keys=True)
+            return {**state, "hex": hashlib.sha256(keepers.encode()).hexdigest()[:8]}
+        return state
+
+
+def job_names(cfg: StackConfig) -> dict[str, str]:
+    """The rendered Jobs by component (k6 = runners, k6-start = barrier, report)."""
+    objects = render.evaluate(cfg, mocks=KeeperMocks(profile=cfg.loadtest.profile)).manifests()
+    jobs = [o for o in objects if o["kind"] == "Job"]
+    return {o["metadata"]["labels"]["app.kubernetes.io/component"]: o["metadata"]["name"] for o in jobs}
+
+
+def _with(cfg: StackConfig, section: str | None, key: str, value: Any) -> StackConfig:
+    doc = cfg.model_dump(mode="json", by_alias=True)
+    (doc[section] if section else doc)[key] = value
+    return StackConfig.model_validate(doc)
+
+
+# Program changes (code, not stack config) that alter exactly one Job's spec, or what a Job runs.
+SPEC_CHANGES: dict[str, tuple[str, str, Any]] = {
+    "runner spec": ("infra.loadtest", "GO_MEMORY_SHARE", 0.8),
+    "barrier spec": ("infra.loadtest", "SMALL", load("dev").loadtest.runner_resources),
+    "report spec": ("infra.report", "MEASURE_MARGIN_S", 301),
+    "k6 script": ("infra.loadtest", "script_text", lambda: "export default function () {}\n"),
+}
+
+
+@pytest.mark.parametrize("change", sorted(SPEC_CHANGES))
+def test_a_changed_job_spec_renames_all_three_jobs(change: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two evaluations of the program, the second with one Job's spec changed by code (the stack config is
+    the same): every Job gets a new name, i.e. the whole run is replaced, never one Job under an old id."""
+    import importlib
+
+    cfg = load("dev")
+    before = job_names(cfg)
+    assert job_names(cfg) == before, "no change renames none"
+    module, attr, value = SPEC_CHANGES[change]
+    monkeypatch.setattr(importlib.import_module(module), attr, value)
+    after = job_names(cfg)
+    assert after.keys() == before.keys() == {"k6", "k6-start", "report"}
+    assert set(after.values()).isdisjoint(before.values()), (change, before, after)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"), [(None, "image", "registry.example.com/loadproof:2"), ("loadtest", "image", "k6:9")]
+)
+def test_a_changed_image_renames_all_three_jobs(section: str | None, key: str, value: str) -> None:
+    before = job_names(load("dev"))
+    after = job_names(_with(load("dev"), section, key, value))
+    assert set(after.values()).isdisjoint(before.values())
+
+
+def test_the_run_id_hashes_the_job_specs_not_their_names() -> None:
+    """The run id's keeper is computed from the specs with a placeholder id (their names derive from the id)."""
+    ev = render.evaluate(load("dev"))
+    (rid,) = [r for r in ev.mocks.resources if r.typ == "random:index/randomId:RandomId"]
+    keepers = render.to_plain(rid.inputs)["keepers"]
+    assert set(keepers) == {"runId", "config", "jobs"}
+    assert render.MOCK_RUN_HEX not in json.dumps(keepers)
+
+
+def test_runners_and_report_are_replaced_with_the_barrier() -> None:
+    """replaceWith: whenever the barrier (root of the run) is replaced, by a change or as unready, the
+    engine replaces the runner and report Jobs with it; the barrier itself follows both (below)."""
+    ev = render.evaluate(load("dev"))
+    assert ev.replaced_with("loadtest-runners-job", "loadtest-start-job")
+    assert ev.replaced_with("report-job", "loadtest-start-job")
+    assert not ev.monitor.replace_with["loadtest-start-job"]  # the root
+    # The report must not wait for the barrier, which finishes after it: that would deadlock the up.
+    assert not ev.waits_for("report-job", "loadtest-start-job")
+    objects = ev.manifests()
+    start = render.find(objects, "Job", f"k6-start-{render.MOCK_RUN_HEX}")
+    args = start["spec"]["template"]["spec"]["containers"][0]["args"]
+    followed = [args[i + 1] for i, a in enumerate(args) if a == "--follow-job"]
+    assert followed == [f"k6-{render.MOCK_RUN_HEX}", f"report-{render.MOCK_RUN_HEX}"]  # in the order they run
+    follow_s = float(args[args.index("--follow-timeout-s") + 1])
+    runner_deadline = render.find(objects, "Job", f"k6-{render.MOCK_RUN_HEX}")["spec"]["activeDeadlineSeconds"]
+    report_deadline = render.find(objects, "Job", f"report-{render.MOCK_RUN_HEX}")["spec"]["activeDeadlineSeconds"]
+    assert runner_deadline + report_deadline < follow_s < start["spec"]["activeDeadlineSeconds"]
+
+
+def _finished(ok: bool) -> dict[str, Any]:
+    return {"status": {"conditions": [{"type": "Complete" if ok else "Failed", "status": "True"}]}}
+
+
+def test_follow_jobs_waits_for_each_job_in_turn() -> None:
+    statuses: dict[str, Any] = {"a": {}, "b": None}
+    calls: list[str] = []
+
+    def get(name: str) -> Any:
+        calls.append(name)
+        if len(calls) == 3:  # a finishes; b appears (Pulumi creates it once a completed) and finishes
+            statuses.update(a=_finished(True)["status"], b=_finished(True)["status"])
+        return statuses[name]
+
+    k6_start.follow_jobs(get, ["a", "b"], timeout_s=5, poll_s=0.01)
+    assert calls[0] == "a" and calls[-1] == "b"
+    with pytest.raises(RuntimeError, match="Job b failed"):
+        k6_start.follow_jobs({"a": _finished(True)["status"], "b": _finished(False)["status"]}.get, ["a", "b"], 5, 0)
+    with pytest.raises(TimeoutError, match="Job a did not finish"):
+        k6_start.follow_jobs(lambda _: None, ["a"], timeout_s=0.05, poll_s=0.01)
+    assert k6_start.job_outcome({"conditions": [{"type": "Failed", "status": "False"}]}) is None
+
+
+ABORTING_SCRIPT = """
+import exec from 'k6/execution';
+export const options = { scenarios: { a: { executor: 'per-vu-iterations', vus: 1, iterations: 1 } } };
+export default function () { exec.test.abort('a runner failing after the start'); }
+"""
+
+
+@pytest.mark.parametrize(
+    ("runner_fails", "report_fails"), [(False, False), (True, False), (False, True)], ids=["ok", "runners", "report"]
+)
+def test_the_barrier_ends_unready_whenever_the_run_does(
+    runner_fails: bool, report_fails: bool, api_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unready case, end to end: the real runner wrapper and real k6 (one runner), the barrier's
+    ``main`` with the rendered Job's own arguments and Role (only the Service address and the deadline
+    are local), a stand-in API server whose Job statuses follow the real processes. Runners failing
+    after the barrier released them, or the report failing, must fail the barrier too: the barrier is
+    then unready, and the next up replaces it and (replaceWith) the other two."""
+    objects = render.evaluate(load("dev")).manifests()
+    hexid = render.MOCK_RUN_HEX
+    runners_job, report_job, start_cm = f"k6-{hexid}", f"report-{hexid}", f"k6-start-{hexid}"
+    FakeApiServer.store[start_cm] = render.find(objects, "ConfigMap", start_cm)
+    FakeApiServer.rules = render.find(objects, "Role", "k6-start")["rules"]
+    monkeypatch.setattr(Kube, "in_cluster", classmethod(lambda cls: Kube(api_server, FakeApiServer.token, False)))
+    monkeypatch.setattr(k6_start, "FOLLOW_POLL_S", 0.2)
+
+    script = tmp_path / "s.js"
+    script.write_text(ABORTING_SCRIPT if runner_fails else SCRIPT)
+    port = free_port()
+    env = {
+        **os.environ,
+        "JOB_COMPLETION_INDEX": "0",
+        "PATH": f"{Path(tool('k6')).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    wrapper = runner_script(1, f"lp-{hexid}", script=str(script), address=f"127.0.0.1:{port}", remote_write=False)
+    log = tmp_path / "runner.log"
+    with log.open("w") as out:
+        runner = subprocess.Popen(["sh", "-c", wrapper], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def job_controller() -> None:
+        """The runner Job's status from the real process; then Pulumi creating the report Job (only after
+        the runners completed) and its outcome."""
+        FakeApiServer.store[runners_job] = {"status": {}}
+        ok = runner.wait(timeout=120) == 0
+        FakeApiServer.store[runners_job] = _finished(ok)
+        if ok:
+            FakeApiServer.store[report_job] = {"status": {}}
+            time.sleep(0.5)
+            FakeApiServer.store[report_job] = _finished(not report_fails)
+
+    controller = threading.Thread(target=job_controller, daemon=True)
+    controller.start()
+    try:
+        job = render.find(objects, "Job", start_cm)["spec"]["template"]["spec"]["containers"][0]
+        assert job["command"] == ["python", "-m", "loadtest.k6_start"]
+        args = list(job["args"])
+        args[args.index("--service") + 1] = "127.0.0.1"
+        args[args.index("--port") + 1] = str(port)
+        args[args.index("--count") + 1] = "1"
+        for flag in ("--timeout-s", "--follow-timeout-s"):  # the rendered barrier must have the second
+            if flag in args:
+                args[args.index(flag) + 1] = "60"
+        rc = k6_start.main(args)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        runner.wait()
+        controller.join(timeout=10)
+    assert (runner.returncode != 0) == runner_fails, log.read_text()
+    assert float(FakeApiServer.store[start_cm]["data"]["started_at"]) > 0  # the barrier did release the runner
+    assert rc == (1 if runner_fails or report_fails else 0)

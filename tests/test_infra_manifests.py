@@ -347,20 +347,26 @@ def test_report_job_runs_after_the_runners_and_writes_its_configmap(objects: lis
     c = job["spec"]["template"]["spec"]["containers"][0]
     assert c["command"] == ["python", "-m", "loadtest.report_job"]
     assert "pulumi.com/skipAwait" not in job["metadata"].get("annotations", {})
-    # One ServiceAccount and Role per Job, each limited to named ConfigMaps; nothing may create or delete.
+    # One ServiceAccount and Role per Job, each limited to named objects; nothing may create or delete.
+    # The barrier also reads the run's runner and report Jobs, which it follows (one run, one unit).
     start, report = f"k6-start-{render.MOCK_RUN_HEX}", f"report-{render.MOCK_RUN_HEX}"
+    runners = f"k6-{render.MOCK_RUN_HEX}"
     grants = {
         name: {
-            (n, verb)
+            (r["resources"][0], n, verb)
             for r in render.find(objects, "Role", name)["rules"]
             for n in r["resourceNames"]
             for verb in r["verbs"]
         }
         for name in ("k6-start", "report")
     }
-    assert grants == {"k6-start": {(start, "patch")}, "report": {(start, "get"), (report, "patch")}}
+    assert grants == {
+        "k6-start": {("configmaps", start, "patch"), ("jobs", runners, "get"), ("jobs", report, "get")},
+        "report": {("configmaps", start, "get"), ("configmaps", report, "patch")},
+    }
     for name in ("k6-start", "report"):
-        assert all(r["resources"] == ["configmaps"] for r in render.find(objects, "Role", name)["rules"])
+        for r in render.find(objects, "Role", name)["rules"]:
+            assert (r["apiGroups"], r["resources"]) in ((["batch"], ["jobs"]), ([""], ["configmaps"]))
         binding = render.find(objects, "RoleBinding", name)
         assert binding["roleRef"]["name"] == name and binding["subjects"][0]["name"] == name
     # Pulumi creates both ConfigMaps (the Jobs cannot) and keeps them when a re-run replaces them.
@@ -534,9 +540,10 @@ def test_redis_evicts_before_the_oom_killer(stack: str) -> None:
 
 
 def test_ordering_service_then_runners_then_report(dev: render.Evaluation) -> None:
-    """Registered dependencies: runners wait for the service and Prometheus; the report for the runners."""
+    """Registered dependencies: runners wait for the service and Prometheus; the report for the runners
+    but not for the barrier, which follows the report and so finishes after it (one run, one unit)."""
     assert dev.waits_for("report-job", "loadtest-runners-job")
-    assert dev.waits_for("report-job", "loadtest-start-job")
+    assert not dev.waits_for("report-job", "loadtest-start-job")
     for runner_dep in ("orchestrator-api", "orchestrator-workers", "monitoring-prometheus"):
         assert dev.waits_for("loadtest-runners-job", runner_dep)
         assert dev.waits_for("loadtest-start-job", runner_dep)
