@@ -6,14 +6,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STACK ?= dev
 PROFILE ?=
-# Empty: the stack file's loadtest.profile; PROFILE=smoke|demo|cold|flow|seed overrides it.
+# Empty: the stack file's loadtest.profile; PROFILE=smoke|demo|cold|step|step-cold|flow|seed overrides it.
 PROFILE_ARG = $(if $(PROFILE),--profile $(PROFILE))
 export PYTHONPATH := $(CURDIR)
 
 .PHONY: help deps system-deps serve demo compare bench profile chaos test lint typecheck manifests frontpage clean
 
 help:
-	@echo "make demo      - the whole proof on this machine (local stack, k6, measured report; PROFILE=smoke|demo|cold|flow|seed)"
+	@echo "make demo      - the whole proof on this machine (local stack, k6, measured report; PROFILE=smoke|demo|cold|step|step-cold|flow|seed)"
 	@echo "make test      - every test (real Postgres, Redis, Prometheus, k6)"
 	@echo "make serve     - run the service locally on 127.0.0.1:8080 until Ctrl-C"
 	@echo "make compare   - baseline vs optimized, same workload, one run"

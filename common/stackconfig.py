@@ -604,6 +604,31 @@ def _default_profiles() -> dict[str, ProfileConfig]:
             # ~5 s each), so the backlog needs ~4-5 min: a shorter bound could not show its drain time.
             drain_s=420,
         ),
+        # Real traffic arrives in steps (a launch, a cron, a client's retry storm): a light load, then the
+        # target rate at once (a 0 s stage), held. Admission must not refuse what it can serve in time.
+        "step": ProfileConfig(
+            start_rate=100,
+            warmup_s=10,
+            pre_allocated_vus=1000,
+            stages=[
+                Stage(duration="20s", target=100),
+                Stage(duration="0s", target=1000),
+                Stage(duration="40s", target=1000),
+            ],
+        ),
+        # The same step where the cache cannot help: every request a new task (row, queue entry, LLM work).
+        "step-cold": ProfileConfig(
+            start_rate=100,
+            warmup_s=10,
+            new_topics=1.0,
+            pre_allocated_vus=1000,
+            stages=[
+                Stage(duration="20s", target=100),
+                Stage(duration="0s", target=1000),
+                Stage(duration="40s", target=1000),
+            ],
+            drain_s=420,
+        ),
         # The client's view of the asynchronous work: new tasks at a constant rate, each polled until done.
         "flow": ProfileConfig(
             start_rate=20,
