@@ -334,6 +334,11 @@ def rejected_per_s(window: str) -> str:
     return f"sum by (reason) (rate({HTTP_REJECTED}[{window}]))"
 
 
+def rejected_for_per_s(reason: str, window: str) -> str:
+    """Requests refused for one ``reason`` per second, as one series (the report plots each reason)."""
+    return f'sum(rate({HTTP_REJECTED}{{reason="{reason}"}}[{window}]))'
+
+
 def overload_loop_lag_ms() -> str:
     """The largest per-process loop lag of the last lag-shedding window (service.guard.OverloadShedder)."""
     return f"max({HTTP_LOOP_LAG}) * 1000"
