@@ -268,6 +268,13 @@ class OrchestratorConfig(Section):
         default=10.0,
         description="Event-loop lag target per process before a growing share of requests gets 503 (0 = off).",
     )
+    overload_latency_share: float = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="Lag shedding refuses only while the served p95 (per process, per window) is above this share "
+        "of `loadtest.thresholds.p95Ms` (0 = lag alone).",
+    )
     overload_queue_ms: float = Field(
         default=100.0, description="Longest wait for a request's first event-loop turn before it gets 503 (0 = off)."
     )
@@ -730,6 +737,7 @@ class StackConfig(Section):
             "PROCESSES": o.processes,
             "MAX_INFLIGHT": o.max_inflight,
             "OVERLOAD_LAG_MS": o.overload_lag_ms,
+            "OVERLOAD_LATENCY_MS": o.overload_latency_share * self.loadtest.thresholds.p95_ms,
             "OVERLOAD_QUEUE_MS": o.overload_queue_ms,
             "OVERLOAD_INTERVAL_MS": o.overload_interval_ms,
             "OVERLOAD_SLOW_INFLIGHT": o.overload_slow_inflight,
