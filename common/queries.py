@@ -582,6 +582,7 @@ def all_queries(window: str, testid: str | None = None) -> dict[str, str]:
             "server_qps": server_qps(window),
             "requests_by_status": requests_by_status(window),
             "rejected_per_s": rejected_per_s(window),
+            "rejected_loop_lag_per_s": rejected_for_per_s("loop_lag", window),
             "http_inflight": http_inflight(),
             "cache_errors_per_s": cache_errors_per_s(window),
             "llm_spend_usd_per_hour": llm_spend_usd_per_hour(window),
