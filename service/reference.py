@@ -4,7 +4,7 @@ Each mode answers ``POST /task`` (after reading its body) by one rule:
 
 * ``constant`` (the hot path's ceiling): a constant 202 JSON body, no I/O at all: what the server
   (uvicorn, the event loop, HTTP parsing) costs by itself on this machine.
-* ``get`` (the hot path's floor with a store): exactly one Redis GET per request, answered 200.
+* ``get`` (the hot path, naive): exactly one Redis GET per request, answered 200.
 * ``insert`` (the cold path, naive): exactly one Postgres INSERT (autocommit, so one commit and its
   WAL flush) and one Redis XADD per request, with no grouping: the naive durable accept.
 * ``group`` (the cold path's limit): group commit. New tasks arriving while a group is being written
