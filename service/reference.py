@@ -10,10 +10,11 @@ Each mode answers ``POST /task`` (after reading its body) by one rule:
 * ``group`` (the cold path's limit): group commit. New tasks arriving while a group is being written
   go together in the next group; an idle process waits at most ``linger_ms`` for company, and a group
   holds at most ``batch_max`` tasks. A group is one multi-row INSERT (one transaction, one commit)
-  and then one pipeline of XADDs, one per row; each request is answered 202 with its task id only
-  after its group committed and its XADD was sent, so it is as durable as ``insert`` and amortised
-  like the service's own accept path (one write in flight per process). A failed INSERT or XADD
-  answers every request of its group 503; none is acknowledged.
+  and then one pipeline of XADDs, one per row, sent while the next group's INSERT is in flight (one
+  INSERT in flight per process, entries in commit order); each request is answered 202 with its task
+  id only after its group committed and its XADD was sent, so it is as durable as ``insert`` and
+  amortised like the service's own accept path. A failed INSERT or XADD answers every request of its
+  group 503; none is acknowledged.
 
 ``make bench`` reports the service's highest sustainable arrival rate *relative to* these apps run
 with the same uvicorn settings (and the service's database pool size) on the same machine, so each
@@ -179,8 +180,10 @@ class ReferenceApp:
 
 
 class GroupCommit:
-    """The ``group`` mode's rule: one write (INSERT, then its XADDs) in flight per process; the tasks that
-    arrive meanwhile form the next group (at most ``batch_max``); an idle process lingers ``linger_s``."""
+    """The ``group`` mode's rule: one INSERT in flight per process; the tasks that arrive meanwhile form
+    the next group (at most ``batch_max``); an idle process lingers ``linger_s`` for company. A committed
+    group's XADDs run while the next group's INSERT is in flight, in commit order (each pipeline waits
+    for the previous one), and its requests are answered when its pipeline was sent."""
 
     def __init__(self, app: ReferenceApp, linger_s: float, batch_max: int) -> None:
         self._app = app
@@ -189,6 +192,7 @@ class GroupCommit:
         self._pending: list[tuple[str, asyncio.Future[str]]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._last_xadd: asyncio.Task[None] | None = None
 
     async def submit(self) -> str:
         """A new task's id once its group committed and its XADD was sent; raises what either raised."""
@@ -213,26 +217,45 @@ class GroupCommit:
         try:
             while self._pending:
                 group, self._pending = self._pending[: self.batch_max], self._pending[self.batch_max :]
-                ids = [task_id for task_id, _ in group]
                 try:
-                    await self._app.insert_group(ids)
-                    await self._app.xadd_group(ids)
+                    await self._app.insert_group([task_id for task_id, _ in group])
                 except Exception as exc:  # the whole group answers 503: none was acknowledged
-                    for _, future in group:
-                        if not future.done():
-                            future.set_exception(exc)
+                    _answer(group, exc)
                     continue
-                for task_id, future in group:
-                    if not future.done():
-                        future.set_result(task_id)
+                previous = self._last_xadd
+                self._last_xadd = asyncio.get_running_loop().create_task(self._xadd_and_answer(group, previous))
         finally:
             self._writer = None
 
+    async def _xadd_and_answer(
+        self, group: list[tuple[str, asyncio.Future[str]]], previous: asyncio.Task[None] | None
+    ) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])  # commit order in the stream; its outcome is its own group's
+        try:
+            await self._app.xadd_group([task_id for task_id, _ in group])
+        except Exception as exc:  # committed, but not queued: not acknowledged either
+            _answer(group, exc)
+            return
+        _answer(group, None)
+
     async def aclose(self) -> None:
-        """Write what is pending and wait for the write in progress (drain on shutdown)."""
+        """Write what is pending and wait for the writes in progress (drain on shutdown)."""
         self._start()
         if self._writer is not None:
             await asyncio.shield(self._writer)
+        if self._last_xadd is not None:
+            await asyncio.wait([self._last_xadd])
+
+
+def _answer(group: list[tuple[str, asyncio.Future[str]]], error: Exception | None) -> None:
+    """Each request of a group gets its task id, or ``error`` (answered 503)."""
+    for task_id, future in group:
+        if not future.done():
+            if error is None:
+                future.set_result(task_id)
+            else:
+                future.set_exception(error)
 
 
 async def _respond(send: Send, status: int, body: bytes) -> None:
