@@ -327,7 +327,8 @@ class Reference:
 
 
 PATHS: dict[str, tuple[float, tuple[Reference, ...]]] = {
-    # path: (fraction of never-seen topics, its references: today's first, then the machine's limit)
+    # path: (fraction of never-seen topics, its references: the naive one first (the only one of older
+    # bench.json files), then the machine's limit on that path)
     "hot": (
         0.0,
         (

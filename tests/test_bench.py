@@ -174,6 +174,7 @@ def test_each_path_is_searched_against_each_of_its_references_alike(
     monkeypatch.setattr(bench, "ProofStack", lambda cfg, grafana: Target())
     monkeypatch.setattr(bench, "ReferenceServer", Target)
     monkeypatch.setattr(bench, "search", fake_search)
+    monkeypatch.setattr(bench.tempfile, "mkdtemp", lambda prefix="": str(tmp_path))  # no k6 run writes there
     result = bench.run_bench(cfg, out_dir=tmp_path)
     order = ["hot service", "hot get", "hot constant", "cold service", "cold insert", "cold group"]
     assert [name for name, _ in searched] == order
