@@ -6,18 +6,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STACK ?= dev
 PROFILE ?=
-# Empty: the stack file's loadtest.profile; PROFILE=smoke|demo|cold|flow|seed overrides it.
+# Empty: the stack file's loadtest.profile; PROFILE=smoke|demo|cold|step|step-cold|flow|seed overrides it.
 PROFILE_ARG = $(if $(PROFILE),--profile $(PROFILE))
 export PYTHONPATH := $(CURDIR)
 
 .PHONY: help deps system-deps serve demo compare bench profile chaos test lint typecheck manifests frontpage clean
 
 help:
-	@echo "make demo      - the whole proof on this machine (local stack, k6, measured report; PROFILE=smoke|demo|cold|flow|seed)"
+	@echo "make demo      - the whole proof on this machine (local stack, k6, measured report; PROFILE=smoke|demo|cold|step|step-cold|flow|seed)"
 	@echo "make test      - every test (real Postgres, Redis, Prometheus, k6)"
 	@echo "make serve     - run the service locally on 127.0.0.1:8080 until Ctrl-C"
 	@echo "make compare   - baseline vs optimized, same workload, one run"
-	@echo "make bench     - highest sustainable arrival rate vs a bare reference endpoint"
+	@echo "make bench     - highest sustainable arrival rate vs bare reference endpoints"
 	@echo "make profile   - py-spy: the API's CPU per request by library, hot and cold paths"
 	@echo "make chaos     - fault campaign under steady load (kills, outages, LLM faults, overload, abuse) -> CHAOS.md"
 	@echo "make manifests - render and validate the Kubernetes manifests offline (STACK=$(STACK))"

@@ -334,6 +334,11 @@ def rejected_per_s(window: str) -> str:
     return f"sum by (reason) (rate({HTTP_REJECTED}[{window}]))"
 
 
+def rejected_for_per_s(reason: str, window: str) -> str:
+    """Requests refused for one ``reason`` per second, as one series (the report plots each reason)."""
+    return f'sum(rate({HTTP_REJECTED}{{reason="{reason}"}}[{window}]))'
+
+
 def overload_loop_lag_ms() -> str:
     """The largest per-process loop lag of the last lag-shedding window (service.guard.OverloadShedder)."""
     return f"max({HTTP_LOOP_LAG}) * 1000"
@@ -577,6 +582,7 @@ def all_queries(window: str, testid: str | None = None) -> dict[str, str]:
             "server_qps": server_qps(window),
             "requests_by_status": requests_by_status(window),
             "rejected_per_s": rejected_per_s(window),
+            "rejected_loop_lag_per_s": rejected_for_per_s("loop_lag", window),
             "http_inflight": http_inflight(),
             "cache_errors_per_s": cache_errors_per_s(window),
             "llm_spend_usd_per_hour": llm_spend_usd_per_hour(window),

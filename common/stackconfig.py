@@ -279,6 +279,13 @@ class OrchestratorConfig(Section):
         default=10.0,
         description="Event-loop lag target per process before a growing share of requests gets 503 (0 = off).",
     )
+    overload_latency_share: float = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description="Lag shedding refuses only while the served p95 (per process, per window) is above this share "
+        "of `loadtest.thresholds.p95Ms` (0 = lag alone).",
+    )
     overload_queue_ms: float = Field(
         default=100.0, description="Longest wait for a request's first event-loop turn before it gets 503 (0 = off)."
     )
@@ -616,6 +623,31 @@ def _default_profiles() -> dict[str, ProfileConfig]:
             # ~5 s each), so the backlog needs ~4-5 min: a shorter bound could not show its drain time.
             drain_s=420,
         ),
+        # Real traffic arrives in steps (a launch, a cron, a client's retry storm): a light load, then the
+        # target rate at once (a 0 s stage), held. Admission must not refuse what it can serve in time.
+        "step": ProfileConfig(
+            start_rate=100,
+            warmup_s=10,
+            pre_allocated_vus=1000,
+            stages=[
+                Stage(duration="20s", target=100),
+                Stage(duration="0s", target=1000),
+                Stage(duration="40s", target=1000),
+            ],
+        ),
+        # The same step where the cache cannot help: every request a new task (row, queue entry, LLM work).
+        "step-cold": ProfileConfig(
+            start_rate=100,
+            warmup_s=10,
+            new_topics=1.0,
+            pre_allocated_vus=1000,
+            stages=[
+                Stage(duration="20s", target=100),
+                Stage(duration="0s", target=1000),
+                Stage(duration="40s", target=1000),
+            ],
+            drain_s=420,
+        ),
         # The client's view of the asynchronous work: new tasks at a constant rate, each polled until done.
         "flow": ProfileConfig(
             start_rate=20,
@@ -735,6 +767,7 @@ class StackConfig(Section):
             "PROCESSES": o.processes,
             "MAX_INFLIGHT": o.max_inflight,
             "OVERLOAD_LAG_MS": o.overload_lag_ms,
+            "OVERLOAD_LATENCY_MS": o.overload_latency_share * self.loadtest.thresholds.p95_ms,
             "OVERLOAD_QUEUE_MS": o.overload_queue_ms,
             "OVERLOAD_INTERVAL_MS": o.overload_interval_ms,
             "OVERLOAD_SLOW_INFLIGHT": o.overload_slow_inflight,

@@ -1,12 +1,21 @@
-"""``make bench``: the highest sustainable arrival rate of ``POST /task`` vs a bare reference app, same run.
+"""``make bench``: the highest sustainable arrival rate of ``POST /task`` vs bare reference apps, same run.
 
 A benchmark, not a test. "Sustainable" = k6's own thresholds hold for a constant arrival rate held
 for one step: measured-phase p95 < the stack's p95 target (400 ms), errors < 1 %, no dropped
 iterations; each step ramps up over a warm-up that is not judged (see :func:`step_config`). The
 search doubles the rate until a step fails, then bisects between the last passing and the first
-failing rate, within a time budget per target. The reference (``service/reference.py``,
-one Redis GET, same uvicorn settings and process count) runs on the same machine right after, so the
-ratio service ÷ reference says how much of this machine's capacity the real request path costs.
+failing rate, within a time budget per target. Each path's references (``service/reference.py``,
+same uvicorn settings, process count and database pool size) run on the same machine right after it,
+each searched the same way, so each ratio service ÷ reference says how much of this machine's
+capacity the real request path costs (:data:`PATHS`):
+
+* hot: one Redis GET per request (``get``), and a constant answer with no I/O (``constant``: the
+  server's own ceiling);
+* cold: one INSERT with its own commit + one XADD per request (``insert``, the naive durable
+  accept), and a bare group commit (``group``: the durable accept's limit).
+
+Six searches of up to ``--budget`` seconds each (``BENCH_BUDGET_S``, default 240), plus each service
+step's wait for the backlog and the start-ups: about half an hour with the defaults.
 
 Each service step starts from an empty task backlog: before it, the search waits (up to
 ``SETTLE_S``, outside the time budget) until the workers finished what earlier steps queued, and
@@ -39,10 +48,12 @@ from common.stackconfig import REPO_ROOT, ProfileConfig, StackConfig, StackConfi
 from loadtest.demo import git_commit
 from loadtest.k6run import run_k6
 from loadtest.measure import machine_info
+from loadtest.performance import bench_rows
 from loadtest.tasks import wait_for_drain
 from localstack.process import ROOT, ManagedProcess, free_port, http_check
 from localstack.proof import ProofStack, StackStartError
 from localstack.servers import PostgresServer, RedisServer
+from service.reference import DURABLE_MODES, MODES, REDIS_MODES
 
 BENCH_DIR = REPO_ROOT / "reports" / "bench"
 BENCH_PROFILE = "bench-step"
@@ -87,8 +98,13 @@ def hit_ratio(before: tuple[float, float] | None, after: tuple[float, float] | N
 
 
 class ReferenceServer:
-    """``python -m service.reference`` with the orchestrator's uvicorn settings, on free ports, with its own
-    Redis and, for the ``insert`` mode, its own durable Postgres (fsync on, as ``make demo`` runs it)."""
+    """``python -m service.reference`` in ``mode`` with the orchestrator's uvicorn settings, on a free port.
+
+    What the mode needs is started with it, unless given: its own Redis (``redis_url`` to use one
+    already running) and, for the durable modes, its own durable Postgres (fsync on, as ``make demo``
+    runs it; ``database_url`` to use one already running). ``constant`` starts neither.
+    ``db_pool_size``, ``linger_ms`` and ``batch_max`` are the service's knobs of the same name.
+    """
 
     def __init__(
         self,
@@ -96,15 +112,27 @@ class ReferenceServer:
         *,
         mode: str = "get",
         db_pool_size: int = 20,
+        linger_ms: float = 2.0,
+        batch_max: int = 256,
         redis_appendonly: bool = True,
+        redis_url: str | None = None,
+        database_url: str | None = None,
         workdir: Path | None = None,
     ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"reference mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="loadproof-reference-"))
         self.workdir.chmod(0o755)  # Postgres runs as user `postgres` (when we are root) and must reach its dir
         self.mode = mode
-        self.redis = RedisServer(appendonly=redis_appendonly, workdir=self.workdir / "redis")
-        self.postgres = PostgresServer(fast=False, workdir=self.workdir / "postgres") if mode == "insert" else None
+        own_redis = mode in REDIS_MODES and redis_url is None
+        self.redis = RedisServer(appendonly=redis_appendonly, workdir=self.workdir / "redis") if own_redis else None
+        own_pg = mode in DURABLE_MODES and database_url is None
+        self.postgres = PostgresServer(fast=False, workdir=self.workdir / "postgres") if own_pg else None
+        self.redis_url = redis_url or (self.redis.url if self.redis is not None else "")
+        self.database_url = database_url or ""
         self.db_pool_size = db_pool_size
+        self.linger_ms = linger_ms
+        self.batch_max = batch_max
         self.port = free_port()
         self.processes = processes
         self.process: ManagedProcess | None = None
@@ -114,21 +142,26 @@ class ReferenceServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> ReferenceServer:
-        self.redis.start()
+        if self.redis is not None:
+            self.redis.start()
+            self.redis_url = self.redis.url
+        if self.postgres is not None:
+            self.postgres.start()
+            self.database_url = self.postgres.dsn
         env = {k: v for k, v in os.environ.items() if not k.startswith("LOADPROOF_")}
         env.update(
             {
                 "PYTHONPATH": str(ROOT),
-                "LOADPROOF_REDIS_URL": self.redis.url,
+                "LOADPROOF_REDIS_URL": self.redis_url,
+                "LOADPROOF_DATABASE_URL": self.database_url,
                 "LOADPROOF_PORT": str(self.port),
                 "LOADPROOF_PROCESSES": str(self.processes),
                 "LOADPROOF_REFERENCE_MODE": self.mode,
                 "LOADPROOF_DB_POOL_SIZE": str(self.db_pool_size),
+                "LOADPROOF_ACCEPT_LINGER_MS": f"{self.linger_ms:g}",
+                "LOADPROOF_ACCEPT_BATCH_MAX": str(self.batch_max),
             }
         )
-        if self.postgres is not None:
-            self.postgres.start()
-            env["LOADPROOF_DATABASE_URL"] = self.postgres.dsn
         self.process = ManagedProcess(
             "reference",
             [sys.executable, "-m", "service.reference"],
@@ -143,7 +176,8 @@ class ReferenceServer:
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop(timeout=10)
-        self.redis.cleanup()
+        if self.redis is not None:
+            self.redis.cleanup()
         if self.postgres is not None:
             self.postgres.cleanup()
 
@@ -286,11 +320,70 @@ def search(
     return lo, steps
 
 
-PATHS = {
-    # path: (fraction of never-seen topics, reference mode, what the reference does)
-    "hot": (0.0, "get", "one Redis GET per request"),
-    "cold": (1.0, "insert", "one Postgres INSERT (own commit) + one XADD per request, durable"),
+@dataclass(frozen=True)
+class Reference:
+    mode: str  # service/reference.py's mode
+    what: str  # what it does per request, as bench.json and the tables say it
+
+
+PATHS: dict[str, tuple[float, tuple[Reference, ...]]] = {
+    # path: (fraction of never-seen topics, its references: the naive one first (the only one of older
+    # bench.json files), then the machine's limit on that path)
+    "hot": (
+        0.0,
+        (
+            Reference("get", "one Redis GET per request"),
+            Reference("constant", "a constant 202 body, no I/O: the server's own ceiling"),
+        ),
+    ),
+    "cold": (
+        1.0,
+        (
+            Reference("insert", "one Postgres INSERT (own commit) + one XADD per request, durable"),
+            Reference("group", "group commit: one multi-row INSERT + one XADD pipeline per group, durable"),
+        ),
+    ),
 }
+
+
+def ratio(service_rate: int | None, reference_rate: int | None) -> float | None:
+    """service ÷ reference, 3 decimals; None when either was not measured (or the reference found 0)."""
+    return round(service_rate / reference_rate, 3) if service_rate is not None and reference_rate else None
+
+
+def path_result(
+    new_topics: float,
+    service_rate: int | None,
+    service_steps: list[Step],
+    measured: list[tuple[Reference, int | None, list[Step]]],
+) -> dict[str, Any]:
+    """One path's section of bench.json: ``references`` lists every reference with its rate, ratio and
+    steps; the first one's are also at the top level under the keys older bench.json files had (what
+    :mod:`loadtest.performance` reads when a section has no ``references``)."""
+    references = [
+        {
+            "mode": ref.mode,
+            "reference": ref.what,
+            "max_rate": rate,
+            "ratio_service_to_reference": ratio(service_rate, rate),
+            "steps": [asdict(s) for s in steps],
+        }
+        for ref, rate, steps in measured
+    ]
+    first = references[0]
+    return {
+        "reference": first["reference"],
+        "new_topics": new_topics,
+        "service_max_rate": service_rate,
+        "reference_max_rate": first["max_rate"],
+        "ratio_service_to_reference": first["ratio_service_to_reference"],
+        "service_cache_hit_ratio_at_max": next(
+            (s.cache_hit_ratio for s in service_steps if s.rate == service_rate and s.passed), None
+        ),
+        "service_steps": [asdict(s) for s in service_steps],
+        "reference_steps": first["steps"],
+        "references": references,
+    }
 
 
 def run_bench(
@@ -305,11 +398,13 @@ def run_bench(
     paths: tuple[str, ...] = ("hot", "cold"),
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Each path against its own bare reference, searched the same way, in one invocation.
+    """Each path against each of its bare references, every target searched the same way, in one invocation.
 
-    hot: the demo workload (mostly cache hits once warm) vs one Redis GET. cold: every request a
-    never-seen topic (a new task: row + queue entry) vs the naive durable accept. Each target gets a
-    fresh stack, so one path's backlog never slows the other's search.
+    hot: the demo workload (mostly cache hits once warm) vs one Redis GET and vs a constant answer.
+    cold: every request a never-seen topic (a new task: row + queue entry) vs the naive durable accept
+    and vs a bare group commit. Each target gets a fresh stack or reference server, so one target's
+    backlog never slows another's search. Six searches of up to ``budget_s`` each (plus the waits for
+    the backlog and the start-ups): about half an hour with the default 240 s.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     say = console.print if console else (lambda *a, **k: None)
@@ -348,7 +443,7 @@ def run_bench(
         "processes": cfg.orchestrator.processes,
     }
     for path in paths:
-        new_topics, mode, what = PATHS[path]
+        new_topics, references = PATHS[path]
         say(f"[bold]bench {path}[/]: service POST /task (full stack, new topics {new_topics:.0%})")
         with ProofStack(cfg, grafana=False) as stack:
             service_rate, service_steps = measure(
@@ -357,28 +452,19 @@ def run_bench(
                 new_topics,
                 lambda: wait_for_drain(stack.database_url, 0.0, SETTLE_S)[1],
             )
-        say(f"[bold]bench {path}[/]: reference ({what}, same uvicorn settings)")
-        with ReferenceServer(
-            cfg.orchestrator.processes,
-            mode=mode,
-            db_pool_size=cfg.orchestrator.db_pool_size,
-            redis_appendonly=cfg.redis.appendonly,
-        ) as ref:
-            ref_rate, ref_steps = measure(ref.url, f"{path} reference", new_topics)
-        result[path] = {
-            "reference": what,
-            "new_topics": new_topics,
-            "service_max_rate": service_rate,
-            "reference_max_rate": ref_rate,
-            "ratio_service_to_reference": (
-                round(service_rate / ref_rate, 3) if service_rate is not None and ref_rate else None
-            ),
-            "service_cache_hit_ratio_at_max": next(
-                (s.cache_hit_ratio for s in service_steps if s.rate == service_rate and s.passed), None
-            ),
-            "service_steps": [asdict(s) for s in service_steps],
-            "reference_steps": [asdict(s) for s in ref_steps],
-        }
+        measured: list[tuple[Reference, int | None, list[Step]]] = []
+        for ref in references:
+            say(f"[bold]bench {path}[/]: reference {ref.mode} ({ref.what}, same uvicorn settings)")
+            with ReferenceServer(
+                cfg.orchestrator.processes,
+                mode=ref.mode,
+                db_pool_size=cfg.orchestrator.db_pool_size,
+                linger_ms=cfg.orchestrator.accept_linger_ms,
+                batch_max=cfg.orchestrator.accept_batch_max,
+                redis_appendonly=cfg.redis.appendonly,
+            ) as server:
+                measured.append((ref, *measure(server.url, f"{path} {ref.mode}", new_topics)))
+        result[path] = path_result(new_topics, service_rate, service_steps, measured)
     result["caveats"] = [
         "k6 runs on the same machine and competes for the same cores as the server.",
         f"Each service step starts after the workers finished the tasks earlier steps queued (waited up to "
@@ -386,9 +472,13 @@ def run_bench(
         "a step the workers run as usual, competing for the same cores.",
         "hot: the cache warms across steps (same seeded workload), so later steps see a higher hit ratio: "
         "each step's cache_hit_ratio is recorded next to its p95.",
-        "cold: every request is a new task (hit ratio 0); the reference commits each request on its own.",
+        "cold: every request is a new task (hit ratio 0); the insert reference commits each request on its "
+        f"own, the group reference groups them like the service (linger {cfg.orchestrator.accept_linger_ms:g} ms, "
+        f"at most {cfg.orchestrator.accept_batch_max} per group, one write in flight per process).",
+        "The top-level reference keys of each path are its first reference's (as in earlier bench.json files); "
+        "references lists them all.",
         f"Each step ramps from a tenth of its rate to the rate over a {warmup_s} s warm-up that is not judged, "
-        "then holds the rate for the judged window (step_s); service and reference are stepped alike.",
+        "then holds the rate for the judged window (step_s); service and references are stepped alike.",
         "A rate is 'max' within the search precision and time budget, not an exact capacity.",
     ]
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -396,7 +486,7 @@ def run_bench(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Highest sustainable arrival rate: service vs reference.")
+    parser = argparse.ArgumentParser(description="Highest sustainable arrival rate: service vs its bare references.")
     parser.add_argument("--stack", default=os.environ.get("STACK", "dev"))
     parser.add_argument("--profile", default=None, help="ignored (the bench uses constant-rate steps)")
     parser.add_argument("--budget", type=float, default=float(os.environ.get("BENCH_BUDGET_S", "240")))
@@ -428,20 +518,11 @@ def main(argv: list[str] | None = None) -> int:
     table.add_column("Path")
     table.add_column("Service (req/s)", justify="right")
     table.add_column("Hit ratio at max", justify="right")
+    table.add_column("Reference")
     table.add_column("Reference (req/s)", justify="right")
     table.add_column("Service ÷ reference", justify="right")
-    for path in PATHS:
-        if path not in result:
-            continue
-        r = result[path]
-        hit = r["service_cache_hit_ratio_at_max"]
-        table.add_row(
-            f"{path} (reference: {r['reference']})",
-            str(r["service_max_rate"]),
-            "n/a" if hit is None else f"{100 * hit:.1f} %",
-            str(r["reference_max_rate"]),
-            str(r["ratio_service_to_reference"]),
-        )
+    for path, cells in bench_rows(result):
+        table.add_row(path, *cells)
     console.print(table)
     console.print(f"written: {args.out / 'bench.json'}")
     return 0

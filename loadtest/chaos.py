@@ -91,7 +91,7 @@ class Profile:
 
 FULL = Profile(
     name="full",
-    rate=150,
+    rate=500,  # half the target rate: faults are judged under a real load
     warm_s=3,
     pre_s=15,
     post_s=25,

@@ -1,6 +1,6 @@
 """``make demo``: the whole proof on one machine — stack up, k6 open-model load, bounded drain, measured report.
 
-    python -m loadtest.demo --stack dev --profile demo      # PROFILE=smoke|demo|cold|flow|seed, KEEP=1 keeps it up
+    python -m loadtest.demo --stack dev --profile demo      # PROFILE: see `make help`; KEEP=1 keeps it up
 
 Writes ``reports/<run-id>/`` (``outputs.json``, ``k6-summary.json``, ``k6-report.html``, ``report.html``,
 ``PERFORMANCE.md``) and points ``reports/latest`` at it; exits non-zero when a target is missed.

@@ -70,7 +70,7 @@ from loadtest.prom import (
     process_starts,
 )
 from loadtest.tasks import DONE_STATUSES, FAILED_STATUSES, TaskRows, count_task_rows, pending_rows
-from service.metrics import HTTP_BUCKETS, REJECT_REASONS, SLOW_BUCKETS
+from service.metrics import HTTP_BUCKETS, REFUSAL_REASONS, REJECT_REASONS, SLOW_BUCKETS
 from service.worker import GAUGE_INTERVAL_S
 
 # Every outputs.json key a consumer may rely on (tests check all of them).
@@ -644,6 +644,7 @@ def timeseries(
         "time_to_post_p95_ms": q.time_to_post_quantile_ms(0.95, rate_w, test_id),
         "llm_inflight": q.llm_inflight(),
         "llm_concurrency_limit": q.llm_concurrency_limit(),
+        **{f"rejected_{reason}_per_s": q.rejected_for_per_s(reason, rate_w) for reason in REFUSAL_REASONS},
     }
     prom = Prometheus(prometheus_url)
     out: dict[str, Any] = {

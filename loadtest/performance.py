@@ -7,7 +7,7 @@ One run's ``PERFORMANCE.md`` says what that run measured; this page says what th
 *reliably*: every run given is listed with its commit, none is dropped, so a figure the next run did
 not reproduce is visible as such. The cached (``demo``) and uncached (``cold``) runs stand next to
 each other, the latest ``demo`` run's own report follows in full (its verdict and targets are what
-``make frontpage`` copies to the README), ``make bench`` adds its hot and cold ratios, and
+``make frontpage`` copies to the README), ``make bench`` adds its ratios (each path against each of its references), and
 ``make profile`` runs add where the API's CPU per request goes, before and after a change.
 """
 
@@ -78,26 +78,50 @@ def medians(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def bench_references(section: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A bench.json path section's references, each with ``reference`` (what it does), ``max_rate`` and
+    ``ratio_service_to_reference``: its ``references`` list, or for a bench.json written before there
+    was one (one reference per path) the top-level keys as its only reference."""
+    listed = section.get("references")
+    if isinstance(listed, list) and listed:
+        return [dict(r) for r in listed]
+    return [
+        {
+            "reference": section.get("reference"),
+            "max_rate": section.get("reference_max_rate"),
+            "ratio_service_to_reference": section.get("ratio_service_to_reference"),
+        }
+    ]
+
+
+def bench_rows(bench: Mapping[str, Any]) -> list[tuple[str, list[str]]]:
+    """One row per (path, reference): path, then service req/s, hit ratio at max, reference, its req/s, ratio."""
+    rows = []
+    for path in ("hot", "cold"):
+        section = bench.get(path)
+        if not section:
+            continue
+        hit = fmt("cache_hit_ratio", section.get("service_cache_hit_ratio_at_max"))
+        for ref in bench_references(section):
+            cells = [str(section.get("service_max_rate")), hit, str(ref.get("reference")), str(ref.get("max_rate"))]
+            rows.append((path, [*cells, str(ref.get("ratio_service_to_reference"))]))
+    return rows
+
+
 def bench_lines(bench: Mapping[str, Any]) -> list[str]:
     warmup_s = bench["criteria"].get("warmup_s")
     warmup = f", each after a warm-up of {warmup_s} s that is not judged" if warmup_s else ""
+    several = any(len(bench_references(bench[p])) > 1 for p in ("hot", "cold") if bench.get(p))
+    against = "each of its bare references (one row each)" if several else "its own bare reference"
     lines = [
         f"`make bench` at commit `{bench.get('git_commit') or 'unknown'}`: highest constant arrival rate with p95 "
         f"{bench['criteria']['p95_latency_ms']} ms, errors {bench['criteria']['error_rate']}, no dropped "
-        f"iterations ({bench['criteria']['step_s']} s steps{warmup}), each path against its own bare reference.",
+        f"iterations ({bench['criteria']['step_s']} s steps{warmup}), each path against {against}.",
         "",
         "| path | service (req/s) | hit ratio at max | reference | reference (req/s) | service ÷ reference |",
         "|---|---|---|---|---|---|",
     ]
-    for path in ("hot", "cold"):
-        r = bench.get(path)
-        if not r:
-            continue
-        hit = fmt("cache_hit_ratio", r.get("service_cache_hit_ratio_at_max"))
-        lines.append(
-            f"| {path} | {r.get('service_max_rate')} | {hit} | {r.get('reference')} | {r.get('reference_max_rate')}"
-            f" | {r.get('ratio_service_to_reference')} |"
-        )
+    lines += [f"| {path} | " + " | ".join(cells) + " |" for path, cells in bench_rows(bench)]
     return lines
 
 

@@ -13,6 +13,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from service.metrics import REFUSAL_REASONS
+
 Point = tuple[float, float]
 
 # (key, label, unit, format, threshold key, comparison) of the headline rows.
@@ -318,6 +320,14 @@ def render_html(out: Mapping[str, Any], series: Mapping[str, Any] | None, *, com
                 "Error rate (%)",
                 {"failed requests": [(t, 100 * v) for t, v in series.get("error_rate", [])]},
                 unit="%",
+                x_max=xm,
+                warmup_s=warm,
+            )
+        )
+        charts.append(
+            svg_chart(
+                "Refused by the service (503/s, by reason)",
+                {reason: series.get(f"rejected_{reason}_per_s", []) for reason in REFUSAL_REASONS},
                 x_max=xm,
                 warmup_s=warm,
             )

@@ -35,6 +35,14 @@ class Settings(BaseSettings):
         "it, a growing share of new requests gets 503 + Retry-After (0 turns lag shedding off; `max_inflight` "
         "always applies).",
     )
+    overload_latency_ms: float = Field(
+        default=100.0,
+        ge=0,
+        description="Latency gate of the lag shedding: its share grows only while the p95 of the requests served "
+        "in the window (from receipt to answer) is above this too, so a lagging loop that still answers in time "
+        "refuses no one (0 = lag alone). The stack sets it to `orchestrator.overloadLatencyShare` of the p95 "
+        "objective.",
+    )
     overload_queue_ms: float = Field(
         default=100.0,
         ge=0,

@@ -64,41 +64,27 @@ def json_bytes(doc: Any) -> bytes:
 
 
 class OverloadShedder:
-    """Sheds a share of new requests while the event loop lags: the overload ``max_inflight`` cannot see.
+    """Sheds a share of new requests while the event loop lags *and* served requests miss their budget.
 
-    A process short of CPU (its own load, or neighbours on the machine) runs every ready callback
-    late; a request then spends its time waiting for loop turns, each of its awaits costs one, and
-    latency reaches seconds while the number in flight stays far below ``max_inflight`` (the chaos
-    campaign measured no 503 and a p95 of seconds at 3x the sustainable rate). The signal is the
-    loop's lag, like Node's toobusy: a coroutine sleeps ``interval / 10`` and measures how late it
-    wakes. CoDel's rule makes it robust: only when the *smallest* lag of a whole window
-    (``overload_interval_ms``) exceeds the target (``overload_lag_ms``) is the loop persistently
-    behind, so one stall (a GC pause, a neighbour's time slice) never sheds. Each window then moves
-    the shed share up (by ``STEP``, more the further above the target, so a deep overload is met
-    within a few windows although lagging windows last longer) or down by ``STEP_DOWN``: an integral
-    controller that holds the lag near the target whatever the excess, where a fixed share could not.
-    It rises fast and falls slowly: a share that fell as fast as it rose dropped to 0 within a second
-    or two of each lagging spell and let the next surge in, so it oscillated (the chaos campaign's
-    3x overload on this machine, one run each at the same offered load: served p95 598 ms with equal
-    steps, 245 ms with ``STEP_DOWN`` = ``STEP`` / 4). From its cap it falls to 0 in about 7 s.
-    Shedding only helps when the lag comes from the work admitted: the share grows only while at
-    least ``MIN_INFLIGHT`` requests are in flight, and stops at ``MAX_SHARE``. A lag that shedding
-    cannot cure (a process throttled or crowded out by neighbours lags however little it admits,
-    and a shed costs nearly what a cache hit does) must not turn the API into a wall of 503s: a
-    process stopped 75 ms in every 100 (a CPU quota) shed nearly everything without these two rules
-    and served a small fraction of what it served without shedding, no faster.
+    A process short of CPU runs every ready callback late: a request waits for loop turns, each of its
+    awaits costs one, and latency grows while the number in flight stays below ``max_inflight``. The
+    lag signal (as Node's toobusy): a coroutine sleeps ``interval / 10`` and measures how late it wakes.
+    The rule, judged once per window (``overload_interval_ms``, default 100 ms):
 
-    Not a latency signal: slow requests whose time goes to a starved Redis or Postgres are not this
-    process's excess (tried on this machine: a server-side p95 rule shed at modest load and left the
-    served p95 as high as without it); the store's own timeouts answer those.
+    * the share **grows** (by ``STEP``, up to ``MAX_GAIN`` times more the further the lag is above its
+      target, capped at ``MAX_SHARE``) only when all three hold: the window's *smallest* lag is above
+      ``overload_lag_ms`` (default 10; CoDel's rule: one stall, a GC pause or a neighbour's time slice,
+      never counts); at least ``MIN_INFLIGHT`` requests are in flight (a lag that comes from outside
+      cannot be cured by refusing work); and the p95 of the requests served in the window, from their
+      receipt to their answer, is above ``overload_latency_ms`` (default 100: the stack sets a quarter of
+      the p95 objective), or nothing was served in it at all;
+    * otherwise it **falls** by ``STEP_DOWN`` = ``STEP`` / 4, about 7 s from the cap to 0: a share that
+      fell as fast as it rose let the next surge in at once and oscillated.
 
-    Defaults: at modest load the loop's lag is a few ms, but on a busy machine neighbours' time
-    slices alone lag it by tens of ms at times, so lag alone is no evidence of excess;
-    ``MIN_INFLIGHT`` is: at the demo's 1000 requests/s on 2 cores with a p95 of ~5 ms, Little's law
-    leaves a handful in flight per process. The 10 ms target then acts only with real excess and
-    holds the loop close to idle, because a served request needs several loop turns (its start, a
-    Redis round trip with its reply, a group commit) and pays the lag on each: in the short chaos
-    campaign's overload a 30 ms target left the served p95 about twice as high as 10 ms does.
+    The latency gate is what makes a refusal answer to the objective: a loop that lags under a step of
+    load but still answers in a fraction of the budget refuses no one. ``overload_latency_ms`` 0 turns
+    the gate off (lag alone decides); ``overload_lag_ms`` 0 turns the shedder off. Measurements behind
+    the defaults: docs/service.md, *Sustained overload*.
     """
 
     STEP = 0.05
@@ -106,18 +92,27 @@ class OverloadShedder:
     MAX_GAIN = 4.0
     MAX_SHARE = 0.9
     MIN_INFLIGHT = 16
+    MAX_SAMPLES = 4096  # served latencies kept per window: a bound, far above one window's requests
 
     def __init__(
-        self, lag_ms: float, interval_ms: float, inflight: Callable[[], int], enabled_metrics: bool = True
+        self,
+        lag_ms: float,
+        interval_ms: float,
+        inflight: Callable[[], int],
+        enabled_metrics: bool = True,
+        latency_ms: float = 0.0,
     ) -> None:
         """``inflight``: the requests admitted and not yet answered in this process."""
         self.inflight = inflight
         self.target_s = lag_ms / 1000.0
         self.interval_s = interval_ms / 1000.0
         self.sample_s = self.interval_s / 10
+        self.latency_target_s = latency_ms / 1000.0
         self.share = 0.0
         self.lag_s = 0.0
+        self.served_p95_s: float | None = None
         self.enabled_metrics = enabled_metrics
+        self._served: list[float] = []
 
     @property
     def enabled(self) -> bool:
@@ -127,10 +122,28 @@ class OverloadShedder:
         """Whether to refuse this request (the caller exempts probes); one compare when not lagging."""
         return self.share > 0.0 and random.random() < self.share
 
+    def served(self, seconds: float) -> None:
+        """One request answered (not refused) this window, ``seconds`` after its receipt."""
+        if self.latency_target_s > 0 and len(self._served) < self.MAX_SAMPLES:
+            self._served.append(seconds)
+
+    def _slow(self) -> bool:
+        """Whether this window's served p95 missed the latency gate (always, with the gate off)."""
+        served, self._served = self._served, []
+        if self.latency_target_s <= 0:
+            return True
+        if not served:
+            self.served_p95_s = None
+            return True  # work in flight and none of it answered in a whole window
+        served.sort()
+        self.served_p95_s = served[min(len(served) - 1, math.ceil(0.95 * len(served)) - 1)]
+        return self.served_p95_s > self.latency_target_s
+
     def window(self, min_lag_s: float, inflight: int) -> None:
-        """One window's verdict: its smallest lag (and the work in flight) moves the shed share up or down."""
+        """One window's verdict: its smallest lag, the work in flight and the served p95 move the share."""
         self.lag_s = min_lag_s
-        if min_lag_s > self.target_s and inflight >= self.MIN_INFLIGHT:
+        slow = self._slow()
+        if min_lag_s > self.target_s and inflight >= self.MIN_INFLIGHT and slow:
             self.share = min(self.MAX_SHARE, self.share + self.STEP * min(self.MAX_GAIN, min_lag_s / self.target_s))
         else:
             self.share = max(0.0, self.share - self.STEP_DOWN)
@@ -181,7 +194,11 @@ class Guard:
         self.max_queue_s = settings.overload_queue_ms / 1000.0 if settings.overload_queue_ms > 0 else math.inf
         self.enabled = settings.metrics_enabled
         self.overload = OverloadShedder(
-            settings.overload_lag_ms, settings.overload_interval_ms, lambda: self.inflight, settings.metrics_enabled
+            settings.overload_lag_ms,
+            settings.overload_interval_ms,
+            lambda: self.inflight,
+            settings.metrics_enabled,
+            latency_ms=settings.overload_latency_ms,
         )
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._templates: dict[tuple[str, str], str] = {}
@@ -432,7 +449,10 @@ class Guard:
         return template
 
     def _observe(self, scope: Scope, status: int, started: float) -> None:
-        elapsed = time.perf_counter() - started
+        now = time.perf_counter()
+        elapsed = now - started
+        if status < 500:  # answered, not refused: the lag shedder's latency gate
+            self.overload.served(now - scope.get(QUEUED_AT, started))
         if status < 400 and self.slow_inflight < self.max_inflight:  # only when the lower limit is on
             self.latency_s += LATENCY_ALPHA * (elapsed - self.latency_s)
         if not self.enabled:

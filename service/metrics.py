@@ -57,6 +57,8 @@ HTTP_INFLIGHT = Gauge("loadproof_http_requests_inflight", "HTTP requests in flig
 # Why requests were refused: overload (max_inflight), queue_wait, loop_lag, too_large, body_timeout
 # (service.guard), store (the task store down or busy: service.api).
 REJECT_REASONS = ("overload", "queue_wait", "loop_lag", "store", "too_large", "body_timeout")
+# The service's own 503s (load it refused, or a store it could not reach); the rest are a client's bad request.
+REFUSAL_REASONS = ("overload", "queue_wait", "loop_lag", "store")
 HTTP_REJECTED = Counter("loadproof_http_rejected", "Requests refused, by reason.", ["reason"])
 HTTP_LOOP_LAG = Gauge(
     "loadproof_http_loop_lag_seconds",

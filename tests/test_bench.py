@@ -1,7 +1,9 @@
-"""make bench records the cache hit ratio of every step next to its latency."""
+"""make bench records the cache hit ratio of every step next to its latency, and searches each path against
+each of its references the same way."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 import loadtest.bench as bench
 from common.k6config import k6_config
 from common.stackconfig import load
+from loadtest import performance
 from loadtest.bench import Step, cache_counts, hit_ratio, search
 
 REGISTRY = CollectorRegistry()
@@ -69,7 +72,7 @@ def test_cold_reference_commits_one_row_and_one_stream_entry_per_request() -> No
     from service.reference import REFERENCE_STREAM
 
     with ReferenceServer(1, mode="insert", db_pool_size=2) as ref:
-        assert ref.postgres is not None
+        assert ref.postgres is not None and ref.redis is not None
         answers = [httpx.post(f"{ref.url}/task", json={"persona_id": "p", "topic": f"t{i}"}) for i in range(5)]
         assert [a.status_code for a in answers] == [202] * 5
         with psycopg.connect(ref.postgres.dsn) as conn:
@@ -131,3 +134,66 @@ def test_a_step_ramps_over_its_warm_up_and_judges_only_the_held_rate() -> None:
     assert bench.step_config(load("dev"), 5000, 12, 8).loadtest.profiles[bench.BENCH_PROFILE].pre_allocated_vus == 1000
     unramped = bench.step_config(load("dev"), 300, 12, 0).loadtest.profiles[bench.BENCH_PROFILE]
     assert unramped.start_rate == 300 and [s.target for s in unramped.stages] == [300]
+
+
+def test_each_path_is_searched_against_each_of_its_references_alike(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Six searches with the same settings (two services, four references), each reference started in its
+    mode with the service's pool and group-commit knobs; bench.json has four ratios, and each path's
+    first reference is also under the keys older bench.json files had."""
+    cfg = load("dev")
+    rates = {"hot service": 4000, "hot get": 3000, "hot constant": 8000}
+    rates |= {"cold service": 1800, "cold insert": 1500, "cold group": 2400}
+    searched: list[tuple[str, dict[str, object]]] = []
+    started: list[tuple[object, ...]] = []
+
+    class Target:
+        def __init__(self, _cfg: object = None, processes: int = 1, *, mode: str = "", **knobs: object) -> None:
+            self.mode, self.knobs = mode, knobs
+            self.api_url = self.url = f"http://{mode or 'service'}"
+            self.database_url = ""
+
+        def __enter__(self) -> Target:
+            if self.mode:
+                knobs = tuple(self.knobs[k] for k in ("db_pool_size", "linger_ms", "batch_max"))
+                started.append((self.mode, *knobs))
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+    def fake_search(cfg: object, base_url: str, **settings: object) -> tuple[int, list[Step]]:
+        name = str(settings.pop("name"))
+        settings.pop("settle", None)
+        searched.append((name, settings))
+        rate = rates[name]
+        step = Step(rate=rate, passed=True, p95_ms=1.0, error_rate=0.0, dropped=0, requests=rate, seconds=1.0)
+        return rate, [step]
+
+    monkeypatch.setattr(bench, "ProofStack", lambda cfg, grafana: Target())
+    monkeypatch.setattr(bench, "ReferenceServer", Target)
+    monkeypatch.setattr(bench, "search", fake_search)
+    monkeypatch.setattr(bench.tempfile, "mkdtemp", lambda prefix="": str(tmp_path))  # no k6 run writes there
+    result = bench.run_bench(cfg, out_dir=tmp_path)
+    order = ["hot service", "hot get", "hot constant", "cold service", "cold insert", "cold group"]
+    assert [name for name, _ in searched] == order
+    assert all(settings == searched[0][1] | {"new_topics": settings["new_topics"]} for _, settings in searched)
+    o = cfg.orchestrator
+    knobs = (o.db_pool_size, o.accept_linger_ms, o.accept_batch_max)
+    assert started == [(m, *knobs) for m in ("get", "constant", "insert", "group")]
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert written == json.loads(json.dumps(result))
+    for path, first, second in (("hot", "get", "constant"), ("cold", "insert", "group")):
+        section = written[path]
+        refs = section["references"]
+        assert [r["mode"] for r in refs] == [first, second]
+        service = rates[f"{path} service"]
+        assert [r["ratio_service_to_reference"] for r in refs] == [
+            round(service / rates[f"{path} {first}"], 3),
+            round(service / rates[f"{path} {second}"], 3),
+        ]
+        assert section["reference_max_rate"] == refs[0]["max_rate"] == rates[f"{path} {first}"]
+        assert section["ratio_service_to_reference"] == refs[0]["ratio_service_to_reference"]
+        assert section["reference"] == refs[0]["reference"] and section["reference_steps"] == refs[0]["steps"]
+    assert len(performance.bench_rows(written)) == 4

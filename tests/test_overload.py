@@ -70,6 +70,38 @@ def test_lag_without_work_in_flight_is_not_shed_against() -> None:
     assert not OverloadShedder(0, 100, lambda: 0, enabled_metrics=False).enabled
 
 
+def test_a_lagging_loop_that_still_answers_within_the_latency_gate_refuses_no_one() -> None:
+    """The gate answers to the objective: lag and work in flight alone (a step of load the process
+    absorbs) refuse nothing while the served p95 stays under ``latency_ms``; past it the share grows."""
+    s = OverloadShedder(10, 100, lambda: 100, enabled_metrics=False, latency_ms=100)
+    for _ in range(20):
+        for ms in range(1, 41):  # 40 requests served in 1-40 ms: p95 38 ms
+            s.served(ms / 1000)
+        s.window(0.030, 100)
+    assert s.share == 0.0 and s.served_p95_s == pytest.approx(0.038)
+    for ms in range(100, 300, 5):  # the served p95 is past the gate: the same lag now sheds
+        s.served(ms / 1000)
+    s.window(0.030, 100)
+    assert s.share == pytest.approx(OverloadShedder.STEP * 3)
+    s.window(0.030, 100)  # work in flight and nothing answered in a whole window: past the gate too
+    assert s.share == pytest.approx(OverloadShedder.STEP * 6) and s.served_p95_s is None
+    for _ in range(3):
+        s.served(0.010)
+    s.window(0.030, 100)  # answering in time again: the share falls although the loop still lags
+    assert s.share == pytest.approx(OverloadShedder.STEP * 6 - OverloadShedder.STEP_DOWN)
+
+
+def test_the_latency_gate_keeps_a_bounded_window_and_is_off_at_zero() -> None:
+    s = OverloadShedder(10, 100, lambda: 100, enabled_metrics=False, latency_ms=100)
+    for _ in range(OverloadShedder.MAX_SAMPLES + 10):
+        s.served(0.001)
+    assert len(s._served) == OverloadShedder.MAX_SAMPLES
+    off = OverloadShedder(10, 100, lambda: 100, enabled_metrics=False)
+    off.served(0.001)  # not even kept
+    off.window(0.050, 100)
+    assert off.share > 0 and not off._served
+
+
 def test_a_shed_is_a_constant_503_with_retry_after_before_the_body_is_read() -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         raise AssertionError("a shed request reached the app")

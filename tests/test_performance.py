@@ -98,3 +98,53 @@ def test_extending_keeps_what_the_page_listed_when_its_run_directories_are_gone(
     assert frontpage.run_id(text) == "20260101-000900-demo" and "`20260101-000100-demo`" in text and "- n2" in text
     assert "`demo`, latest 3 runs, 3 passed — median: p95 800.0 ms" in text and "median: p95 20.0 ms" not in text
     assert text.count("## make bench") == 1 and text.count("| cold | 900 |") == 2
+
+
+def test_a_bench_with_two_references_per_path_shows_four_ratios_and_an_old_one_still_renders(tmp_path: Path) -> None:
+    """bench.json lists every reference of a path; one written before that (one reference per path, at
+    the section's top level) renders as it did."""
+    criteria = {"p95_latency_ms": "< 400", "error_rate": "< 0.01", "step_s": 12, "warmup_s": 8}
+
+    def ref(mode: str, what: str, rate: int, ratio: float) -> dict[str, Any]:
+        return {"mode": mode, "reference": what, "max_rate": rate, "ratio_service_to_reference": ratio, "steps": []}
+
+    hot_refs = [ref("get", "one Redis GET", 3600, 1.333), ref("constant", "a constant body", 9600, 0.5)]
+    cold_refs = [ref("insert", "INSERT + XADD", 1800, 1.056), ref("group", "group commit", 2400, 0.792)]
+    new = {
+        "git_commit": "new1",
+        "criteria": criteria,
+        "hot": {"service_max_rate": 4800, "service_cache_hit_ratio_at_max": 0.9, "reference": "one Redis GET",
+                "reference_max_rate": 3600, "ratio_service_to_reference": 1.333, "references": hot_refs},
+        "cold": {"service_max_rate": 1900, "service_cache_hit_ratio_at_max": 0.0, "reference": "INSERT + XADD",
+                 "reference_max_rate": 1800, "ratio_service_to_reference": 1.056, "references": cold_refs},
+    }  # fmt: skip
+    lines = performance.bench_lines(new)
+    assert lines[-4:] == [
+        "| hot | 4800 | 90.00 % | one Redis GET | 3600 | 1.333 |",
+        "| hot | 4800 | 90.00 % | a constant body | 9600 | 0.5 |",
+        "| cold | 1900 | 0.00 % | INSERT + XADD | 1800 | 1.056 |",
+        "| cold | 1900 | 0.00 % | group commit | 2400 | 0.792 |",
+    ]
+    assert "each of its bare references (one row each)" in lines[0]
+    old = {
+        "git_commit": "old1",
+        "criteria": criteria,
+        "cold": {"service_max_rate": 900, "reference_max_rate": 700, "ratio_service_to_reference": 1.286,
+                 "service_cache_hit_ratio_at_max": 0.0, "reference": "INSERT + XADD"},
+    }  # fmt: skip
+    lines = performance.bench_lines(old)
+    assert lines[-2:] == ["|---|---|---|---|---|---|", "| cold | 900 | 0.00 % | INSERT + XADD | 700 | 1.286 |"]
+    assert "each path against its own bare reference." in lines[0]
+    assert [cells[-1] for _, cells in performance.bench_rows(new)] == ["1.333", "0.5", "1.056", "0.792"]
+
+    # the page: an earlier one with the old table, extended by the new bench; the front page shows the latest
+    runs = [make_run(tmp_path, "r1-demo", "demo", "2026-01-01T00:00:00")]
+    page = performance.extend(performance.render([performance.load_run(r) for r in runs], [old]), [], [new])
+    block = frontpage.results_block(page)
+    assert page.count("| cold | 900 | 0.00 % | INSERT + XADD | 700 | 1.286 |") == 1
+    rows = lines_of(new)
+    assert len(rows) == 4 and all(page.count(row) == 1 and row in block for row in rows)
+
+
+def lines_of(bench: dict[str, Any]) -> list[str]:
+    return [line for line in performance.bench_lines(bench) if line.startswith(("| hot ", "| cold "))]

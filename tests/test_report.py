@@ -295,3 +295,10 @@ def test_outside_flow_profiles_time_to_post_is_not_plotted_and_says_why() -> Non
     assert "n/a (flow profiles only)" in text
     assert "peak n/a, drained in n/a" in _chart(text, "Queue backlog")
     assert "Time to post" not in "".join(label for label, *_ in report.threshold_rows(OUT))
+
+
+def test_refusals_are_plotted_over_time_by_reason() -> None:
+    series = {**SERIES, "rejected_loop_lag_per_s": [(20.0, 0.0), (21.0, 35.0), (22.0, 0.0)]}
+    chart = _chart(report.render_html(OUT, series, commands=COMMANDS), "Refused by the service")
+    assert chart.count("<path") == 1  # the one reason with points; the others say "no data"
+    assert "loop_lag" in chart and "overload" in chart and "no data" in chart
