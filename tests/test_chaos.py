@@ -5,6 +5,7 @@ form of every scenario against a real stack (what ``make chaos`` runs, with shor
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import tempfile
@@ -231,7 +232,8 @@ def test_the_sustainable_rate_search_ramps_and_judges_only_the_held_rate(
     monkeypatch.setattr(chaos, "LoadRun", FakeLoad)
     monkeypatch.setattr(chaos.time, "sleep", lambda _s: None)
     camp = chaos.Campaign.__new__(chaos.Campaign)
-    camp.p, camp.run_dir, camp.console = chaos.FULL, tmp_path, None
+    # the full profile's windows and ramp, from a steady rate of 150/s (whatever make chaos's is)
+    camp.p, camp.run_dir, camp.console = dataclasses.replace(chaos.FULL, rate=150), tmp_path, None
     monkeypatch.setattr(chaos.Campaign, "url", "http://x")
     monkeypatch.setattr(chaos.Campaign, "ready", lambda self, timeout_s=60: True)
     best, _ = camp.find_sustainable()
