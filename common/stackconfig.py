@@ -587,6 +587,16 @@ class ThresholdsConfig(Section):
 
 
 def _default_profiles() -> dict[str, ProfileConfig]:
+    step = ProfileConfig(
+        start_rate=100,
+        warmup_s=10,
+        pre_allocated_vus=1000,
+        stages=[
+            Stage(duration="20s", target=100),
+            Stage(duration="0s", target=1000),
+            Stage(duration="40s", target=1000),
+        ],
+    )
     return {
         "smoke": ProfileConfig(
             start_rate=10,
@@ -625,29 +635,9 @@ def _default_profiles() -> dict[str, ProfileConfig]:
         ),
         # Real traffic arrives in steps (a launch, a cron, a client's retry storm): a light load, then the
         # target rate at once (a 0 s stage), held. Admission must not refuse what it can serve in time.
-        "step": ProfileConfig(
-            start_rate=100,
-            warmup_s=10,
-            pre_allocated_vus=1000,
-            stages=[
-                Stage(duration="20s", target=100),
-                Stage(duration="0s", target=1000),
-                Stage(duration="40s", target=1000),
-            ],
-        ),
+        "step": step,
         # The same step where the cache cannot help: every request a new task (row, queue entry, LLM work).
-        "step-cold": ProfileConfig(
-            start_rate=100,
-            warmup_s=10,
-            new_topics=1.0,
-            pre_allocated_vus=1000,
-            stages=[
-                Stage(duration="20s", target=100),
-                Stage(duration="0s", target=1000),
-                Stage(duration="40s", target=1000),
-            ],
-            drain_s=420,
-        ),
+        "step-cold": step.model_copy(update={"new_topics": 1.0, "drain_s": 420}, deep=True),
         # The client's view of the asynchronous work: new tasks at a constant rate, each polled until done.
         "flow": ProfileConfig(
             start_rate=20,

@@ -310,6 +310,35 @@ def configmap_rule(names: pulumi.Input[Sequence[str]], verbs: Sequence[str]) -> 
     )
 
 
+def one_pod_job(
+    component: str,
+    container: k8s.core.v1.ContainerArgs,
+    *,
+    account: str,
+    deadline_s: int,
+    uid: int,
+    tmp_size: str,
+) -> k8s.batch.v1.JobSpecArgs:
+    """A Job of one pod that runs ``container`` once as ``uid`` under its own ServiceAccount: never
+    retried (``backoffLimit`` 0: a measurement is not silently repeated), ended at ``deadline_s``,
+    with a ``tmp`` emptyDir of ``tmp_size`` (the root filesystem is read-only)."""
+    return k8s.batch.v1.JobSpecArgs(
+        backoff_limit=0,
+        active_deadline_seconds=deadline_s,
+        template=k8s.core.v1.PodTemplateSpecArgs(
+            metadata=k8s.meta.v1.ObjectMetaArgs(labels=labels(component)),
+            spec=k8s.core.v1.PodSpecArgs(
+                restart_policy="Never",
+                service_account_name=account,
+                automount_service_account_token=True,
+                security_context=pod_security(uid),
+                containers=[container],
+                volumes=[empty_dir("tmp", tmp_size)],
+            ),
+        ),
+    )
+
+
 def job_identity(
     resource_name: str,
     name: str,

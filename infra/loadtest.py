@@ -226,20 +226,8 @@ def start_job_spec(cfg: StackConfig, run: c.RunNames) -> k8s.batch.v1.JobSpecArg
         security_context=c.container_security(),
         volume_mounts=[k8s.core.v1.VolumeMountArgs(name="tmp", mount_path="/tmp")],
     )
-    return k8s.batch.v1.JobSpecArgs(
-        backoff_limit=0,
-        active_deadline_seconds=start_deadline_s(cfg),
-        template=k8s.core.v1.PodTemplateSpecArgs(
-            metadata=k8s.meta.v1.ObjectMetaArgs(labels=c.labels("k6-start")),
-            spec=k8s.core.v1.PodSpecArgs(
-                restart_policy="Never",
-                service_account_name=START_ACCOUNT,
-                automount_service_account_token=True,
-                security_context=c.pod_security(APP_UID),
-                containers=[starter],
-                volumes=[c.empty_dir("tmp", "16Mi")],
-            ),
-        ),
+    return c.one_pod_job(
+        "k6-start", starter, account=START_ACCOUNT, deadline_s=start_deadline_s(cfg), uid=APP_UID, tmp_size="16Mi"
     )
 
 

@@ -60,20 +60,8 @@ def report_job_spec(
         security_context=c.container_security(),
         volume_mounts=[k8s.core.v1.VolumeMountArgs(name="tmp", mount_path="/tmp")],
     )
-    return k8s.batch.v1.JobSpecArgs(
-        backoff_limit=0,
-        active_deadline_seconds=report_timeout_s(cfg),
-        template=k8s.core.v1.PodTemplateSpecArgs(
-            metadata=k8s.meta.v1.ObjectMetaArgs(labels=c.labels("report")),
-            spec=k8s.core.v1.PodSpecArgs(
-                restart_policy="Never",
-                service_account_name=REPORT_ACCOUNT,
-                automount_service_account_token=True,
-                security_context=c.pod_security(APP_UID),
-                containers=[container],
-                volumes=[c.empty_dir("tmp", "64Mi")],
-            ),
-        ),
+    return c.one_pod_job(
+        "report", container, account=REPORT_ACCOUNT, deadline_s=report_timeout_s(cfg), uid=APP_UID, tmp_size="64Mi"
     )
 
 
