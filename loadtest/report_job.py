@@ -159,24 +159,24 @@ class Kube:
             if resp.status_code >= 300:
                 raise KubeError(f"writing ConfigMap {namespace}/{name}: HTTP {resp.status_code}: {resp.text[:500]}")
 
-    def get_configmap(self, namespace: str, name: str) -> dict[str, str] | None:
+    def _read(self, path: str, what: str) -> dict[str, Any] | None:
+        """The object at ``path``; None when it does not exist, :class:`KubeError` for any other refusal."""
         with self._client() as client:
-            resp = client.get(f"/api/v1/namespaces/{namespace}/configmaps/{name}")
+            resp = client.get(path)
         if resp.status_code == 404:
             return None
         if resp.status_code >= 300:
-            raise KubeError(f"reading ConfigMap {namespace}/{name}: HTTP {resp.status_code}: {resp.text[:500]}")
-        return resp.json().get("data") or {}
+            raise KubeError(f"reading {what}: HTTP {resp.status_code}: {resp.text[:500]}")
+        return resp.json()
+
+    def get_configmap(self, namespace: str, name: str) -> dict[str, str] | None:
+        doc = self._read(f"/api/v1/namespaces/{namespace}/configmaps/{name}", f"ConfigMap {namespace}/{name}")
+        return (doc.get("data") or {}) if doc is not None else None
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The Job's ``status`` (``{}`` before the controller wrote one); None when there is no such Job."""
-        with self._client() as client:
-            resp = client.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}")
-        if resp.status_code == 404:
-            return None
-        if resp.status_code >= 300:
-            raise KubeError(f"reading Job {namespace}/{name}: HTTP {resp.status_code}: {resp.text[:500]}")
-        return resp.json().get("status") or {}
+        doc = self._read(f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}", f"Job {namespace}/{name}")
+        return (doc.get("status") or {}) if doc is not None else None
 
 
 def run(doc: dict[str, Any], kube: KubeApi, database_url: str | None) -> dict[str, Any]:
