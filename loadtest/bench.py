@@ -14,8 +14,8 @@ capacity the real request path costs (:data:`PATHS`):
 * cold: one INSERT with its own commit + one XADD per request (``insert``, the naive durable
   accept), and a bare group commit (``group``: the durable accept's limit).
 
-Six searches of up to ``--budget`` seconds each (``BENCH_BUDGET_S``, default 240), plus each service
-step's wait for the backlog and the start-ups: about half an hour with the defaults.
+Six searches of up to ``--budget`` seconds each (``BENCH_BUDGET_S``, default 240: at most 24 min of
+searching), plus each service step's wait for the backlog and the start-ups.
 
 Each service step starts from an empty task backlog: before it, the search waits (up to
 ``SETTLE_S``, outside the time budget) until the workers finished what earlier steps queued, and
@@ -403,8 +403,8 @@ def run_bench(
     hot: the demo workload (mostly cache hits once warm) vs one Redis GET and vs a constant answer.
     cold: every request a never-seen topic (a new task: row + queue entry) vs the naive durable accept
     and vs a bare group commit. Each target gets a fresh stack or reference server, so one target's
-    backlog never slows another's search. Six searches of up to ``budget_s`` each (plus the waits for
-    the backlog and the start-ups): about half an hour with the default 240 s.
+    backlog never slows another's search. Six searches of up to ``budget_s`` each (at most 24 min of
+    searching at the default 240 s), plus the waits for the backlog and the start-ups.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     say = console.print if console else (lambda *a, **k: None)
